@@ -1,0 +1,3 @@
+from pxsgate.cli import main
+
+raise SystemExit(main())

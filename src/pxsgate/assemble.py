@@ -1,0 +1,107 @@
+"""Study assembly: group instances by StudyInstanceUID and decide when a study is complete.
+
+DICOM has no "end of study" message, so completeness is inferred from time (as Orthanc's
+StableAge and Clara's DICOM Adapter do): a study is *ready* when no association that brought
+it is still open and for ``assembly.settle-seconds`` since the later of its last instance
+and its last association release nothing new arrived; or, for a
+sender that keeps an association open, after ``assembly.quiet-timeout-seconds`` with no new
+instance. An instance that arrives after a study was handed on starts a new round: the study
+becomes ready again and is scored again.
+
+Everything here runs on the event loop; there are no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pxsgate.config import AssemblyConfig
+
+ReadyHandler = Callable[[str, str], None]  # (study uid, why: "settled" | "quiet-timeout")
+
+
+@dataclass
+class _Pending:
+    last_instance: float
+    last_release: float = 0.0
+    open_associations: set[str] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Assembler:
+    def __init__(
+        self,
+        config: AssemblyConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_ready: ReadyHandler,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settle = config.settle_seconds
+        self._quiet = config.quiet_timeout_seconds
+        self._loop = loop
+        self._on_ready = on_ready
+        self._clock = clock
+        self._pending: dict[str, _Pending] = {}
+        self._by_association: dict[str, set[str]] = {}
+
+    @property
+    def pending(self) -> int:
+        """How many studies are still being received."""
+        return len(self._pending)
+
+    def instance_arrived(self, study_uid: str, association_id: str) -> None:
+        now = self._clock()
+        state = self._pending.get(study_uid)
+        if state is None:
+            state = self._pending[study_uid] = _Pending(last_instance=now)
+        state.last_instance = now
+        state.open_associations.add(association_id)
+        self._by_association.setdefault(association_id, set()).add(study_uid)
+        self._schedule(study_uid, state)
+
+    def association_closed(self, association_id: str) -> set[str]:
+        """Note an association's end; return the studies it brought."""
+        studies = self._by_association.pop(association_id, set())
+        for study_uid in studies:
+            state = self._pending.get(study_uid)
+            if state is not None:
+                state.open_associations.discard(association_id)
+                state.last_release = self._clock()
+                self._schedule(study_uid, state)
+        return studies
+
+    def close(self) -> None:
+        for state in self._pending.values():
+            if state.timer is not None:
+                state.timer.cancel()
+        self._pending.clear()
+        self._by_association.clear()
+
+    def _deadline(self, state: _Pending) -> float:
+        if state.open_associations:
+            return state.last_instance + self._quiet
+        # Settle counts from the later of the last instance and the last release, so a
+        # router that sends one image per association gets time to open the next one.
+        return max(state.last_instance, state.last_release) + self._settle
+
+    def _schedule(self, study_uid: str, state: _Pending) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+        delay = max(0.0, self._deadline(state) - self._clock())
+        state.timer = self._loop.call_later(delay, self._check, study_uid)
+
+    def _check(self, study_uid: str) -> None:
+        state = self._pending.get(study_uid)
+        if state is None:
+            return
+        if self._clock() < self._deadline(state):
+            self._schedule(study_uid, state)  # an instance arrived since the timer was set
+            return
+        del self._pending[study_uid]
+        why = "quiet-timeout" if state.open_associations else "settled"
+        for assoc_id in state.open_associations:
+            self._by_association.get(assoc_id, set()).discard(study_uid)
+        self._on_ready(study_uid, why)

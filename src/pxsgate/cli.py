@@ -1,0 +1,210 @@
+"""The ``pxsgate`` command line; the only place that maps exceptions to exit codes.
+
+Exit codes: 0 success, 1 a runtime failure (the demo's outcomes differ, a file could not be
+scored), 2 a usage or configuration error (the message names the key path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pxsgate import __version__
+from pxsgate.config import Config, load_config, resolve_config_path
+from pxsgate.errors import ConfigError, PxsgateError
+from pxsgate.log import configure_logging
+from pxsgate.store import ResultFilter, Store
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: $PXSGATE_CONFIG or config/pxsgate.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pxsgate", description="DICOM gateway for the PXS score model.")
+    parser.add_argument("--version", action="version", version=f"pxsgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gateway in the foreground")
+    _add_config(p)
+
+    p = sub.add_parser("demo", help="run the whole system on a synthetic feed and exit")
+    _add_config(p)
+    p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    _add_config(p)
+
+    p = sub.add_parser("results", help="query stored results")
+    _add_config(p)
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+    p.add_argument("--study-uid")
+    p.add_argument("--patient-id")
+    p.add_argument("--accession")
+    p.add_argument("--status", choices=["SUCCEEDED", "FAILED", "SKIPPED"])
+    p.add_argument("--limit", type=int)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="a JSON array of result documents")
+    fmt.add_argument("--csv", action="store_true", help="one CSV row per result")
+
+    p = sub.add_parser("score", help="score DICOM files offline (same code path as serve)")
+    _add_config(p)
+    p.add_argument("files", nargs="+", type=Path)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = resolve_config_path(args.config)
+    if args.config is None and not path.exists():
+        return Config()  # no file anywhere: the built-in defaults, as documented
+    return load_config(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+        handler = _COMMANDS[args.command]
+        return handler(args, config)
+    except ConfigError as exc:
+        print(f"pxsgate: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PxsgateError as exc:
+        print(f"pxsgate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop  # optional: a faster event loop where it is installed
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    print(f"{resolve_config_path(args.config)}: ok "
+          f"(AE titles {', '.join(t.ae_title for t in config.dicom.scp.ae_titles)}, "
+          f"port {config.dicom.scp.port}, data in {config.storage.data_dir})")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    configure_logging(config.logging.format, config.logging.level)
+    return int(_run(_serve(config)))
+
+
+async def _serve(config: Config) -> int:
+    from pxsgate.server import Gateway  # torch loads here, not for check-config/results
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.demo import run_demo
+
+    configure_logging("console", "warning")
+    return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
+
+
+def cmd_results(args: argparse.Namespace, config: Config) -> int:
+    data_dir = args.data_dir or config.storage.data_dir
+    db = data_dir / "pxsgate.sqlite3"
+    if not db.exists():
+        raise PxsgateError(f"no store at {db} (is storage.data-dir right?)")
+    flt = ResultFilter(study_uid=args.study_uid, patient_id=args.patient_id,
+                       accession=args.accession, status=args.status, limit=args.limit)
+    docs = _run(_query(db, flt))
+    if args.json:
+        json.dump(docs, sys.stdout, indent=2)
+        print()
+    elif args.csv:
+        _print_csv(docs)
+    else:
+        _print_table(docs)
+    return EXIT_OK
+
+
+async def _query(db: Path, flt: ResultFilter) -> list[dict[str, Any]]:
+    store = Store(db)
+    await store.open()
+    try:
+        return await store.results(flt)
+    finally:
+        await store.close()
+
+
+def _row(doc: dict[str, Any]) -> list[str]:
+    scores = ",".join(r["value"] for r in doc["results"])
+    detail = scores if doc["status"] == "SUCCEEDED" else doc["errorMessage"]
+    return [doc["createdAt"][:19], doc["status"], doc["patientId"], doc["accessionNumber"],
+            doc["studyInstanceUid"], detail]
+
+
+_HEADER = ["created", "status", "patient", "accession", "study uid", "score / reason"]
+
+
+def _print_table(docs: list[dict[str, Any]]) -> None:
+    rows = [_HEADER] + [_row(d) for d in docs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    print(f"({len(docs)} result(s))")
+
+
+def _print_csv(docs: list[dict[str, Any]]) -> None:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(_HEADER)
+    writer.writerows(_row(d) for d in docs)
+
+
+def cmd_score(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.infer import PxsScorer
+    from pxsgate.preprocess import preprocess_file
+
+    configure_logging(config.logging.format, "warning")
+    scorer = PxsScorer.load(config.model)
+    out = []
+    failed = 0
+    for path in args.files:
+        try:
+            value = scorer.score_batch(preprocess_file(path)[None])[0]
+            out.append({"file": str(path), "value": value, "model": scorer.info.block()})
+        except PxsgateError as exc:
+            failed += 1
+            out.append({"file": str(path), "error": str(exc)})
+    json.dump(out, sys.stdout, indent=2)
+    print()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+_COMMANDS = {
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "check-config": cmd_check_config,
+    "results": cmd_results,
+    "score": cmd_score,
+}

@@ -1,0 +1,336 @@
+"""Typed, frozen configuration: load a YAML file, validate it, and never mutate it afterwards.
+
+The ``dicom:`` section is the Clara DICOM Adapter layout of the paper's Listing 1, so an
+existing adapter configuration loads unchanged. Every other section is pxsgate's own; the key
+names are the contract in docs/architecture.md. YAML keys are kebab-case; each dataclass
+field maps to its key by turning ``_`` into ``-``.
+
+Validation happens in :func:`load_config` before any socket opens. An unknown key, a wrong
+type or an out-of-range value raises :class:`~pxsgate.errors.ConfigError` whose ``path`` is
+the dotted key path (``dicom.scp.ae-titles[0].ae-title``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pxsgate.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/pxsgate.yaml")
+CONFIG_ENV = "PXSGATE_CONFIG"
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _check_ae_title(value: Any) -> str | None:
+    # PS3.5 section 6.2 (AE VR): at most 16 characters, no backslash or control characters,
+    # and not only spaces.
+    text = str(value)
+    if not text.strip():
+        return "an AE title cannot be empty"
+    if len(text) > 16:
+        return f"an AE title has at most 16 characters, got {len(text)}"
+    if "\\" in text or any(ord(c) < 32 for c in text):
+        return "an AE title cannot contain a backslash or control characters"
+    return None
+
+
+def _check_port(value: Any) -> str | None:
+    return None if 0 <= int(value) <= 65535 else "must be between 0 and 65535"
+
+
+def _check_positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _check_non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _check_uids(value: Any) -> str | None:
+    for uid in value:
+        if len(uid) > 64 or not _UID_RE.match(uid):
+            return f"{uid!r} is not a valid DICOM UID"
+    return None
+
+
+def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class AeTitleConfig:
+    ae_title: str = field(metadata=_check(_check_ae_title))
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    enabled: bool = True
+    transfer_syntaxes: tuple[str, ...] = field(
+        default=(IMPLICIT_VR_LE, EXPLICIT_VR_LE), metadata=_check(_check_uids)
+    )
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    host_ip: str
+    ae_title: str = field(metadata=_check(_check_ae_title))
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    host: str = "0.0.0.0"
+    port: int = field(default=11112, metadata=_check(_check_port))
+    ae_titles: tuple[AeTitleConfig, ...] = (AeTitleConfig("PxsScore"),)
+    max_associations: int = field(default=4, metadata=_check(_check_positive))
+    verification: VerificationConfig = VerificationConfig()
+    log_dimse_datasets: bool = False
+    reject_unknown_sources: bool = False
+    sources: tuple[SourceConfig, ...] = ()
+    # Transfer syntaxes accepted for storage; the uncompressed ones by default.
+    transfer_syntaxes: tuple[str, ...] = field(
+        default=(IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE),
+        metadata=_check(_check_uids),
+    )
+    # Seconds a peer may stay silent inside an association before it is aborted.
+    network_timeout: float = field(default=60.0, metadata=_check(_check_positive))
+
+
+@dataclass(frozen=True)
+class PipelineMapping:
+    name: str
+    clara_ae_title: str = field(metadata=_check(_check_ae_title))
+    pipeline_id: str = ""
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    scp: ScpConfig = ScpConfig()
+    pipeline_mappings: tuple[PipelineMapping, ...] = (
+        PipelineMapping("pxs-score", "PxsScore", "112233445566778899aabbccddeeff00"),
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path = Path("/var/lib/pxsgate")
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    settle_seconds: float = field(default=2.0, metadata=_check(_check_non_negative))
+    quiet_timeout_seconds: float = field(default=60.0, metadata=_check(_check_positive))
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """The default selection rules (the paper's approach); issue 4 generalises them."""
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
+    # Used only when BodyPartExamined is empty: words in Study/SeriesDescription.
+    chest_words: tuple[str, ...] = ("CHEST", "THORAX", "CXR", "LUNG", "LUNGS")
+    views: tuple[str, ...] = ("AP",)
+    # Tokens in DerivationDescription (0008,2111) that mark a post-processed copy.
+    exclude_derivation: tuple[str, ...] = ("CATH",)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_size: int = field(default=16, metadata=_check(_check_positive))
+    max_delay_ms: float = field(default=5.0, metadata=_check(_check_non_negative))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights: str = "demo"
+    anchors: str = "demo"
+    device: str = "auto"
+    batch: BatchConfig = BatchConfig()
+    name: str = "PxsScore"
+    version: str = "0.1"
+    author: str = "Data Science"
+    description: str = "PXS score model on chest x-rays"
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    site_id: str = "Hospital"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=8787, metadata=_check(_check_port))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # Patient names and IDs stay out of the logs unless this is switched on.
+    include_phi: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    dicom: DicomConfig = DicomConfig()
+    storage: StorageConfig = StorageConfig()
+    assembly: AssemblyConfig = AssemblyConfig()
+    selection: SelectionConfig = SelectionConfig()
+    model: ModelConfig = ModelConfig()
+    results: ResultsConfig = ResultsConfig()
+    http: HttpConfig = HttpConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.data_dir / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage.data_dir / "pxsgate.sqlite3"
+
+
+def _key(f: dataclasses.Field[Any]) -> str:
+    return f.name.replace("_", "-")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number",
+                "bool": "true or false", "Path": "a path"}.get(tp.__name__, tp.__name__)
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert one YAML value to the field type ``tp``, or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], path)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list; got {type(value).__name__}")
+        return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)  # type: ignore[arg-type]  # tp is a dataclass type here
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        # YAML reads 11112 or 0.1 as numbers; a version string "0.1" is still a string.
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(path, f"must be a string; got {value!r}")
+        return str(value)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(path, f"must be a path; got {value!r}")
+        return Path(value)
+    raise ConfigError(path, f"unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type[Any], data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"must be a mapping; got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known here: {known})")
+    kwargs: dict[str, Any] = {}
+    for key, f in fields.items():
+        if key not in data:
+            no_default = (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
+            if no_default:
+                raise ConfigError(f"{prefix}{key}", "is required")
+            continue
+        value = _convert(data[key], hints[f.name], f"{prefix}{key}")
+        check = f.metadata.get("check")
+        if check is not None and (problem := check(value)) is not None:
+            raise ConfigError(f"{prefix}{key}", problem)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _cross_check(config: Config) -> None:
+    titles = {t.ae_title for t in config.dicom.scp.ae_titles}
+    if not titles:
+        raise ConfigError("dicom.scp.ae-titles", "at least one AE title is required")
+    for i, mapping in enumerate(config.dicom.pipeline_mappings):
+        if mapping.clara_ae_title not in titles:
+            raise ConfigError(
+                f"dicom.pipeline-mappings[{i}].clara-ae-title",
+                f"{mapping.clara_ae_title!r} is not one of dicom.scp.ae-titles",
+            )
+
+
+def config_from_mapping(data: Any) -> Config:
+    """Validate a parsed YAML document (a mapping) and return the frozen config."""
+    config: Config = _build(Config, data, "")
+    _cross_check(config)
+    return config
+
+
+def resolve_config_path(explicit: str | Path | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file; raise ConfigError on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from exc
+    return config_from_mapping(data)
+
+
+def with_overrides(config: Config, **sections: Any) -> Config:
+    """A copy of ``config`` with whole sections replaced (used by demo and tests)."""
+    return dataclasses.replace(config, **sections)

@@ -1,0 +1,47 @@
+"""The exception tree of pxsgate.
+
+    PxsgateError
+    ├── ConfigError        invalid configuration; the message names the key path
+    ├── SpoolError         an instance could not be made durable (disk full, bad UID)
+    ├── DicomInputError    a DICOM object pxsgate cannot use (malformed, unsupported)
+    │   └── PreprocessError   pixel data the model cannot take (multi-frame, colour)
+    ├── ModelError         weights or anchors cannot be loaded, or inference failed
+    └── StoreError         the SQLite store is unusable
+
+Errors are translated at the edges: DICOM status codes in receive.py, exit codes in cli.py.
+"""
+
+from __future__ import annotations
+
+
+class PxsgateError(Exception):
+    """Base class of every error pxsgate raises on purpose."""
+
+
+class ConfigError(PxsgateError):
+    """The configuration is invalid. ``path`` is the dotted key path, e.g. ``dicom.scp.port``."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+class SpoolError(PxsgateError):
+    """An instance could not be written durably to the spool."""
+
+
+class DicomInputError(PxsgateError):
+    """A DICOM object that pxsgate cannot use."""
+
+
+class PreprocessError(DicomInputError):
+    """Pixel data that the model cannot take (multi-frame, colour, empty)."""
+
+
+class ModelError(PxsgateError):
+    """Weights or anchors cannot be loaded, or inference failed."""
+
+
+class StoreError(PxsgateError):
+    """The SQLite store is unusable."""

@@ -1,0 +1,153 @@
+"""The study pipeline: ready study -> select -> preprocess -> infer -> result -> store.
+
+A study handed here by the assembler is processed as one asyncio task. File reads and
+pixel work run on the pipeline's executor, inference on the worker thread; the loop only
+coordinates. A study that becomes ready again while it is being processed (late instances)
+is processed once more afterwards, so the newest instances always get a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+from pydicom import dcmread
+
+from pxsgate import rules
+from pxsgate.config import Config
+from pxsgate.errors import ModelError, PxsgateError
+from pxsgate.infer import InferenceWorker
+from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
+from pxsgate.preprocess import preprocess_file
+from pxsgate.results import ModelInfo, StudyIdentity, build_document
+from pxsgate.rules import Header
+from pxsgate.store import Store
+
+log = structlog.get_logger("pxsgate.pipeline")
+R = TypeVar("R")
+
+EXIT_PREPROCESS = 1  # the image could not be decoded or prepared
+EXIT_MODEL = 2  # the model failed
+
+
+def read_headers(instances: Sequence[StoredInstance]) -> list[Header]:
+    """Read each instance's header (no pixel data); an unreadable file is kept with its error."""
+    headers = []
+    for inst in instances:
+        try:
+            ds = dcmread(inst.path, stop_before_pixels=True)
+        except Exception as exc:  # malformed files fail in many ways; keep the reason
+            headers.append(Header(inst, None, str(exc)[:200]))
+        else:
+            headers.append(Header(inst, ds))
+    return headers
+
+
+def identity_of(study_uid: str, headers: Sequence[Header]) -> StudyIdentity:
+    for h in headers:
+        if h.dataset is not None:
+            return StudyIdentity(study_uid, h.text("PatientID"), h.text("AccessionNumber"))
+    return StudyIdentity(study_uid, "", "")
+
+
+class Pipeline:
+    def __init__(self, config: Config, store: Store, worker: InferenceWorker, model: ModelInfo,
+                 executor: concurrent.futures.Executor) -> None:
+        self._config = config
+        self._store = store
+        self._worker = worker
+        self._model = model
+        self._executor = executor
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    def submit(self, study_uid: str) -> None:
+        """Process a ready study (called on the loop by the assembler)."""
+        if study_uid in self._running:
+            self._again.add(study_uid)
+            return
+        task = asyncio.get_running_loop().create_task(self._process(study_uid))
+        self._running[study_uid] = task
+        task.add_done_callback(functools.partial(self._finished, study_uid))
+
+    def _finished(self, study_uid: str, task: asyncio.Task[None]) -> None:
+        del self._running[study_uid]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("study.crashed", study=study_uid[-12:], error=repr(exc))
+        if study_uid in self._again:
+            self._again.discard(study_uid)
+            self.submit(study_uid)
+
+    async def drain(self) -> None:
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _in_executor(self, fn: Callable[..., R], *args: object) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _process(self, study_uid: str) -> None:
+        ready_at = now_iso()
+        await self._store.mark_study(study_uid, "ready", ready_at, column="ready_at")
+        instances = await self._store.instances_for_study(study_uid)
+        headers = await self._in_executor(read_headers, instances)
+        decision = rules.select(headers, self._config.selection)
+        await self._store.record_decisions(study_uid, decision, now_iso())
+        identity = identity_of(study_uid, headers)
+        row = await self._store.study(study_uid)
+        stages = {"released": row.released_at if row else None, "ready": ready_at}
+        if not decision.candidate:
+            await self._store_outcome("SKIPPED", identity, decision, stages, ready_at,
+                                      error=decision.reason)
+            log.info("study.skipped", study=study_uid[-12:], rule=decision.rule,
+                     reason=decision.reason)
+            return
+        created_at = now_iso()
+        try:
+            scores = await self._score(instances, decision)
+        except PxsgateError as exc:
+            code = EXIT_MODEL if isinstance(exc, ModelError) else EXIT_PREPROCESS
+            await self._store_outcome("FAILED", identity, decision, stages, created_at,
+                                      error=str(exc), exit_code=code)
+            log.error("study.failed", study=study_uid[-12:], error=str(exc), exit_code=code)
+            return
+        stages["inferred"] = now_iso()
+        await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at,
+                                  scores=scores)
+        log.info("result.stored", study=study_uid[-12:], images=len(scores))
+
+    async def _score(self, instances: Sequence[StoredInstance],
+                     decision: StudyDecision) -> list[ScoredImage]:
+        paths = {inst.sop_instance_uid: inst.path for inst in instances}
+        chosen = decision.inputs
+
+        async def one(sop_uid: str) -> float:
+            path: Path = paths[sop_uid]
+            image = await self._in_executor(preprocess_file, path)
+            return await self._worker.score(image)
+
+        values = await asyncio.gather(*(one(d.sop_instance_uid) for d in chosen))
+        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, v)
+                for d, v in zip(chosen, values, strict=True)]
+
+    async def _store_outcome(self, status: str, identity: StudyIdentity,
+                             decision: StudyDecision, stages: dict[str, str | None],
+                             created_at: str, *, scores: Sequence[ScoredImage] = (),
+                             error: str = "", exit_code: int = 0) -> None:
+        stored_at = stages["stored"] = now_iso()
+        document = build_document(
+            status=status, identity=identity, site_id=self._config.results.site_id,
+            model=self._model, created_at=created_at, updated_at=stored_at,
+            scores=scores, decision=decision, exit_code=exit_code, error_message=error,
+            stages=stages,
+        )
+        state = {"SUCCEEDED": "scored", "SKIPPED": "skipped"}.get(status, "failed")
+        await self._store.store_result(document, state, error)

@@ -1,0 +1,237 @@
+"""DICOM reception: the pynetdicom SCP, access control, and the C-STORE handler.
+
+pynetdicom runs every association on its own thread, so the handlers here run off the event
+loop. The C-STORE handler does the least it can: check the identifiers, write the bytes as
+received to the spool (fsynced, :mod:`pxsgate.spool`), have the loop index the instance in
+SQLite, and only then answer Success. It never decodes pixel data.
+
+Errors become DICOM status codes here (PS3.4 Annex B.2.3 and PS3.7 Annex C):
+  0xA700  Refused: Out of Resources     (disk full, the store did not answer in time)
+  0xA900  Error: Data Set does not match SOP Class (identifiers differ from the request)
+  0xC000  Error: Cannot understand       (unparseable data set, missing or invalid UIDs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
+
+from pxsgate.config import ScpConfig
+from pxsgate.errors import SpoolError
+from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.spool import Spool, is_valid_uid
+
+log = structlog.get_logger("pxsgate.receive")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# How long an association thread waits for the loop to index an instance before it answers
+# Out of Resources (the instance stays in the spool, so the sender's retry is idempotent).
+INDEX_TIMEOUT_S = 30.0
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 section 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
+ClosedHandler = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class _Refusal(Exception):
+    status: int
+    comment: str
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO: at most 64 characters
+    return ds
+
+
+class Receiver:
+    """The storage SCP. Start it with a running loop; it hands instances to that loop."""
+
+    def __init__(
+        self,
+        config: ScpConfig,
+        spool: Spool,
+        loop: asyncio.AbstractEventLoop,
+        on_instance: InstanceHandler,
+        on_closed: ClosedHandler,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._loop = loop
+        self._on_instance = on_instance
+        self._on_closed = on_closed
+        self._titles = {t.ae_title.strip() for t in config.ae_titles}
+        self._sources = {(s.host_ip, s.ae_title.strip()) for s in config.sources}
+        self._ids = itertools.count(1)
+        self._assoc_ids: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Open the port; return the port actually bound (useful with port 0)."""
+        ae = AE(ae_title=sorted(self._titles)[0])
+        # Several called AE titles are accepted, so the check is ours (_on_requested).
+        ae.require_called_aet = False
+        ae.maximum_associations = self._config.max_associations
+        ae.network_timeout = self._config.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 30
+        syntaxes = list(self._config.transfer_syntaxes)
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        if self._config.verification.enabled:
+            echo_syntaxes = list(self._config.verification.transfer_syntaxes)
+            ae.add_supported_context(Verification, echo_syntaxes)
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        self._server = ae.start_server(
+            (self._config.host, self._config.port), block=False, evt_handlers=handlers
+        )
+        port: int = self._server.server_address[1]
+        return port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # --- association events (association threads) ----------------------------------------
+
+    def _association_id(self, assoc: Any) -> str:
+        with self._lock:
+            key = id(assoc)
+            if key not in self._assoc_ids:
+                self._assoc_ids[key] = f"a{next(self._ids):06d}"
+            return self._assoc_ids[key]
+
+    def _on_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor.primitive
+        assert rq is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
+        called = rq.called_ae_title.strip()
+        calling = rq.calling_ae_title.strip()
+        address = event.assoc.requestor.address
+        reject: tuple[int, int, int] | None = None
+        reason = ""
+        if called not in self._titles:
+            reject, reason = REJECT_CALLED_AE, "called AE title not served"
+        elif self._config.reject_unknown_sources and (address, calling) not in self._sources:
+            reject, reason = REJECT_CALLING_AE, "unknown source"
+        if reject is not None:
+            log.warning("association.rejected", reason=reason, called_ae=called,
+                        calling_ae=calling, peer=address)
+            event.assoc.acse.send_reject(*reject)
+            event.assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        log.info("association.accepted", association_id=self._association_id(event.assoc),
+                 calling_ae=event.assoc.requestor.ae_title.strip(),
+                 peer=event.assoc.requestor.address)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._lock:
+            assoc_id = self._assoc_ids.pop(id(event.assoc), None)
+        if assoc_id is None:
+            return  # rejected or never accepted: it brought no instances
+        log.info("association.closed", association_id=assoc_id,
+                 released=bool(event.assoc.is_released))
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
+            self._loop.call_soon_threadsafe(self._on_closed, assoc_id)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        assoc_id = self._association_id(event.assoc)
+        try:
+            instance = self._receive(event, assoc_id)
+        except _Refusal as refusal:
+            log.warning("instance.refused", association_id=assoc_id,
+                        status=f"0x{refusal.status:04X}", reason=refusal.comment)
+            return _status(refusal.status, refusal.comment)
+        log.info("instance.stored", association_id=assoc_id, size=instance.size,
+                 sop_class=UID(instance.sop_class_uid).name)
+        return STATUS_SUCCESS
+
+    def _receive(self, event: evt.Event, assoc_id: str) -> ReceivedInstance:
+        request = cast(C_STORE, event.request)
+        try:
+            ds: Dataset = event.dataset
+            sop_uid = str(ds.SOPInstanceUID)
+            sop_class = str(ds.SOPClassUID)
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # a peer's bytes can fail in any way pydicom can
+            raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {exc}") from exc
+        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
+            raise _Refusal(STATUS_DATASET_MISMATCH, "SOP UIDs differ from the C-STORE request")
+        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                          ("SOPInstanceUID", sop_uid)):
+            if not is_valid_uid(uid):
+                raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            path = self._spool.write(study_uid, sop_uid, data)
+        except SpoolError as exc:
+            raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+        instance = ReceivedInstance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            path=path,
+            size=len(data),
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            peer_address=str(event.assoc.requestor.address),
+            association_id=assoc_id,
+            received_at=now_iso(),
+        )
+        self._index(instance)
+        return instance
+
+    def _index(self, instance: ReceivedInstance) -> None:
+        """Block this association thread until the loop has indexed the instance."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                self._await(self._on_instance(instance)), self._loop
+            )
+            future.result(timeout=INDEX_TIMEOUT_S)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store did not answer") from exc
+        except Exception as exc:  # the store's failure must become a status, not a crash
+            log.error("instance.index_failed", error=str(exc))
+            raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store failed") from exc
+
+    @staticmethod
+    async def _await(awaitable: Awaitable[None]) -> None:
+        await awaitable

@@ -1,0 +1,138 @@
+"""The result document: one per study, in the shape of the paper's Listing 3.
+
+Listing 3's fields are kept exactly (names, nesting, ``value`` as a string); pxsgate's
+additions live under ``pxsgate`` (its version, the selection decisions, stage timestamps),
+so a consumer written for the reference deployment reads these documents unchanged.
+
+Status: SUCCEEDED (scored), FAILED (``exitCode`` non-zero, ``errorMessage`` says why) or
+SKIPPED (the study is not a candidate; ``errorMessage`` gives the rule's reason), so every
+received study has a traceable outcome.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pxsgate import __version__
+from pxsgate.messages import ScoredImage, StudyDecision
+
+DOCUMENT_VERSION = "0.2.4"  # Listing 3's version field
+PXS_CODE = "partners.clara.pxs.score"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What every result says about the model that made it (Listing 3 ``model``)."""
+
+    name: str
+    version: str
+    author: str
+    description: str
+    created_at: str
+    weights_sha256: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def block(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "displayName": self.name,
+            "version": self.version,
+            "author": self.author,
+            "description": self.description,
+            "createdAt": self.created_at,
+            "weightsSha256": self.weights_sha256,
+        }
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """The study-level tags a result carries (PHI: stored, never logged)."""
+
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+
+
+def format_score(score: float) -> str:
+    """Listing 3 carries the value as a string; six decimals, trailing zeros dropped."""
+    return f"{score:.6f}".rstrip("0").rstrip(".")
+
+
+def _derived_from(images: Sequence[ScoredImage]) -> list[dict[str, Any]]:
+    return [
+        {"refSeriesInstanceUid": img.series_instance_uid,
+         "refSopInstanceUid": [img.sop_instance_uid]}
+        for img in images
+    ]
+
+
+def _selection(decision: StudyDecision | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    return {
+        "candidate": decision.candidate,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "images": [
+            {"sopInstanceUid": d.sop_instance_uid, "selected": d.selected, "rule": d.rule,
+             "reason": d.reason}
+            for d in decision.images
+        ],
+    }
+
+
+def build_document(
+    *,
+    status: str,
+    identity: StudyIdentity,
+    site_id: str,
+    model: ModelInfo,
+    created_at: str,
+    updated_at: str,
+    scores: Sequence[ScoredImage] = (),
+    decision: StudyDecision | None = None,
+    exit_code: int = 0,
+    error_message: str = "",
+    stages: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """One Listing-3 document. ``createdAt`` is when inference started, ``updatedAt`` when it
+    finished (the paper's definitions)."""
+    results = [
+        {
+            "code": PXS_CODE,
+            "value": format_score(img.score),
+            "description": "PXS Score",
+            "derivedFrom": _derived_from([img]),
+            "presentOn": _derived_from([img]),
+            "refEntities": [],
+        }
+        for img in scores
+    ]
+    return {
+        "version": DOCUMENT_VERSION,
+        "id": str(uuid.uuid4()),
+        "status": status,
+        "studyInstanceUid": identity.study_instance_uid,
+        "patientId": identity.patient_id,
+        "accessionNumber": identity.accession_number,
+        "siteId": site_id,
+        "createdAt": created_at,
+        "updatedAt": updated_at,
+        "exitCode": exit_code,
+        "errorMessage": error_message,
+        "model": model.block(),
+        "results": results,
+        "entities": [],
+        "pxsgate": {
+            "version": __version__,
+            "selection": _selection(decision),
+            "stages": dict(stages or {}),
+        },
+    }

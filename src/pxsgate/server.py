@@ -1,0 +1,122 @@
+"""The Gateway: one object that owns every stage and their lifecycle.
+
+Start-up order: store -> spool -> model (worker thread, anchors embedded) -> pipeline ->
+assembler -> receiver (the port opens last, once everything behind it can take work).
+Shutdown runs in reverse: the port closes first, in-flight studies drain (bounded), the
+worker stops, the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable
+
+import structlog
+
+from pxsgate.assemble import Assembler
+from pxsgate.config import Config
+from pxsgate.infer import InferenceWorker, PxsScorer, Scorer
+from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.pipeline import Pipeline
+from pxsgate.receive import Receiver
+from pxsgate.results import ModelInfo
+from pxsgate.spool import Spool
+from pxsgate.store import Store
+
+log = structlog.get_logger("pxsgate.server")
+
+
+class Gateway:
+    def __init__(self, config: Config,
+                 scorer_factory: Callable[[], Scorer] | None = None) -> None:
+        self.config = config
+        self.store = Store(config.db_path)
+        self.spool = Spool(config.spool_dir)
+        self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(config.model))
+        self.worker = InferenceWorker(self._scorer_factory, config.model.batch)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="pxsgate-prep"
+        )
+        self.model: ModelInfo | None = None
+        self._pipeline: Pipeline | None = None
+        self._assembler: Assembler | None = None
+        self._receiver: Receiver | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await self.store.open()
+        self.spool.open()
+        self.spool.remove_leftovers()
+        self.model = await asyncio.to_thread(self.worker.start)
+        self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
+                                  self._executor)
+        self._assembler = Assembler(self.config.assembly, loop, self._study_ready)
+        self._receiver = Receiver(self.config.dicom.scp, self.spool, loop,
+                                  self._instance_received, self._association_closed)
+        self.port = await asyncio.to_thread(self._receiver.start)
+        log.info("gateway.started", port=self.port,
+                 ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
+                 model=self.model.id, weights_sha256=self.model.weights_sha256[:16],
+                 startup_s=round(time.perf_counter() - started, 2))
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        if self._receiver is not None:
+            await asyncio.to_thread(self._receiver.stop)
+            self._receiver = None
+        if self._assembler is not None:
+            self._assembler.close()
+        if self._pipeline is not None:
+            try:
+                await asyncio.wait_for(self._pipeline.drain(), drain_timeout)
+            except TimeoutError:
+                log.warning("gateway.drain_timeout", studies=self._pipeline.busy)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.worker.stop)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        await self.store.close()
+        log.info("gateway.stopped")
+
+    def idle(self) -> bool:
+        """Nothing being received, assembled or processed."""
+        return (
+            (self._assembler is None or self._assembler.pending == 0)
+            and (self._pipeline is None or self._pipeline.busy == 0)
+            and not self._tasks
+        )
+
+    async def wait_idle(self, limit_s: float = 60.0, poll: float = 0.05) -> None:
+        deadline = time.monotonic() + limit_s
+        while not self.idle():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gateway did not become idle in time")
+            await asyncio.sleep(poll)
+
+    # --- stage glue (on the loop) ---------------------------------------------------------
+
+    async def _instance_received(self, instance: ReceivedInstance) -> None:
+        await self.store.record_instance(instance)
+        assert self._assembler is not None
+        self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id)
+
+    def _association_closed(self, association_id: str) -> None:
+        assert self._assembler is not None
+        studies = self._assembler.association_closed(association_id)
+        if studies:
+            self._spawn(self.store.set_released(studies, now_iso()))
+
+    def _study_ready(self, study_uid: str, why: str) -> None:
+        log.info("study.ready", study=study_uid[-12:], why=why)
+        assert self._pipeline is not None
+        self._pipeline.submit(study_uid)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,87 @@
+"""Configuration: defaults, the paper's Listing 1, and errors that name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pxsgate.config import Config, config_from_mapping, load_config
+from pxsgate.errors import ConfigError
+
+from .conftest import REPO, pxsgate
+
+LISTING_1 = REPO / "tests" / "data" / "listing1.yaml"
+DEFAULT = REPO / "config" / "pxsgate.yaml"
+
+
+def test_default_file_is_the_builtin_default() -> None:
+    # The commented file documents the defaults; it must not drift from them.
+    assert load_config(DEFAULT) == Config()
+
+
+def test_listing_1_loads_unchanged() -> None:
+    config = load_config(LISTING_1)
+    scp = config.dicom.scp
+    assert scp.port == 104
+    assert [t.ae_title for t in scp.ae_titles] == ["PxsScore"]
+    assert scp.max_associations == 4
+    assert scp.verification.transfer_syntaxes == (
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+    assert scp.reject_unknown_sources is True
+    assert [(s.host_ip, s.ae_title) for s in scp.sources] == [("192.168.1.2", "RMS")]
+    assert config.dicom.pipeline_mappings[0].pipeline_id == "112233445566778899aabbccddeeff00"
+
+
+@pytest.mark.parametrize(
+    ("patch", "path", "words"),
+    [
+        ({"dicom": {"scp": {"port": "eleven"}}}, "dicom.scp.port", "integer"),
+        ({"dicom": {"scp": {"port": 70000}}}, "dicom.scp.port", "between"),
+        ({"dicom": {"scp": {"max-associations": 0}}}, "dicom.scp.max-associations", "greater"),
+        ({"dicom": {"scp": {"ae-titles": [{"ae-title": "X" * 17}]}}},
+         "dicom.scp.ae-titles[0].ae-title", "16"),
+        ({"dicom": {"scp": {"verification": {"enabled": "yes please"}}}},
+         "dicom.scp.verification.enabled", "true or false"),
+        ({"dicom": {"scp": {"sources": [{"host-ip": "10.0.0.1"}]}}},
+         "dicom.scp.sources[0].ae-title", "required"),
+        ({"dicom": {"scp": {"transfer-syntaxes": ["1.2.x"]}}},
+         "dicom.scp.transfer-syntaxes", "UID"),
+        ({"dicom": {"pipeline-mappings": [{"name": "p", "clara-ae-title": "OTHER"}]}},
+         "dicom.pipeline-mappings[0].clara-ae-title", "ae-titles"),
+        ({"model": {"batch": {"max-sise": 4}}}, "model.batch.max-sise", "unknown key"),
+        ({"assembly": {"settle-seconds": -1}}, "assembly.settle-seconds", "negative"),
+        ({"logging": {"format": "xml"}}, "logging.format", "one of"),
+        ({"storage": ["not", "a", "mapping"]}, "storage", "mapping"),
+        ({"exporterz": []}, "exporterz", "unknown key"),
+    ],
+)
+def test_errors_name_the_key_path(patch: dict[str, object], path: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(patch)
+    assert info.value.path == path
+    assert words in str(info.value)
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    ok = pxsgate("check-config", "--config", LISTING_1)
+    assert "ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(LISTING_1.read_text())
+    data["dicom"]["scp"]["max-associations"] = "four"
+    bad.write_text(yaml.safe_dump(data))
+    result = pxsgate("check-config", "--config", bad, check=False)
+    assert result.returncode == 2
+    assert "dicom.scp.max-associations" in result.stderr
+    missing = pxsgate("check-config", "--config", tmp_path / "absent.yaml", check=False)
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+
+
+def test_serve_refuses_a_bad_config_before_opening_a_port(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dicom:\n  scp:\n    port: 11112\n    colour: blue\n")
+    result = pxsgate("serve", "--config", bad, check=False, timeout=60)
+    assert result.returncode == 2
+    assert "dicom.scp.colour" in result.stderr

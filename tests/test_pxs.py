@@ -269,3 +269,11 @@ def test_cached_scores_equal_the_published_uncached_algorithm(
         reference = reference_pxs_score(siamese, images[i], anchors)
         assert abs(float(cached[i]) - reference) < 1e-4
         assert float(cached[i]) == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_unavailable_device_is_a_model_error(demo: tuple[DenseNet121, str], tmp_path: Path) -> None:
+    path = tmp_path / "w.pth"
+    torch.save(demo[0].state_dict(), path)
+    with pytest.raises(ModelError, match="device 'cuda'"):
+        load_embedding_net(path, device="cuda")

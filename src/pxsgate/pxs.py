@@ -184,7 +184,11 @@ def load_embedding_net(
         raise ModelError(f"weights file not found: {path}")
     digest = _file_sha256(path)
     net = _load_torchscript(path) if _is_torchscript(path) else _load_state_dict_net(path)
-    return net.to(device).eval(), digest
+    try:
+        net = net.to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # CPU-only torch raises Assertion
+        raise ModelError(f"cannot move the model to device {device!r}: {exc}") from exc
+    return net.eval(), digest
 
 
 def _file_sha256(path: Path) -> str:

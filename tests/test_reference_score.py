@@ -1,0 +1,85 @@
+"""The gateway's PXS score equals a plain computation of the published algorithm.
+
+The plain computation here shares no code with the gateway's fast path except the network
+definition: the published preprocessing is written out again (QTIM-Lab/PXS-score,
+PXS_preprocessing.py ``dcm2img`` + torchvision's Resize(336)/CenterCrop(320)/ToTensor), the
+anchors are embedded again for every image, and each distance takes two forward passes of
+the Siamese network (``reference_pxs_score``), as the published code does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from pydicom import Dataset
+
+from pxsgate import synth
+from pxsgate.infer import DEMO_ANCHOR_COUNT, DEMO_ANCHOR_SEED
+from pxsgate.pxs import PxsSiamese, demo_embedding_net, reference_pxs_score
+from pxsgate.scu import send_datasets
+
+from .conftest import Service
+
+
+def equalize_like_opencv(img: np.ndarray) -> np.ndarray:
+    hist = np.bincount(img.ravel(), minlength=256)
+    first = int(np.flatnonzero(hist)[0])
+    total = img.size
+    if hist[first] == total:
+        return img.copy()
+    scale = np.float32(255.0) / np.float32(total - hist[first])
+    lut = np.zeros(256, np.uint8)
+    running = 0
+    for level in range(first + 1, 256):
+        running += int(hist[level])
+        lut[level] = min(255, int(np.rint(np.float32(running) * scale)))
+    return lut[img]
+
+
+def published_input(pixels: np.ndarray, photometric: str, bits_stored: int, high_bit: int
+                    ) -> torch.Tensor:
+    x = np.bitwise_and(pixels.astype(np.int64),
+                       2 ** (high_bit + 1) - 2 ** (high_bit - bits_stored + 1))
+    x = x - x.min()
+    x = (x / x.max() * 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        x = 255 - x
+    x = equalize_like_opencv(x)
+    img = Image.fromarray(x)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(336 * long / short)
+    img = img.resize((336, new_long) if w <= h else (new_long, 336), Image.Resampling.BILINEAR)
+    w, h = img.size
+    top, left = int(round((h - 320) / 2.0)), int(round((w - 320) / 2.0))
+    arr = np.asarray(img.crop((left, top, left + 320, top + 320)), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.repeat(arr[None], 3, axis=0))
+
+
+def dataset_input(ds: Dataset) -> torch.Tensor:
+    return published_input(ds.pixel_array, str(ds.PhotometricInterpretation),
+                           int(ds.BitsStored), int(ds.HighBit))
+
+
+def test_gateway_score_matches_the_uncached_published_computation(service: Service) -> None:
+    feed = synth.hospital_feed(seed=303, rows=700, cols=600, prefix="REF")
+    scored = [s for s in feed if s.expected == "scored"]
+    for study in scored:
+        assert send_datasets("127.0.0.1", service.port, list(study.datasets)).ok
+    docs = service.wait_for([str(s.datasets[0].StudyInstanceUID) for s in scored])
+
+    net, _ = demo_embedding_net()
+    siamese = PxsSiamese(net)
+    anchor_pixels = synth.normal_chest_anchors(DEMO_ANCHOR_SEED, DEMO_ANCHOR_COUNT)
+    anchors = torch.stack([published_input(a, "MONOCHROME2", 16, 15) for a in anchor_pixels])
+    compared = 0
+    for study in scored:
+        doc = docs[str(study.datasets[0].StudyInstanceUID)]
+        by_sop = {str(ds.SOPInstanceUID): ds for ds in study.datasets}
+        for result in doc["results"]:
+            sop = result["derivedFrom"][0]["refSopInstanceUid"][0]
+            expected = reference_pxs_score(siamese, dataset_input(by_sop[sop]), anchors)
+            assert abs(float(result["value"]) - expected) < 1e-4, (study.key, expected)
+            compared += 1
+    assert compared >= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,10 +99,8 @@ class Service:
 def _pump(service: Service, stream: Any) -> None:
     for line in stream:
         service.raw_log.append(line.rstrip("\n"))
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             service.logs.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
 
 
 def start_service(tmp: Path, **config_kwargs: Any) -> Service:

@@ -65,5 +65,6 @@ async def test_two_studies_in_one_association_and_a_late_instance() -> None:
     assembler.instance_arrived("1.1", "a2")  # after it was handed on: it is re-opened
     assembler.association_closed("a2")
     await asyncio.sleep(SETTLE * 3)
-    assert ready[-1] == ("1.1", "settled") and len(ready) == 3
+    assert ready[-1] == ("1.1", "settled")
+    assert len(ready) == 3
     assembler.close()

@@ -102,9 +102,11 @@ def test_results_filters(service: Service,
     by_patient = service.results("--patient-id", patient)
     assert {d["studyInstanceUid"] for d in by_patient} == {_uid(study)}
     by_uid = service.results("--study-uid", _uid(study))
-    assert len(by_uid) == 1 and by_uid[0]["patientId"] == patient
+    assert len(by_uid) == 1
+    assert by_uid[0]["patientId"] == patient
     skipped = service.results("--status", "SKIPPED")
-    assert all(d["status"] == "SKIPPED" for d in skipped) and skipped
+    assert all(d["status"] == "SKIPPED" for d in skipped)
+    assert skipped
 
 
 def test_feed_over_dcmtk_storescu(service: Service, storescu: str, tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def published_input(pixels: np.ndarray, photometric: str, bits_stored: int, high
     new_long = int(336 * long / short)
     img = img.resize((336, new_long) if w <= h else (new_long, 336), Image.Resampling.BILINEAR)
     w, h = img.size
-    top, left = int(round((h - 320) / 2.0)), int(round((w - 320) / 2.0))
+    top, left = round((h - 320) / 2.0), round((w - 320) / 2.0)
     arr = np.asarray(img.crop((left, top, left + 320, top + 320)), dtype=np.float32) / 255.0
     return torch.from_numpy(np.repeat(arr[None], 3, axis=0))
 

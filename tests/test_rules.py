@@ -46,12 +46,14 @@ def test_ap_portable_is_selected_and_derived_primary_is_fine() -> None:
 
 def test_view_position_used_when_description_names_no_view() -> None:
     d = select([header(1, SeriesDescription="PORTABLE", ViewPosition="AP")], CFG)
-    assert d.inputs and "ViewPosition AP" in d.inputs[0].reason
+    assert d.inputs
+    assert "ViewPosition AP" in d.inputs[0].reason
 
 
 def test_description_view_wins_over_view_position() -> None:
     d = select([header(1, SeriesDescription="CHEST PA", ViewPosition="AP")], CFG)
-    assert not d.candidate and d.rule == "view"
+    assert not d.candidate
+    assert d.rule == "view"
     assert "view PA" in d.images[0].reason
 
 
@@ -74,9 +76,11 @@ def test_cath_copy_screenshot_and_for_processing_are_excluded() -> None:
 
 def test_study_level_reasons() -> None:
     knee = select([header(1, BodyPartExamined="KNEE", ViewPosition="AP")], CFG)
-    assert (knee.candidate, knee.rule) == (False, "body-part") and "KNEE" in knee.reason
+    assert (knee.candidate, knee.rule) == (False, "body-part")
+    assert "KNEE" in knee.reason
     ct = select([header(1, CT, Modality="CT")], CFG)
-    assert (ct.candidate, ct.rule) == (False, "modality") and "CT" in ct.reason
+    assert (ct.candidate, ct.rule) == (False, "modality")
+    assert "CT" in ct.reason
     pa_lat = select([header(1, SeriesDescription="CHEST PA", ViewPosition="PA"),
                      header(2, SeriesDescription="CHEST LAT", ViewPosition="LL")], CFG)
     assert (pa_lat.candidate, pa_lat.rule) == (False, "view")

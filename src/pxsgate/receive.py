@@ -49,6 +49,11 @@ INDEX_TIMEOUT_S = 30.0
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
+# Tags logged per instance when dicom.scp.log-dimse-datasets is on (no patient identifiers).
+_LOGGED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "SeriesDescription",
+                "ImageType", "DerivationDescription", "Rows", "Columns", "BitsStored",
+                "PhotometricInterpretation")
+
 InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
 ClosedHandler = Callable[[str], None]
 
@@ -180,6 +185,11 @@ class Receiver:
             return _status(refusal.status, refusal.comment)
         log.info("instance.stored", association_id=assoc_id, size=instance.size,
                  sop_class=UID(instance.sop_class_uid).name)
+        if self._config.log_dimse_datasets:
+            # Listing 1's switch; only tags that name no patient are logged.
+            ds = event.dataset
+            log.info("instance.dataset", association_id=assoc_id,
+                     **{k: str(ds.get(k, "")) for k in _LOGGED_TAGS})
         return STATUS_SUCCESS
 
     def _receive(self, event: evt.Event, assoc_id: str) -> ReceivedInstance:

@@ -403,9 +403,10 @@ def _vessel_tree(rng: np.random.Generator, hx: float, hy: float, depth: int = 5)
     """
     segments: list[Segment] = []
     stack: list[tuple[float, float, float, float, float, int]] = []
-    for ang in (-1.45, -0.85, -0.2, 0.45, 1.05, 1.5):
+    for ang in (-1.5, -1.05, -0.6, -0.15, 0.3, 0.75, 1.15, 1.55):
         ang += rng.normal(0.0, 0.08)
-        stack.append((hx, hy, ang, 0.11 * rng.uniform(0.85, 1.15), 0.012, 0))
+        oy = hy + 0.05 * math.sin(ang) + rng.normal(0.0, 0.01)
+        stack.append((hx + 0.02 * math.cos(ang), oy, ang, 0.1 * rng.uniform(0.85, 1.15), 0.014, 0))
     while stack:
         a0, y0, ang, length, w, level = stack.pop()
         a1 = a0 + length * math.cos(ang)
@@ -460,7 +461,7 @@ def _vessel_layer(cv: _Canvas, win: tuple[slice, slice], tree: Sequence[Segment]
         px -= t * f32(dx)
         py -= t * f32(dy)
         wt = f32(w0) + f32(w1 - w0) * t
-        val = _dome((px * px + py * py) / (wt * wt)) * wt * f32(8.0)
+        val = _dome((px * px + py * py) / (wt * wt)) * wt * f32(6.0)
         dst = out[r0 - win[0].start : r1 - win[0].start, c0 - win[1].start : c1 - win[1].start]
         np.maximum(dst, val, out=dst)
     return out
@@ -485,7 +486,7 @@ def _frontal_chest(
     rib_first = apex - 0.06 + rng.normal(0.0, 0.01)
     rib_gap = 0.098 + rng.normal(0.0, 0.003)
     trees = [_vessel_tree(rng, 0.19, 0.02), _vessel_tree(rng, 0.19, -0.04)]
-    texture = _smooth_field(rng, rows, cols, 40)
+    texture = _smooth_field(rng, rows, cols, 64)
     arm_c = trunk_w + (0.15 if ap else 0.2)
     head_y = -0.58 + rng.normal(0.0, 0.02)
 
@@ -526,67 +527,82 @@ def _frontal_chest(
     # -- lungs, their vessels and hila, posterior and anterior ribs, clavicles, scapulae
     lung_all = np.zeros_like(D)
     periph_all = np.zeros_like(D)
+    a_apex = 0.3
     for i, side in enumerate((-1.0, 1.0)):
         right = side < 0  # the patient's right lung is on the image's left
-        win = cv.box(*sorted((side * -0.02, side * 1.02)), rib_first - 0.08, cpa + 0.3)
-        x, y = cv.xy(win)
-        a = x * f32(side)
         my_cpa = cpa - (0.035 if right else 0.0)
         top = apex + (0.0 if right else 0.01)
-        a_apex = 0.3
-        tl = np.clip((y - f32(top)) * f32(1.0 / (my_cpa - top)), 0.0, 1.0)
-        L = f32(a_apex) + f32(lat[i] - a_apex) * np.sqrt(tl * (f32(2.0) - tl))
-        tm = np.clip((y - f32(top)) * f32(1.0 / 0.42), 0.0, 1.0)
-        M = f32(a_apex) - f32(a_apex - 0.095) * np.sqrt(tm * (f32(2.0) - tm))
-        if not right:  # the aortic knob bulges into the left lung
-            M += f32(0.04) * _gauss(x * 0, y, 0.0, -0.33, 1.0, 0.07)
-        M += f32(0.06) * _smooth(y + f32(0.12), 0.3)  # wider mediastinum at the hila
-        ud = (a - f32(0.44)) * f32(1.0 / 0.42)
-        dome = f32(my_cpa) - f32(dome_h) * _dome(ud * ud)
+
+        def outline(a: F32, y: F32) -> tuple[F32, F32, F32]:
+            """Lateral border L(y), medial border M(y) and the diaphragm dome(a)."""
+            tl = np.clip((y - f32(top)) * f32(1.0 / (my_cpa - top)), 0.0, 1.0)
+            L = f32(a_apex) + f32(lat[i] - a_apex) * np.sqrt(tl * (f32(2.0) - tl))
+            tm = np.clip((y - f32(top)) * f32(1.0 / 0.42), 0.0, 1.0)
+            M = f32(a_apex) - f32(a_apex - 0.095) * np.sqrt(tm * (f32(2.0) - tm))
+            if not right:  # the aortic knob bulges into the left lung
+                M += f32(0.04) * np.exp(((y + f32(0.33)) * f32(1 / 0.07)) ** 2 * f32(-0.5))
+            M += f32(0.06) * _smooth(y + f32(0.12), 0.3)  # wider mediastinum at the hila
+            ud = (a - f32(0.44)) * f32(1.0 / 0.42)
+            dome = f32(my_cpa) - f32(dome_h) * _dome(ud * ud)
+            return L, M, dome
+
+        # lung air, darker in the depth of the lung, partly hidden behind the heart
+        win = cv.box(*sorted((side * 0.05, side * 1.0)), top - 0.02, my_cpa + 0.02)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        L, M, dome = outline(a, y)
         heart = heart_mask(x, y)
         inside = _ramp(L - a, e) * _ramp(a - M, e)
         inside *= _ramp(dome - y, e) * _ramp(y - f32(top), e)
-        behind_heart = f32(1.0) - f32(0.78) * heart
         deep = np.clip((L - a) * f32(1 / 0.2), 0.0, 1.0) * np.clip((dome - y) * f32(4.0), 0.0, 1.0)
         deep *= np.clip((y - f32(top)) * f32(1 / 0.3), 0.0, 1.0)
-        lung = inside * behind_heart
-        D[win] -= f32(0.43) * lung * (f32(0.6) + f32(0.4) * deep)
-        D[win] += f32(0.04) * heart * _ramp(dome - y, 0.02)
+        deep *= f32(0.4)
+        deep += f32(0.6)
+        lung = inside * (f32(1.0) - f32(0.9) * heart)
+        D[win] -= f32(0.43) * lung * deep
+        D[win] += f32(0.04) * heart * inside
         lung_all[win] += lung
         periph_all[win] += inside * np.clip(
             f32(1.0) - (L - a) / np.maximum(L - M, f32(0.05)), 0.0, 1.0
         )
-
         # pulmonary vessels: branching trees from the hilum, thinner and fainter outwards
         hx_, hy_ = 0.19, (0.02 if right else -0.04)
         vessels = _vessel_layer(cv, win, trees[i], side)
+        vessels += f32(0.08) * _gauss(a, y, hx_ - 0.01, hy_, 0.04, 0.08)
+        vessels += f32(0.009) * texture[win]
         D[win] += vessels * lung
-        D[win] += f32(0.08) * _gauss(a, y, hx_ - 0.01, hy_, 0.04, 0.07) * _ramp(a - M, 0.06)
-        D[win] += f32(0.014) * texture[win] * lung
-
-        # posterior ribs: one warped periodic band pattern for all of them
-        shape = f32(0.45) * (a - f32(0.2)) ** 2 - f32(0.02)
-        shape += f32(0.6) * np.maximum(a - f32(0.55), 0.0) ** 2
-        yy = y - shape - f32(rib_first)
-        n, fr = _frac(yy * f32(1.0 / rib_gap) * (f32(1.0) - f32(0.08) * yy))
-        w = e / rib_gap
-        band = _ramp(fr, w) * _ramp(f32(0.42) - fr, w)
-        rim = (fr * f32(2.0 / 0.42) - f32(1.0)) ** 4
-        on = _ramp(n + f32(0.5), 1.0) * _ramp(f32(10.5) - n, 1.0)
-        on *= _ramp(a - f32(0.075), 0.03) * _ramp(np.maximum(L, f32(0.62)) + f32(0.05) - a, 0.04)
-        below = _ramp(dome + f32(0.04) - y, 0.1)
-        D[win] += f32(0.07) * band * (f32(0.45) + f32(0.55) * np.minimum(rim, 1.0)) * on * (
-            f32(0.35) + f32(0.65) * below
-        )
-        # anterior ribs: fainter, sloping down towards the sternum, ending at the cartilage
+        # anterior ribs: faint, sloping down towards the sternum, ending at the cartilage
         d = f32(0.82) - a
         na, fa = _frac((y - (f32(rib_first + 0.13) + f32(0.3) * d + f32(0.2) * d * d)) * f32(1 / 0.13))
         band_a = _ramp(fa, e / 0.13) * _ramp(f32(0.3) - fa, e / 0.13)
         on_a = _ramp(na + f32(0.5), 1.0) * _ramp(f32(5.5) - na, 1.0) * _ramp(a - f32(0.3), 0.14)
         D[win] += f32(0.035) * band_a * on_a * inside
 
+        # posterior ribs: one warped periodic band pattern for all of them
+        win = cv.box(*sorted((side * 0.05, side * 0.97)), rib_first - 0.03, my_cpa + 0.3)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        L, _, dome = outline(a, y)
+        shape = f32(0.45) * (a - f32(0.2)) ** 2 - f32(0.02)
+        shape += f32(0.6) * np.maximum(a - f32(0.55), 0.0) ** 2
+        yy = y - shape - f32(rib_first)
+        n, fr = _frac(yy * f32(1.0 / rib_gap) * (f32(1.0) - f32(0.08) * yy))
+        w = e / rib_gap
+        rib = _ramp(fr, w) * _ramp(f32(0.42) - fr, w)
+        rim = fr * f32(2.0 / 0.42) - f32(1.0)
+        rim *= rim
+        rim *= rim
+        np.minimum(rim, 1.0, out=rim)
+        rib *= f32(0.45) + f32(0.55) * rim
+        rib *= _ramp(n + f32(0.5), 1.0) * _ramp(f32(10.5) - n, 1.0)
+        rib *= _ramp(a - f32(0.075), 0.03) * _ramp(np.maximum(L, f32(0.62)) + f32(0.05) - a, 0.04)
+        rib *= f32(0.35) + f32(0.65) * _ramp(dome + f32(0.04) - y, 0.1)
+        D[win] += f32(0.07) * rib
+
         # clavicle: an S-shaped bone from the sternum to the acromion
-        u = a - f32(0.05)
+        win = cv.box(*sorted((side * 0.03, side * 0.72)), -0.9, -0.45)
+        x, y = cv.xy(win)
+        u = x * f32(side) - f32(0.05)
         c0, slope = (-0.68, -0.03) if ap else (-0.6, -0.12)
         cy = f32(c0) + f32(slope) * u + f32(0.022) * np.sin(u * f32(9.0))
         half = f32(0.034) - f32(0.012) * np.clip(u * f32(1 / 0.6), 0.0, 1.0)
@@ -595,18 +611,21 @@ def _frontal_chest(
         D[win] += f32(0.2) * _bone(v, 0.65, 0.45) * span
 
         # scapula: over the upper lung on AP films, rotated out of the lungs on PA films
+        win = cv.box(*sorted((side * (0.45 if ap else 0.7), side * 1.0)), -0.76, 0.05)
+        x, y = cv.xy(win)
+        a = x * f32(side)
         sm = f32(0.5 if ap else 0.74) + f32(0.16) * (y + f32(0.72)) * f32(1 / 0.62)
         tip_y = -0.08 if ap else -0.2
         low = f32(tip_y) - f32(1.1) * np.maximum(a - f32(0.66 if ap else 0.86), 0.0)
         scap = _ramp(a - sm, 2 * e) * _ramp(y + f32(0.72), 0.05) * _ramp(low - y, 0.03)
-        D[win] += (f32(0.05) * scap + f32(0.04) * _band(a - sm, 0.007, e) * scap) * trunk[win]
+        D[win] += (f32(0.05) + f32(0.04) * _band(a - sm, 0.007, e)) * scap * trunk[win]
 
     # -- spine: vertebral bodies, discs, pedicles, spinous processes (faint behind the heart)
     win = cv.box(-0.12, 0.12, -1.2, 1.2)
     x, y = cv.xy(win)
     _, phase = _frac((y + f32(1.0)) * f32(1 / 0.088))
     disc = _ramp(np.abs(phase - f32(0.5)) - f32(0.41), 0.05)
-    D[win] += f32(0.06) * _ramp(f32(0.06) - np.abs(x), 2 * e) * (f32(1.0) - f32(0.5) * disc)
+    D[win] += f32(0.05) * _ramp(f32(0.06) - np.abs(x), 2 * e) * (f32(1.0) - f32(0.5) * disc)
     ped = ((np.abs(x) - f32(0.045)) * f32(1 / 0.013)) ** 2 + ((phase - f32(0.35)) * f32(6.0)) ** 2
     D[win] += f32(0.035) * _dome(ped)
     spin = (x * f32(1 / 0.013)) ** 2 + ((phase - f32(0.68)) * f32(5.0)) ** 2
@@ -616,11 +635,11 @@ def _frontal_chest(
     carina = -0.22 if ap else -0.2
     win = cv.box(-0.3, 0.3, -1.2, carina + 0.2)
     x, y = cv.xy(win)
-    D[win] -= f32(0.09) * _band(x - f32(0.005), 0.032, e) * _ramp(f32(carina) - y, 0.03)
-    for side, k in ((-1.0, 0.75), (1.0, 1.05)):
-        bx = x - f32(side * k) * (y - f32(carina))
-        span = _ramp(y - f32(carina), 0.02) * _ramp(f32(carina + 0.15) - y, 0.05)
-        D[win] -= f32(0.08) * _band(bx, 0.022, e) * span
+    D[win] -= f32(0.12) * _band(x - f32(0.005), 0.03, 0.012) * _ramp(f32(carina) - y, 0.03)
+    for side, k in ((-1.0, 0.6), (1.0, 0.95)):
+        bx = x - f32(0.005) - f32(side * k) * (y - f32(carina))
+        span = _ramp(y - f32(carina), 0.02) * _smooth(f32(carina + 0.12) - y, 0.08)
+        D[win] -= f32(0.09) * _band(bx, 0.02, 0.012) * span
 
     # -- aortic knob: a little denser than the rest of the mediastinum
     win = cv.box(-0.05, 0.3, -0.5, -0.15)
@@ -704,22 +723,22 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     def heart_mask(x: F32, y: F32) -> F32:
         hx = (x + f32(0.36)) * f32(1 / (0.4 * heart_k))
         hy = np.minimum(y - f32(0.28), 0.0) * f32(1 / (0.36 * heart_k))
-        return _ramp(f32(1.0) - hx * hx - hy * hy, 0.05)
+        return _smooth(f32(1.0) - hx * hx - hy * hy, 0.15)
 
     # lung field: from behind the sternum to the posterior ribs, down to the hemidiaphragms
     win = cv.box(-0.95, 0.95, -0.9, cpa + 0.32)
     x, y = cv.xy(win)
-    fl = front[win] + f32(0.08)
+    fl = front[win] + f32(0.08) + f32(0.25) * np.clip(y - f32(0.1), 0.0, 1.0) ** 2
     bl = f32(0.74) + f32(0.05) * y
-    top = f32(-0.68) + f32(0.25) * ((x - f32(0.1)) * f32(1 / 0.7)) ** 2
+    top = f32(-0.7) + f32(0.45) * ((x - f32(0.12)) * f32(1 / 0.75)) ** 2
     dome = f32(cpa) - f32(0.2) * _dome((x * f32(1 / 0.85)) ** 2)
     dome += f32(0.16) * np.clip((x - f32(0.3)) * f32(1 / 0.45), 0.0, 1.0) ** 2
-    inside = _ramp(x - fl, e) * _ramp(bl - x, 0.04) * _ramp(y - top, 0.05) * _ramp(dome - y, e)
+    inside = _ramp(x - fl, 0.03) * _ramp(bl - x, 0.04) * _smooth(y - top, 0.2) * _ramp(dome - y, e)
     deep = np.clip((x - fl) * f32(3.0), 0.0, 1.0) * np.clip((dome - y) * f32(3.0), 0.0, 1.0)
     deep *= np.clip((y - top) * f32(2.5), 0.0, 1.0) * np.clip((bl - x) * f32(3.0), 0.0, 1.0)
     heart = heart_mask(x, y)
-    lung = inside * (f32(1.0) - f32(0.45) * heart)
-    D[win] -= f32(0.42) * lung * (f32(0.55) + f32(0.45) * deep)
+    lung = inside * (f32(1.0) - f32(0.4) * heart)
+    D[win] -= f32(0.36) * lung * (f32(0.55) + f32(0.45) * deep)
     # the other hemidiaphragm, a little higher and more anterior
     dome2 = dome - f32(0.04) + f32(0.03) * x
     D[win] += f32(0.06) * inside * _ramp(y - dome2, e)
@@ -730,9 +749,9 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     arch = np.sqrt((x - f32(0.0)) ** 2 + ((y + f32(0.2)) * f32(1 / 0.8)) ** 2)
     D[win] += f32(0.04) * _band(arch - f32(0.18), 0.035, 0.03) * _ramp(f32(-0.15) - y, 0.1)
     tx = x - (f32(-0.1) + f32(0.13) * (y + f32(1.0)))
-    D[win] -= f32(0.06) * _band(tx, 0.035, e) * _ramp(f32(-0.08) - y, 0.04)
+    D[win] -= f32(0.06) * _band(tx, 0.035, 0.01) * _ramp(f32(-0.08) - y, 0.04) * _smooth(y + f32(0.85), 0.2)
     # ribs of both sides, one a little magnified, crossing the lungs obliquely
-    for off, amp in ((0.0, 0.03), (0.05, 0.022)):
+    for off, amp in ((0.0, 0.022), (0.05, 0.016)):
         d = f32(0.78) - x
         yr = y - f32(off) - f32(0.45) * d + f32(0.15) * d * d + f32(0.9)
         n, fr = _frac(yr * f32(1 / 0.115))
@@ -753,11 +772,11 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     spx = f32(0.5) + f32(0.07) * np.cos((y - f32(0.1)) * f32(1.3))
     u = (x - spx) * f32(1 / 0.095)
     _, phase = _frac((y + f32(1.0)) * f32(1 / 0.105) + u * f32(0.05))
-    vb = _ramp(phase - f32(0.12), 0.04) * _ramp(f32(0.93) - phase, 0.04)
+    vb = f32(0.5) + f32(0.5) * _ramp(phase - f32(0.12), 0.04) * _ramp(f32(0.93) - phase, 0.04)
     outline = _band(phase - f32(0.14), 0.02, 0.02) + _band(phase - f32(0.91), 0.02, 0.02)
     outline += _band(np.abs(u) - f32(0.95), 0.05, 0.05)
     body_v = _ramp(f32(1.0) - np.abs(u), 0.1)
-    D[win] += body_v * (f32(0.05) * vb + f32(0.025) * outline * vb)
+    D[win] += body_v * (f32(0.045) * vb + f32(0.02) * outline * vb)
     post = _band(u - f32(1.9), 0.6, 0.4) * _band(phase - f32(0.55), 0.3, 0.2)
     D[win] += f32(0.04) * post
 

@@ -35,6 +35,7 @@ from pxsgate.server import Gateway
 from pxsgate.store import ResultFilter
 
 STORESCU = Path("/usr/bin/storescu")
+HAVE_STORESCU = STORESCU.exists()
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -69,7 +70,7 @@ async def run(studies: int, settle: float, rows: int, cols: int) -> dict[str, An
                                             prefix=f"BENCH{i:03d}")[0]  # one AP image
                 files.append(synth.write_feed([study], Path(tmp) / f"s{i}"))
             for paths in files:
-                if STORESCU.exists():
+                if HAVE_STORESCU:
                     await asyncio.to_thread(
                         subprocess.run,
                         [str(STORESCU), "-aec", "PxsScore", "127.0.0.1", str(gateway.port),
@@ -93,7 +94,7 @@ async def run(studies: int, settle: float, rows: int, cols: int) -> dict[str, An
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": torch.get_num_threads(),
         "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "sender": "dcmtk storescu" if STORESCU.exists() else "pynetdicom",
+        "sender": "dcmtk storescu" if HAVE_STORESCU else "pynetdicom",
         "studies": len(docs),
         "image": f"{cols}x{rows} 12-bit CR, explicit VR little endian",
         "settle_seconds": settle,

@@ -68,5 +68,6 @@ def test_log_dimse_datasets_logs_tags_without_phi(restricted: Service, tmp_path:
                          calling_ae="RMS").ok
     restricted.wait_for([str(study.datasets[0].StudyInstanceUID)])
     logged = [e for e in restricted.logs if e.get("event") == "instance.dataset"]
-    assert logged and logged[-1]["Modality"] == "CR"
+    assert logged
+    assert logged[-1]["Modality"] == "CR"
     assert str(study.datasets[0].PatientID) not in "\n".join(restricted.raw_log)

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "CR_IMAGE_STORAGE",
@@ -41,6 +41,7 @@ __all__ = [
     "SECONDARY_CAPTURE_STORAGE",
     "FeedStudy",
     "StudyInfo",
+    "View",
     "catheter_enhance",
     "chest_radiograph",
     "ct_slice",
@@ -121,7 +122,8 @@ def _gauss(x: F32, y: F32, cx: float, cy: float, sx: float, sy: float) -> F32:
     q = ((x - np.float32(cx)) * np.float32(1.0 / sx)) ** 2
     q += ((y - np.float32(cy)) * np.float32(1.0 / sy)) ** 2
     q *= np.float32(-0.5)
-    return np.exp(q)
+    np.exp(q, out=q)
+    return q
 
 
 def _frac(t: F32) -> tuple[F32, F32]:
@@ -134,7 +136,9 @@ def _interp_matrix(n_out: int, n_in: int, sigma: float = 0.75) -> F32:
     """Gaussian interpolation weights from n_in coarse cells to n_out pixels (unit power)."""
     pos = (np.arange(n_out, dtype=np.float32) + 0.5) * np.float32((n_in - 2.0) / n_out) + 0.5
     j = np.arange(n_in, dtype=np.float32)
-    w = np.exp(-0.5 * ((pos[:, None] - j[None, :]) / np.float32(sigma)) ** 2).astype(np.float32)
+    w: F32 = np.exp(-0.5 * ((pos[:, None] - j[None, :]) / np.float32(sigma)) ** 2).astype(
+        np.float32
+    )
     w /= np.sqrt((w * w).sum(axis=1, keepdims=True))
     return w
 
@@ -149,8 +153,9 @@ def _smooth_field(rng: np.random.Generator, rows: int, cols: int, cells: int) ->
     cc = max(2, round(cells * cols / max(rows, cols)))
     coarse = rng.standard_normal((cr + 2, cc + 2), dtype=np.float32)
     mr, mc = min(rows, 8 * cr), min(cols, 8 * cc)
-    out = _interp_matrix(mr, cr + 2) @ coarse @ _interp_matrix(mc, cc + 2).T
-    out = out.astype(np.float32, copy=False)
+    out: F32 = (_interp_matrix(mr, cr + 2) @ coarse @ _interp_matrix(mc, cc + 2).T).astype(
+        np.float32, copy=False
+    )
     if (mr, mc) != (rows, cols):
         out = _resize(out, rows, cols)
     return out
@@ -177,7 +182,7 @@ def _resize(img: F32, rows: int, cols: int) -> F32:
     r0, r1, wr = axis(rows, img.shape[0])
     tmp = img[r0] * (np.float32(1.0) - wr)[:, None] + img[r1] * wr[:, None]
     c0, c1, wc = axis(cols, img.shape[1])
-    out = tmp[:, c0] * (np.float32(1.0) - wc)[None, :]
+    out: F32 = tmp[:, c0] * (np.float32(1.0) - wc)[None, :]
     out += tmp[:, c1] * wc[None, :]
     return out
 
@@ -195,15 +200,6 @@ def _box_blur(img: F32, radius: int, axis: int) -> F32:
     return ((hi - lo) / (2 * radius + 1)).astype(np.float32)
 
 
-def _blur(img: F32, radius: int) -> F32:
-    """Approximately Gaussian blur (three box passes per axis)."""
-    out = img
-    for _ in range(3):
-        out = _box_blur(out, radius, 0)
-        out = _box_blur(out, radius, 1)
-    return out
-
-
 def _bits_max(bits_stored: int) -> int:
     if not 8 <= bits_stored <= 16:
         raise ValueError(f"bits_stored must be between 8 and 16, not {bits_stored}")
@@ -213,7 +209,8 @@ def _bits_max(bits_stored: int) -> int:
 def _to_stored(display: F32, bits_stored: int) -> U16:
     maxv = _bits_max(bits_stored)
     out = np.clip(display, 0.0, 1.0) * np.float32(maxv)
-    return np.rint(out).astype(np.uint16)
+    stored: U16 = np.rint(out).astype(np.uint16)
+    return stored
 
 
 def _check_size(rows: int, cols: int) -> None:
@@ -272,8 +269,16 @@ class _Canvas:
         c1 = max(c0, min(self.cols, math.ceil(max(cs)) + 2))
         return slice(r0, r1), slice(c0, c1)
 
+    def side_box(
+        self, side: float, a0: float, a1: float, y0: float, y1: float
+    ) -> tuple[slice, slice]:
+        """``box`` on one side: ``a`` is the distance from the midline, ``side`` -1 or +1."""
+        xa, xb = sorted((side * a0, side * a1))
+        return self.box(xa, xb, y0, y1)
+
     def xy(self, win: tuple[slice, slice]) -> tuple[F32, F32]:
         return self.X[win], self.Y[win]
+
 
 # --------------------------------------------------------------------------------------------
 # Burned-in text: a 5x7 bitmap font, enough for markers and annotations.
@@ -393,20 +398,21 @@ def _exposure(
     return img
 
 
-Segment = tuple[float, float, float, float, float, float]
+_Segment = tuple[float, float, float, float, float, float]
 
 
-def _vessel_tree(rng: np.random.Generator, hx: float, hy: float, depth: int = 5) -> list[Segment]:
+def _vessel_tree(rng: np.random.Generator, hx: float, hy: float, depth: int = 5) -> list[_Segment]:
     """Segments (a0, y0, a1, y1, w0, w1) of pulmonary vessels branching from a hilum.
 
     ``a`` is the distance from the midline (lateral is positive), ``y`` the image height.
     """
-    segments: list[Segment] = []
+    segments: list[_Segment] = []
     stack: list[tuple[float, float, float, float, float, int]] = []
     for ang in (-1.5, -1.05, -0.6, -0.15, 0.3, 0.75, 1.15, 1.55):
         ang += rng.normal(0.0, 0.08)
-        oy = hy + 0.05 * math.sin(ang) + rng.normal(0.0, 0.01)
-        stack.append((hx + 0.02 * math.cos(ang), oy, ang, 0.1 * rng.uniform(0.85, 1.15), 0.014, 0))
+        ox = hx + 0.03 * math.cos(ang) + rng.normal(0.0, 0.01)
+        oy = hy + 0.09 * math.sin(ang) + rng.normal(0.0, 0.015)
+        stack.append((ox, oy, ang, 0.09 * rng.uniform(0.85, 1.15), 0.015, 0))
     while stack:
         a0, y0, ang, length, w, level = stack.pop()
         a1 = a0 + length * math.cos(ang)
@@ -419,11 +425,15 @@ def _vessel_tree(rng: np.random.Generator, hx: float, hy: float, depth: int = 5)
             for sign in (-1.0, 1.0) if both else (rng.choice((-0.4, 0.4)),):
                 child = ang + sign * spread * rng.uniform(0.6, 1.0) + rng.normal(0.0, 0.05)
                 shrink = 0.82 if both else 0.92
-                stack.append((a1, y1, child, length * rng.uniform(0.72, 0.9), w1 * shrink, level + 1))
+                stack.append(
+                    (a1, y1, child, length * rng.uniform(0.72, 0.9), w1 * shrink, level + 1)
+                )
     return segments
 
 
-def _vessel_layer(cv: _Canvas, win: tuple[slice, slice], tree: Sequence[Segment], side: float) -> F32:
+def _vessel_layer(
+    cv: _Canvas, win: tuple[slice, slice], tree: Sequence[_Segment], side: float
+) -> F32:
     """Render vessel segments (capsules, density ~ their thickness) over a window."""
     f32 = np.float32
     rows = win[0].stop - win[0].start
@@ -438,9 +448,9 @@ def _vessel_layer(cv: _Canvas, win: tuple[slice, slice], tree: Sequence[Segment]
     pcol: list[npt.NDArray[np.float64]] = []
     prow: list[npt.NDArray[np.float64]] = []
     for ka, ky in ((0, 1), (2, 3)):
-        px, py = seg[:, ka] * side, seg[:, ky]
-        pcol.append(((px * c - py * s) * cv.scale + cv.dx + 1.0) * cv.cols / 2.0)
-        prow.append(((px * s + py * c) * cv.scale + cv.dy + 1.0) * cv.rows / 2.0)
+        ex, ey = seg[:, ka] * side, seg[:, ky]
+        pcol.append(((ex * c - ey * s) * cv.scale + cv.dx + 1.0) * cv.cols / 2.0)
+        prow.append(((ex * s + ey * c) * cv.scale + cv.dy + 1.0) * cv.rows / 2.0)
     pad = seg[:, 4:].max(axis=1) * cv.scale * max(cv.rows, cv.cols) / 2.0 + 2.0
     c0s = np.maximum(np.floor(np.minimum(*pcol) - pad).astype(int), win[1].start)
     c1s = np.minimum(np.ceil(np.maximum(*pcol) + pad).astype(int), win[1].stop)
@@ -451,17 +461,18 @@ def _vessel_layer(cv: _Canvas, win: tuple[slice, slice], tree: Sequence[Segment]
     ):
         if r1 <= r0 or c1 <= c0:
             continue
-        x = cv.X[r0:r1, c0:c1]
-        y = cv.Y[r0:r1, c0:c1]
+        x: F32 = cv.X[r0:r1, c0:c1]
+        y: F32 = cv.Y[r0:r1, c0:c1]
         px = x * f32(side) - f32(a0)
         py = y - f32(y0)
         dx, dy = a1 - a0, y1 - y0
-        t = (px * f32(dx) + py * f32(dy)) * f32(1.0 / max(dx * dx + dy * dy, 1e-9))
+        t: F32 = (px * f32(dx) + py * f32(dy)) * f32(1.0 / max(dx * dx + dy * dy, 1e-9))
         np.clip(t, 0.0, 1.0, out=t)
         px -= t * f32(dx)
         py -= t * f32(dy)
-        wt = f32(w0) + f32(w1 - w0) * t
-        val = _dome((px * px + py * py) / (wt * wt)) * wt * f32(6.0)
+        wt: F32 = f32(w0) + f32(w1 - w0) * t
+        d2: F32 = (px * px + py * py) / (wt * wt)
+        val = _dome(d2) * wt * f32(7.0)
         dst = out[r0 - win[0].start : r1 - win[0].start, c0 - win[1].start : c1 - win[1].start]
         np.maximum(dst, val, out=dst)
     return out
@@ -487,6 +498,9 @@ def _frontal_chest(
     rib_gap = 0.098 + rng.normal(0.0, 0.003)
     trees = [_vessel_tree(rng, 0.19, 0.02), _vessel_tree(rng, 0.19, -0.04)]
     texture = _smooth_field(rng, rows, cols, 64)
+    bowel = _smooth_field(rng, rows, cols, 24)
+    # opacities come from their own generator: the same patient and noise at any severity
+    opacity_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
     arm_c = trunk_w + (0.15 if ap else 0.2)
     head_y = -0.58 + rng.normal(0.0, 0.02)
 
@@ -499,7 +513,7 @@ def _frontal_chest(
 
     # -- arms hanging at the sides, with the humerus
     for side in (-1.0, 1.0):
-        win = cv.box(*sorted((side * (trunk_w - 0.08), side * 1.4)), head_y - 0.3, 1.2)
+        win = cv.side_box(side, trunk_w - 0.08, 1.4, head_y - 0.3, 1.2)
         x, y = cv.xy(win)
         a = x * f32(side)
         ua = (a - f32(arm_c)) * f32(1.0 / 0.13)
@@ -533,10 +547,17 @@ def _frontal_chest(
         my_cpa = cpa - (0.035 if right else 0.0)
         top = apex + (0.0 if right else 0.01)
 
-        def outline(a: F32, y: F32) -> tuple[F32, F32, F32]:
+        def outline(
+            a: F32,
+            y: F32,
+            top: float = top,
+            my_cpa: float = my_cpa,
+            lat_i: float = lat[i],
+            right: bool = right,
+        ) -> tuple[F32, F32, F32]:
             """Lateral border L(y), medial border M(y) and the diaphragm dome(a)."""
             tl = np.clip((y - f32(top)) * f32(1.0 / (my_cpa - top)), 0.0, 1.0)
-            L = f32(a_apex) + f32(lat[i] - a_apex) * np.sqrt(tl * (f32(2.0) - tl))
+            L = f32(a_apex) + f32(lat_i - a_apex) * np.sqrt(tl * (f32(2.0) - tl))
             tm = np.clip((y - f32(top)) * f32(1.0 / 0.42), 0.0, 1.0)
             M = f32(a_apex) - f32(a_apex - 0.095) * np.sqrt(tm * (f32(2.0) - tm))
             if not right:  # the aortic knob bulges into the left lung
@@ -547,7 +568,7 @@ def _frontal_chest(
             return L, M, dome
 
         # lung air, darker in the depth of the lung, partly hidden behind the heart
-        win = cv.box(*sorted((side * 0.05, side * 1.0)), top - 0.02, my_cpa + 0.02)
+        win = cv.side_box(side, 0.05, 1.0, top - 0.02, my_cpa + 0.02)
         x, y = cv.xy(win)
         a = x * f32(side)
         L, M, dome = outline(a, y)
@@ -573,13 +594,15 @@ def _frontal_chest(
         D[win] += vessels * lung
         # anterior ribs: faint, sloping down towards the sternum, ending at the cartilage
         d = f32(0.82) - a
-        na, fa = _frac((y - (f32(rib_first + 0.13) + f32(0.3) * d + f32(0.2) * d * d)) * f32(1 / 0.13))
+        na, fa = _frac(
+            (y - (f32(rib_first + 0.13) + f32(0.3) * d + f32(0.2) * d * d)) * f32(1 / 0.13)
+        )
         band_a = _ramp(fa, e / 0.13) * _ramp(f32(0.3) - fa, e / 0.13)
         on_a = _ramp(na + f32(0.5), 1.0) * _ramp(f32(5.5) - na, 1.0) * _ramp(a - f32(0.3), 0.14)
         D[win] += f32(0.035) * band_a * on_a * inside
 
         # posterior ribs: one warped periodic band pattern for all of them
-        win = cv.box(*sorted((side * 0.05, side * 0.97)), rib_first - 0.03, my_cpa + 0.3)
+        win = cv.side_box(side, 0.05, 0.97, rib_first - 0.03, my_cpa + 0.3)
         x, y = cv.xy(win)
         a = x * f32(side)
         L, _, dome = outline(a, y)
@@ -600,7 +623,7 @@ def _frontal_chest(
         D[win] += f32(0.07) * rib
 
         # clavicle: an S-shaped bone from the sternum to the acromion
-        win = cv.box(*sorted((side * 0.03, side * 0.72)), -0.9, -0.45)
+        win = cv.side_box(side, 0.03, 0.72, -0.9, -0.45)
         x, y = cv.xy(win)
         u = x * f32(side) - f32(0.05)
         c0, slope = (-0.68, -0.03) if ap else (-0.6, -0.12)
@@ -611,7 +634,7 @@ def _frontal_chest(
         D[win] += f32(0.2) * _bone(v, 0.65, 0.45) * span
 
         # scapula: over the upper lung on AP films, rotated out of the lungs on PA films
-        win = cv.box(*sorted((side * (0.45 if ap else 0.7), side * 1.0)), -0.76, 0.05)
+        win = cv.side_box(side, 0.45 if ap else 0.7, 1.0, -0.76, 0.05)
         x, y = cv.xy(win)
         a = x * f32(side)
         sm = f32(0.5 if ap else 0.74) + f32(0.16) * (y + f32(0.72)) * f32(1 / 0.62)
@@ -646,6 +669,12 @@ def _frontal_chest(
     x, y = cv.xy(win)
     D[win] += f32(0.04) * _gauss(x, y, 0.1, -0.33, 0.05, 0.05)
 
+    # -- bowel gas: faint mottled lucencies in the upper abdomen
+    win = cv.box(-0.85, 0.85, cpa + 0.05, 1.2)
+    x, y = cv.xy(win)
+    gas = _smooth(bowel[win] - f32(1.0), 0.8) * _smooth(y - f32(cpa + 0.25), 0.3)
+    D[win] -= f32(0.06) * gas * trunk[win]
+
     # -- gastric air bubble under the left hemidiaphragm
     win = cv.box(0.15, 0.65, cpa - 0.1, cpa + 0.35)
     x, y = cv.xy(win)
@@ -655,11 +684,13 @@ def _frontal_chest(
     # -- optional: COVID-19-like opacities, peripheral and basal
     if severity > 0:
         sev = float(min(max(severity, 0.0), 1.0))
-        field = f32(0.75) * _smooth_field(rng, rows, cols, 9)
-        field += f32(0.5) * _smooth_field(rng, rows, cols, 22)
+        field = f32(0.75) * _smooth_field(opacity_rng, rows, cols, 9)
+        field += f32(0.5) * _smooth_field(opacity_rng, rows, cols, 22)
         patches = _smooth(field - f32(1.4 - 2.4 * sev), 0.9)
         weight = f32(0.45) + f32(0.35) * periph_all + f32(0.3) * np.clip(Y + f32(0.2), 0.0, 1.0)
-        D += np.clip(lung_all, 0.0, 1.0) * (f32(0.08 * sev) + f32(0.32 * sev**0.6) * patches * weight)
+        D += np.clip(lung_all, 0.0, 1.0) * (
+            f32(0.08 * sev) + f32(0.32 * sev**0.6) * patches * weight
+        )
 
     if lines:
         _support_devices(cv)
@@ -703,6 +734,7 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     heart_k = float(rng.uniform(0.93, 1.07))
     texture = _smooth_field(rng, rows, cols, 40)
     tree = _vessel_tree(rng, 0.0, 0.0, depth=5)
+    opacity_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
 
     # body: the neck and raised arms above, the chest below; thick (side to side) throughout
     t = np.clip((Y + f32(1.0)) * f32(1 / 0.5), 0.0, 1.0)
@@ -733,7 +765,9 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     top = f32(-0.7) + f32(0.45) * ((x - f32(0.12)) * f32(1 / 0.75)) ** 2
     dome = f32(cpa) - f32(0.2) * _dome((x * f32(1 / 0.85)) ** 2)
     dome += f32(0.16) * np.clip((x - f32(0.3)) * f32(1 / 0.45), 0.0, 1.0) ** 2
-    inside = _ramp(x - fl, 0.03) * _ramp(bl - x, 0.04) * _smooth(y - top, 0.2) * _ramp(dome - y, e)
+    inside = (
+        _smooth(x - fl, 0.08) * _ramp(bl - x, 0.04) * _smooth(y - top, 0.2) * _ramp(dome - y, e)
+    )
     deep = np.clip((x - fl) * f32(3.0), 0.0, 1.0) * np.clip((dome - y) * f32(3.0), 0.0, 1.0)
     deep *= np.clip((y - top) * f32(2.5), 0.0, 1.0) * np.clip((bl - x) * f32(3.0), 0.0, 1.0)
     heart = heart_mask(x, y)
@@ -749,7 +783,12 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     arch = np.sqrt((x - f32(0.0)) ** 2 + ((y + f32(0.2)) * f32(1 / 0.8)) ** 2)
     D[win] += f32(0.04) * _band(arch - f32(0.18), 0.035, 0.03) * _ramp(f32(-0.15) - y, 0.1)
     tx = x - (f32(-0.1) + f32(0.13) * (y + f32(1.0)))
-    D[win] -= f32(0.06) * _band(tx, 0.035, 0.01) * _ramp(f32(-0.08) - y, 0.04) * _smooth(y + f32(0.85), 0.2)
+    D[win] -= (
+        f32(0.06)
+        * _band(tx, 0.035, 0.01)
+        * _ramp(f32(-0.08) - y, 0.04)
+        * _smooth(y + f32(0.85), 0.2)
+    )
     # ribs of both sides, one a little magnified, crossing the lungs obliquely
     for off, amp in ((0.0, 0.022), (0.05, 0.016)):
         d = f32(0.78) - x
@@ -764,7 +803,9 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
     x, y = cv.xy(win)
     sx = x - (front[win] + f32(0.04))
     span = _ramp(y + f32(0.6), 0.05) * _ramp(f32(0.32) - y, 0.05)
-    D[win] += f32(0.06) * _band(sx, 0.026, e) * span + f32(0.05) * _band(sx + f32(0.024), 0.005, e) * span
+    D[win] += (
+        f32(0.06) * _band(sx, 0.026, e) * span + f32(0.05) * _band(sx + f32(0.024), 0.005, e) * span
+    )
 
     # spine: vertebral bodies (kyphotic), darker discs, cortical outlines, posterior elements
     win = cv.box(0.25, 1.05, -1.2, 1.2)
@@ -782,8 +823,8 @@ def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: flo
 
     if severity > 0:
         sev = float(min(max(severity, 0.0), 1.0))
-        field = f32(0.75) * _smooth_field(rng, rows, cols, 9)
-        field += f32(0.5) * _smooth_field(rng, rows, cols, 22)
+        field = f32(0.75) * _smooth_field(opacity_rng, rows, cols, 9)
+        field += f32(0.5) * _smooth_field(opacity_rng, rows, cols, 22)
         patches = _smooth(field - f32(1.4 - 2.4 * sev), 0.9)
         weight = f32(0.5) + f32(0.5) * np.clip(Y + f32(0.2), 0.0, 1.0)
         lung_full = np.zeros_like(D)
@@ -852,9 +893,14 @@ def catheter_enhance(pixels: U16, *, bits_stored: int = 12) -> U16:
     """
     maxv = float(_bits_max(bits_stored))
     img = pixels.astype(np.float32) * np.float32(1.0 / maxv)
-    radius = max(1, min(img.shape) // 300)
-    fine = img - _blur(img, radius)
-    coarse = img - _blur(img, radius * 8)
+    rows, cols = img.shape
+    radius = max(1, min(rows, cols) // 300)
+    fine = img - _box_blur(_box_blur(img, radius, 0), radius, 1)
+    # a wide blur, cheaply: block means of 16x16 pixels, resized back up
+    k = 16 if min(rows, cols) >= 64 else 2
+    h, w = rows // k, cols // k
+    small = img[: h * k, : w * k].reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)
+    coarse = img - _resize(small, rows, cols)
     out = img + np.float32(3.0) * fine + np.float32(0.5) * coarse
     out = np.float32(0.5) + (out - np.float32(0.5)) * np.float32(1.15)
     return _to_stored(out, bits_stored)
@@ -884,7 +930,9 @@ def screen_capture(pixels: U16, *, bits_stored: int = 12, label: str = "DIST 42.
     r = top + h // 2
     img[r : r + scale, left + w // 8 : left + w - w // 8] = 1.0
     _burn_text(img, label, top + h + 3 * scale, left, scale, 1.0)
-    _burn_text(img, "SCREEN CAPTURE - NOT FOR DIAGNOSIS", frame + scale, frame + scale, scale, 1.0)
+    bar = max(frame, 12 * scale)
+    img[-bar:, :] = 0.0
+    _burn_text(img, "SCREEN CAPTURE - NOT FOR DIAGNOSIS", rows - bar + 2 * scale, frame, scale, 0.9)
     return _to_stored(img, bits_stored)
 
 
@@ -899,7 +947,7 @@ def knee_radiograph(
     X, Y, D, e = cv.X, cv.Y, cv.D, cv.edge
     f32 = np.float32
     joint = 0.04 + rng.normal(0.0, 0.015)
-    trab = _smooth_field(rng, wr, wc, 110)
+    trab = _smooth_field(rng, wr, wc, 200)
     X = X * f32(1.0 / rng.uniform(0.95, 1.05))
 
     # soft tissue: thigh, knee, calf (elliptical cross-section)
@@ -914,16 +962,16 @@ def knee_radiograph(
     fx = f32(-0.03) * (y + f32(1.0)) + f32(0.02)
     u = (x - fx) / (f32(0.14) + f32(0.24) * flare)
     notch = f32(0.085) * np.exp(f32(-0.5) * (u * f32(1 / 0.13)) ** 2)
-    bottom = f32(joint - 0.03) - f32(0.06) * u**4 - notch
+    bottom = f32(joint - 0.03) - f32(0.02) * u * u - f32(0.1) * u**6 - notch
     femur = _ramp(f32(1.0) - np.abs(u), 0.03) * _ramp(bottom - y, e)
     uc = np.clip(u, -1.0, 1.0)
     shaft = f32(1.0) - flare
-    D[win] += femur * (f32(0.2) * _dome(uc * uc) * (f32(0.5) + f32(0.5) * flare))
-    D[win] += femur * shaft * f32(0.3) * _bone(uc, 0.72, 0.7)
+    D[win] += femur * flare * f32(0.22) * _dome(uc * uc)
+    D[win] += femur * shaft * f32(0.36) * _bone(uc, 0.7, 0.95)
     D[win] += f32(0.09) * _band(bottom - y - f32(0.01), 0.009, 0.008) * femur
     D[win] += f32(0.05) * _band(y + f32(0.16) + f32(0.04) * u * u, 0.005, 0.008) * femur
     D[win] += f32(0.05) * _band(np.abs(u) - f32(0.97), 0.03, 0.03) * femur * flare
-    D[win] += f32(0.03) * trab[win] * femur * flare
+    D[win] += f32(0.022) * trab[win] * femur * flare
 
     # patella, seen through the distal femur
     pr2 = ((x - f32(0.03)) * f32(1 / 0.15)) ** 2 + ((y - f32(joint - 0.19)) * f32(1 / 0.17)) ** 2
@@ -935,25 +983,26 @@ def knee_radiograph(
     taper = _smooth(f32(joint + 0.33) - y, 0.45)
     tx = f32(0.01) + f32(0.01) * y
     v = (x - tx) / (f32(0.13) + f32(0.25) * taper)
-    spines = f32(0.045) * np.exp(f32(-0.5) * ((np.abs(v) - f32(0.08)) * f32(1 / 0.045)) ** 2)
-    top = f32(joint + 0.04) + f32(0.015) * v * v - spines
+    spines = f32(0.03) * np.exp(f32(-0.5) * (v * f32(1 / 0.1)) ** 2)
+    spines += f32(0.012) * np.exp(f32(-0.5) * ((np.abs(v) - f32(0.06)) * f32(1 / 0.025)) ** 2)
+    top = f32(joint + 0.04) + f32(0.015) * v * v + f32(0.06) * v**8 - spines
     tibia = _ramp(f32(1.0) - np.abs(v), 0.03) * _ramp(y - top, e)
     vc = np.clip(v, -1.0, 1.0)
-    D[win] += tibia * (f32(0.2) * _dome(vc * vc) * (f32(0.5) + f32(0.5) * taper))
-    D[win] += tibia * (f32(1.0) - taper) * f32(0.3) * _bone(vc, 0.72, 0.7)
+    D[win] += tibia * taper * f32(0.22) * _dome(vc * vc)
+    D[win] += tibia * (f32(1.0) - taper) * f32(0.36) * _bone(vc, 0.7, 0.95)
     D[win] += f32(0.09) * _band(y - top - f32(0.01), 0.009, 0.008) * tibia
     D[win] += f32(0.05) * _band(np.abs(v) - f32(0.97), 0.03, 0.03) * tibia * taper
-    D[win] += f32(0.03) * trab[win] * tibia * taper
+    D[win] += f32(0.022) * trab[win] * tibia * taper
 
     # fibula, lateral: the patient's right is on the image left
     fbx = f32(-0.34) + f32(0.03) * (y - f32(0.2))
-    fbw = f32(0.04) + f32(0.04) * _smooth(f32(0.14) - np.abs(y - f32(joint + 0.2)), 0.2)
+    fbw = f32(0.032) + f32(0.045) * _smooth(f32(0.12) - np.abs(y - f32(joint + 0.2)), 0.2)
     fb = (x - fbx) / fbw
-    head_top = f32(joint + 0.1) + f32(0.05) * fb * fb
+    head_top = f32(joint + 0.1) + f32(0.06) * fb * fb
     fib = _ramp(f32(1.0) - np.abs(fb), 0.15) * _ramp(y - head_top, e)
     fbc = np.clip(fb, -1.0, 1.0)
-    D[win] += fib * (f32(0.1) * _dome(fbc * fbc) + f32(0.16) * _bone(fbc, 0.65, 0.6))
-    D[win] += f32(0.03) * trab[win] * fib
+    D[win] += fib * (f32(0.06) * _dome(fbc * fbc) + f32(0.14) * _bone(fbc, 0.65, 0.8))
+    D[win] += f32(0.02) * trab[win] * fib * _smooth(f32(joint + 0.3) - y, 0.1)
 
     if (wr, wc) != (rows, cols):
         D = _resize(D, rows, cols)
@@ -973,9 +1022,10 @@ def ct_slice(
 ) -> I16:
     """An axial chest CT slice: int16 stored values = HU + 1024 (RescaleIntercept -1024).
 
-    ``level`` 0..1 goes from the lung apices to the bases (the heart appears below ~0.4).
+    ``level`` 0..1 goes from the lung apices to the bases (the heart appears below ~0.35).
     Anatomy is drawn from ``rng``, image noise from ``noise_rng`` (default ``rng``), so that
     a stack of slices can share one patient. Outside the reconstruction circle: 0 (-1024 HU).
+    Anterior is at the top, the patient's right on the image left.
     """
     if size < 32:
         raise ValueError(f"CT slice too small: {size}")
@@ -987,52 +1037,56 @@ def ct_slice(
     lv = float(min(max(level, 0.0), 1.0))
     bw = 0.8 + rng.normal(0.0, 0.02)
     bh = 0.56 + rng.normal(0.0, 0.015)
-    heart = max(0.0, (lv - 0.35) / 0.65)
-    lung_w = 0.26 + 0.08 * math.sqrt(lv)
-    vessels = _smooth_field(rng, size, size, 48)
-    vessels2 = _smooth_field(rng, size, size, 90)
+    heart = max(0.0, (lv - 0.3) / 0.7)
+    vessels = _smooth_field(rng, size, size, 80)
+    texture = _smooth_field(rng, size, size, 30)
 
     hu = np.full((size, size), -1000.0, dtype=np.float32)
     # patient table under the body
     hu += f32(1100.0) * _band(Y - f32(0.72) - f32(0.06) * X * X, 0.012, e)
-    hu += f32(200.0) * _band(Y - f32(0.8) - f32(0.06) * X * X, 0.03, e)
-    # body: fat under the skin, a muscle layer, then the chest cavity
+    hu += f32(250.0) * _band(Y - f32(0.8) - f32(0.06) * X * X, 0.03, e)
+    # body: skin and subcutaneous fat, a muscle layer, then the chest cavity
     r2 = (X * f32(1 / bw)) ** 2 + ((Y - f32(0.05)) * f32(1 / bh)) ** 2
     body = _ramp(f32(1.0) - r2, 0.02)
-    hu += body * f32(900.0)  # -100 HU fat
-    hu += f32(10.0) * (f32(1.0) - r2) * body
-    muscle = _ramp(f32(0.88) - r2, 0.02)
-    hu += muscle * f32(150.0)
-    # ribs: bright ovals around the chest cavity
+    hu += body * (f32(900.0) + f32(15.0) * texture)  # fat, about -100 HU
+    hu += f32(60.0) * _band(r2 - f32(0.985), 0.015, 0.01)  # skin
+    hu += _ramp(f32(0.86) - r2, 0.02) * f32(150.0)  # muscle, about +50 HU
+    # ribs: bright ovals around the chest wall (cartilage, fainter, in front)
     ang = np.arctan2((Y - f32(0.05)) * f32(1 / bh), X * f32(1 / bw))
-    _, rib_phase = _frac(ang * f32(14.0 / (2 * math.pi)))
+    _, rib_phase = _frac(ang * f32(14.0 / (2 * math.pi)) + f32(0.25))
     rr = np.sqrt(r2)
-    ring = _band(rr - f32(0.82), 0.025, 0.01) * _band(rib_phase - f32(0.5), 0.15, 0.06)
-    hu += f32(700.0) * ring * _ramp(Y + f32(0.5), 0.1)
-    # lungs: kidney shapes either side of the mediastinum
+    ring = _band(rr - f32(0.82), 0.028, 0.015) * _band(rib_phase - f32(0.5), 0.16, 0.08)
+    hu += ring * (f32(250.0) + f32(550.0) * _ramp(Y + f32(0.3), 0.3))
+
+    # mediastinum: heart (larger lower down), aorta, a central column in front of the spine
+    hx = (X - f32(0.07)) * f32(1 / (0.27 * heart + 0.01))
+    hy = (Y + f32(0.08)) * f32(1 / (0.24 * heart + 0.01))
+    heart_m = _ramp(f32(1.0) - hx * hx - hy * hy, 0.06) if heart > 0 else np.zeros_like(hu)
+    col = _ramp(f32(1.0) - (X * f32(1 / 0.12)) ** 2 - ((Y - f32(0.05)) * f32(1 / 0.5)) ** 2, 0.1)
+    medi = np.maximum(heart_m, col)
+    # lungs, inside the ribs, either side of the mediastinum
     lungs = np.zeros((size, size), dtype=np.float32)
+    lw, lh = 0.27 + 0.04 * math.sqrt(lv), 0.38 + 0.06 * math.sqrt(lv)
     for side in (-1.0, 1.0):
-        cx = f32(side * (0.36 + 0.03 * lv))
-        lr2 = ((X - cx) * f32(1 / lung_w)) ** 2 + ((Y - f32(0.02)) * f32(1 / (0.4 + 0.05 * lv))) ** 2
-        med = _ramp(np.abs(X) - f32(0.12 + (0.14 if side > 0 else 0.08) * heart), 0.02)
-        lungs += _ramp(f32(1.0) - lr2, 0.04) * np.maximum(med, _ramp(Y - f32(0.15), 0.05))
-    lungs = np.clip(lungs, 0.0, 1.0) * _ramp(f32(0.78) - r2, 0.02)
-    hu = hu * (f32(1.0) - lungs) + lungs * f32(-870.0)
-    hu += lungs * f32(800.0) * _ramp(np.abs(vessels) + f32(0.6) * np.abs(vessels2) - f32(2.1), 0.3)
-    hu += lungs * f32(20.0) * vessels2
-    # mediastinum: heart, ascending and descending aorta
-    if heart > 0:
-        hr2 = ((X - f32(0.08)) * f32(1 / (0.25 * heart + 0.02))) ** 2
-        hr2 += ((Y + f32(0.1)) * f32(1 / (0.22 * heart + 0.02))) ** 2
-        hh = _ramp(f32(1.0) - hr2, 0.05)
-        hu += hh * (f32(40.0) - hu)
-    for ax, ay, ar in ((0.1, 0.26, 0.065), (-0.04, -0.25 + 0.15 * heart, 0.07 * (1 - heart))):
-        if ar > 0.005:
-            ao = _ramp(f32(1.0) - ((X - f32(ax)) ** 2 + (Y - f32(ay)) ** 2) * f32(1 / ar**2), 0.1)
+        cx = f32(side * 0.37)
+        lr2 = ((X - cx) * f32(1 / lw)) ** 2 + ((Y - f32(0.03)) * f32(1 / lh)) ** 2
+        lungs += _ramp(f32(1.0) - lr2, 0.04)
+    np.clip(lungs, 0.0, 1.0, out=lungs)
+    lungs *= _ramp(f32(0.7) - r2, 0.03) * (f32(1.0) - medi)
+    hu = hu * (f32(1.0) - lungs) + lungs * (f32(-860.0) + f32(20.0) * texture)
+    # lung vessels: small dots and branches, larger towards the hila
+    near = np.exp(-(((np.abs(X) - f32(0.2)) ** 2 + Y * Y) * f32(1 / 0.03)))
+    thr = f32(2.1) - f32(1.0) * near
+    hu += lungs * f32(900.0) * _ramp(vessels - thr, 0.25)
+    hu += medi * (f32(40.0) - hu) * _ramp(f32(0.86) - r2, 0.02)
+    # aorta: descending beside the spine, ascending in front at the upper levels
+    for ax, ay, ar in ((0.1, 0.26, 0.065), (-0.02, -0.2 + 0.1 * heart, 0.075 * (1.0 - heart))):
+        if ar > 0.01:
+            ao = _ramp(f32(1.0) - ((X - f32(ax)) ** 2 + (Y - f32(ay)) ** 2) * f32(1 / ar**2), 0.15)
             hu += ao * (f32(45.0) - hu)
     # spine: vertebral body with a cortical rim, the canal, posterior elements
     vb = (X * f32(1 / 0.1)) ** 2 + ((Y - f32(0.36)) * f32(1 / 0.09)) ** 2
-    hu += _ramp(f32(1.0) - vb, 0.1) * (f32(260.0) - hu)
+    hu += _ramp(f32(1.0) - vb, 0.1) * (f32(260.0) + f32(40.0) * texture - hu)
     hu += f32(500.0) * _band(vb - f32(0.9), 0.1, 0.06)
     canal = (X * f32(1 / 0.042)) ** 2 + ((Y - f32(0.5)) * f32(1 / 0.04)) ** 2
     hu += f32(500.0) * _band(canal - f32(1.8), 0.6, 0.3) * _ramp(Y - f32(0.47), 0.02)
@@ -1043,7 +1097,8 @@ def ct_slice(
 
     nr = noise_rng if noise_rng is not None else rng
     hu += f32(12.0) * _noise(nr, size, size)
-    stored = np.where((X * X + Y * Y) <= f32(1.0), hu + f32(1024.0), f32(0.0))
+    fov = f32(1.0) >= X * X + Y * Y
+    stored = np.where(fov, hu + f32(1024.0), f32(0.0))
     return np.clip(np.rint(stored), 0, 4095).astype(np.int16)
 
 
@@ -1158,6 +1213,7 @@ def make_image_dataset(
     laterality: str = "",
     patient_orientation: Sequence[str] = ("L", "F"),
     slice_location_mm: float | None = None,
+    burned_in_annotation: bool | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> Dataset:
     """One complete DICOM Part 10 dataset (with file meta) around a 2-D image.
@@ -1169,7 +1225,8 @@ def make_image_dataset(
 
     SOP-class specifics are filled in: DX (presentation intent, presentation LUT, rescale,
     pixel intensity relationship), CT (rescale, position, orientation, frame of reference,
-    ``slice_location_mm``), Secondary Capture (conversion type, burned-in annotation).
+    ``slice_location_mm``), Secondary Capture (conversion type). BurnedInAnnotation is YES
+    for Secondary Capture and NO otherwise unless ``burned_in_annotation`` says.
     Series and instance UIDs default to deterministic values derived from the study UID,
     the series number, the instance number and the SOP class. ``extra`` sets further
     attributes by keyword, last (so it can override anything).
@@ -1195,8 +1252,8 @@ def make_image_dataset(
     acq_time = acquisition_time or _add_minutes(study.study_time, series_number)
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
@@ -1281,7 +1338,8 @@ def make_image_dataset(
     ds.BitsStored = bits
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 1 if signed else 0
-    ds.BurnedInAnnotation = "YES" if is_sc or not is_ct else "NO"
+    burned = is_sc if burned_in_annotation is None else burned_in_annotation
+    ds.BurnedInAnnotation = "YES" if burned else "NO"
     if is_ct:
         ds.WindowCenter = ["40", "-600"]
         ds.WindowWidth = ["400", "1500"]
@@ -1357,100 +1415,236 @@ def hospital_feed(
     feed: list[FeedStudy] = []
 
     # 1. portable AP chest, CR
-    st = make_study(1, seed=seed, prefix=prefix, description="XR CHEST AP PORTABLE",
-                    study_date="20200403", study_time="071512", patient_sex="M")
+    st = make_study(
+        1,
+        seed=seed,
+        prefix=prefix,
+        description="XR CHEST AP PORTABLE",
+        study_date="20200403",
+        study_time="071512",
+        patient_sex="M",
+    )
     px = chest_radiograph(rng(1, 0), rows=rows, cols=cols, view="AP", severity=0.6)
     ds = make_image_dataset(
-        px, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
-        series_description="CHEST AP PORTABLE", view_position="AP", body_part="CHEST",
+        px,
+        sop_class_uid=CR_IMAGE_STORAGE,
+        modality="CR",
+        study=st,
+        series_description="CHEST AP PORTABLE",
+        view_position="AP",
+        body_part="CHEST",
         pixel_spacing_mm=chest_mm,
     )
-    feed.append(FeedStudy("portable-ap-1", "portable AP chest (CR), moderate opacities",
-                          "scored", (ds.SOPInstanceUID,), (ds,)))
+    feed.append(
+        FeedStudy(
+            "portable-ap-1",
+            "portable AP chest (CR), moderate opacities",
+            "scored",
+            (ds.SOPInstanceUID,),
+            (ds,),
+        )
+    )
 
     # 2. DX AP chest + CATH-enhanced copy + screenshot
-    st = make_study(2, seed=seed, prefix=prefix, description="XR CHEST PORTABLE",
-                    study_date="20200404", study_time="023045", patient_sex="F")
+    st = make_study(
+        2,
+        seed=seed,
+        prefix=prefix,
+        description="XR CHEST PORTABLE",
+        study_date="20200404",
+        study_time="023045",
+        patient_sex="F",
+    )
     bits = 14
-    px = chest_radiograph(rng(2, 0), rows=rows, cols=cols, view="AP", severity=0.35,
-                          bits_stored=bits, lines=True)
-    common = dict(modality="DX", study=st, view_position="AP", body_part="CHEST",
-                  bits_stored=bits, pixel_spacing_mm=chest_mm)
+    px = chest_radiograph(
+        rng(2, 0), rows=rows, cols=cols, view="AP", severity=0.35, bits_stored=bits, lines=True
+    )
     orig = make_image_dataset(
-        px, sop_class_uid=DX_FOR_PRESENTATION_STORAGE, series_description="CHEST AP PORTABLE",
-        series_number=1, **common,  # type: ignore[arg-type]
+        px,
+        sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
+        modality="DX",
+        study=st,
+        series_description="CHEST AP PORTABLE",
+        view_position="AP",
+        body_part="CHEST",
+        bits_stored=bits,
+        series_number=1,
+        pixel_spacing_mm=chest_mm,
     )
+    # the CATH copy: same view, same series description, same ImageType; only the
+    # DerivationDescription (and its own series) tells it apart
     cath = make_image_dataset(
-        catheter_enhance(px, bits_stored=bits), sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
-        series_description="CHEST AP PORTABLE", derivation_description="CATH",
-        series_number=2, **common,  # type: ignore[arg-type]
+        catheter_enhance(px, bits_stored=bits),
+        sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
+        modality="DX",
+        study=st,
+        series_description="CHEST AP PORTABLE",
+        view_position="AP",
+        body_part="CHEST",
+        derivation_description="CATH",
+        bits_stored=bits,
+        series_number=2,
+        pixel_spacing_mm=chest_mm,
     )
+    # the screenshot: Secondary Capture, ImageType DERIVED\SECONDARY, burned-in annotations
     shot = make_image_dataset(
-        screen_capture(px, bits_stored=bits), sop_class_uid=SECONDARY_CAPTURE_STORAGE,
-        series_description="CHEST AP PORTABLE SCREEN CAPTURE", image_type=("DERIVED", "SECONDARY"),
-        series_number=3, **common,  # type: ignore[arg-type]
+        screen_capture(px, bits_stored=bits),
+        sop_class_uid=SECONDARY_CAPTURE_STORAGE,
+        modality="DX",
+        study=st,
+        series_description="CHEST AP PORTABLE SCREEN CAPTURE",
+        view_position="AP",
+        body_part="CHEST",
+        image_type=("DERIVED", "SECONDARY"),
+        bits_stored=bits,
+        series_number=3,
+        pixel_spacing_mm=chest_mm,
     )
-    feed.append(FeedStudy("portable-ap-cath",
-                          "portable AP chest (DX) with a CATH copy and a screenshot",
-                          "scored", (orig.SOPInstanceUID,), (orig, cath, shot)))
+    feed.append(
+        FeedStudy(
+            "portable-ap-cath",
+            "portable AP chest (DX) with a CATH copy and a screenshot",
+            "scored",
+            (orig.SOPInstanceUID,),
+            (orig, cath, shot),
+        )
+    )
 
     # 3. AP chest described only by the study description, MONOCHROME1
-    st = make_study(3, seed=seed, prefix=prefix, description="XR CHEST 1 VIEW PORTABLE",
-                    study_date="20200405", study_time="134501", patient_sex="M")
+    st = make_study(
+        3,
+        seed=seed,
+        prefix=prefix,
+        description="XR CHEST 1 VIEW PORTABLE",
+        study_date="20200405",
+        study_time="134501",
+        patient_sex="M",
+    )
     px = chest_radiograph(rng(3, 0), rows=rows, cols=cols, view="AP", severity=0.15)
     ds = make_image_dataset(
-        px, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st, series_description="",
-        view_position="AP", body_part="", photometric="MONOCHROME1", pixel_spacing_mm=chest_mm,
+        px,
+        sop_class_uid=CR_IMAGE_STORAGE,
+        modality="CR",
+        study=st,
+        series_description="",
+        view_position="AP",
+        body_part="",
+        photometric="MONOCHROME1",
+        pixel_spacing_mm=chest_mm,
     )
-    feed.append(FeedStudy("portable-ap-3",
-                          "AP chest (CR, MONOCHROME1), no body part, chest only in the study "
-                          "description", "scored", (ds.SOPInstanceUID,), (ds,)))
+    feed.append(
+        FeedStudy(
+            "portable-ap-3",
+            "AP chest (CR, MONOCHROME1), no body part, chest only in the study description",
+            "scored",
+            (ds.SOPInstanceUID,),
+            (ds,),
+        )
+    )
 
     # 4. PA + lateral, no AP image
-    st = make_study(4, seed=seed, prefix=prefix, description="XR CHEST 2 VIEWS PA AND LATERAL",
-                    study_date="20200406", study_time="101010", patient_sex="F")
+    st = make_study(
+        4,
+        seed=seed,
+        prefix=prefix,
+        description="XR CHEST 2 VIEWS PA AND LATERAL",
+        study_date="20200406",
+        study_time="101010",
+        patient_sex="F",
+    )
     pa = chest_radiograph(rng(4, 0), rows=rows, cols=cols, view="PA", bits_stored=10)
     lat = chest_radiograph(rng(4, 1), rows=rows, cols=cols, view="LATERAL", bits_stored=10)
     ds_pa = make_image_dataset(
-        pa, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
-        series_description="CHEST PA", view_position="PA", body_part="CHEST", bits_stored=10,
-        photometric="MONOCHROME1", series_number=1, pixel_spacing_mm=chest_mm,
+        pa,
+        sop_class_uid=CR_IMAGE_STORAGE,
+        modality="CR",
+        study=st,
+        series_description="CHEST PA",
+        view_position="PA",
+        body_part="CHEST",
+        bits_stored=10,
+        photometric="MONOCHROME1",
+        series_number=1,
+        pixel_spacing_mm=chest_mm,
     )
     ds_lat = make_image_dataset(
-        lat, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
-        series_description="CHEST LAT", view_position="LL", body_part="CHEST", bits_stored=10,
-        photometric="MONOCHROME1", series_number=2, pixel_spacing_mm=chest_mm,
+        lat,
+        sop_class_uid=CR_IMAGE_STORAGE,
+        modality="CR",
+        study=st,
+        series_description="CHEST LAT",
+        view_position="LL",
+        body_part="CHEST",
+        bits_stored=10,
+        photometric="MONOCHROME1",
+        series_number=2,
+        pixel_spacing_mm=chest_mm,
         patient_orientation=("P", "F"),
     )
-    feed.append(FeedStudy("pa-lateral", "PA and lateral chest (CR): no AP image", "skipped",
-                          (), (ds_pa, ds_lat)))
+    feed.append(
+        FeedStudy(
+            "pa-lateral", "PA and lateral chest (CR): no AP image", "skipped", (), (ds_pa, ds_lat)
+        )
+    )
 
     # 5. knee
-    st = make_study(5, seed=seed, prefix=prefix, description="XR KNEE RIGHT 1 VIEW",
-                    study_date="20200407", study_time="091500", patient_sex="M")
+    st = make_study(
+        5,
+        seed=seed,
+        prefix=prefix,
+        description="XR KNEE RIGHT 1 VIEW",
+        study_date="20200407",
+        study_time="091500",
+        patient_sex="M",
+    )
     px = knee_radiograph(rng(5, 0), rows=rows, cols=cols)
     ds = make_image_dataset(
-        px, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
-        series_description="KNEE AP", view_position="AP", body_part="KNEE", laterality="R",
+        px,
+        sop_class_uid=CR_IMAGE_STORAGE,
+        modality="CR",
+        study=st,
+        series_description="KNEE AP",
+        view_position="AP",
+        body_part="KNEE",
+        laterality="R",
         pixel_spacing_mm=240.0 / max(rows, cols),
     )
-    feed.append(FeedStudy("knee", "AP knee (CR): an AP view, but not a chest", "skipped",
-                          (), (ds,)))
+    feed.append(
+        FeedStudy("knee", "AP knee (CR): an AP view, but not a chest", "skipped", (), (ds,))
+    )
 
     # 6. CT chest
-    st = make_study(6, seed=seed, prefix=prefix, description="CT CHEST WITHOUT CONTRAST",
-                    study_date="20200408", study_time="160000", patient_sex="F")
+    st = make_study(
+        6,
+        seed=seed,
+        prefix=prefix,
+        description="CT CHEST WITHOUT CONTRAST",
+        study_date="20200408",
+        study_time="160000",
+        patient_sex="F",
+    )
     slices = []
     for i, level in enumerate((0.45, 0.6, 0.75)):
         px_ct = ct_slice(rng(6, 0), level=level, noise_rng=rng(6, i + 1))
-        slices.append(make_image_dataset(
-            px_ct, sop_class_uid=CT_IMAGE_STORAGE, modality="CT", study=st,
-            series_description="CHEST 5MM", body_part="CHEST",
-            image_type=("ORIGINAL", "PRIMARY", "AXIAL"), instance_number=i + 1,
-            pixel_spacing_mm=0.7, slice_location_mm=-100.0 - 5.0 * i,
-        ))
-    feed.append(FeedStudy("ct-chest", "chest CT, three axial slices: not CR/DX", "skipped",
-                          (), tuple(slices)))
+        slices.append(
+            make_image_dataset(
+                px_ct,
+                sop_class_uid=CT_IMAGE_STORAGE,
+                modality="CT",
+                study=st,
+                series_description="CHEST 5MM",
+                body_part="CHEST",
+                image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+                instance_number=i + 1,
+                pixel_spacing_mm=0.7,
+                slice_location_mm=-100.0 - 5.0 * i,
+            )
+        )
+    feed.append(
+        FeedStudy(
+            "ct-chest", "chest CT, three axial slices: not CR/DX", "skipped", (), tuple(slices)
+        )
+    )
     return feed
 
 
@@ -1464,8 +1658,8 @@ def write_feed(feed: Sequence[FeedStudy], directory: Path) -> list[Path]:
     paths: list[Path] = []
     for n, study in enumerate(feed, start=1):
         for ds in study.datasets:
-            name = f"{n:02d}-{study.key}-s{int(ds.SeriesNumber):03d}-i{int(ds.InstanceNumber):03d}.dcm"
-            path = directory / name
+            series, instance = int(ds.SeriesNumber), int(ds.InstanceNumber)
+            path = directory / f"{n:02d}-{study.key}-s{series:03d}-i{instance:03d}.dcm"
             pydicom.dcmwrite(path, ds, enforce_file_format=True)
             paths.append(path)
     return paths

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from pxsgate.errors import PreprocessError
 from pxsgate.preprocess import (
@@ -26,7 +26,9 @@ from pxsgate.preprocess import (
     to_uint8,
 )
 
-REAL_CR = Path("/work/shared/dicom-samples/RG1_J2KI.dcm")  # CR chest, MONOCHROME1, 15-bit
+from .conftest import SAMPLES
+
+REAL_CR = SAMPLES / "RG1_J2KI.dcm"  # CR chest, MONOCHROME1, 15-bit
 
 
 def make_dataset(
@@ -247,15 +249,28 @@ def test_monochrome1_dataset_is_the_inverse_image() -> None:
 
 
 def test_real_compressed_cr_chest() -> None:
-    if not REAL_CR.is_file():
-        pytest.skip(f"{REAL_CR} not present")
-    if not get_decoder(JPEG2000).is_available:
-        pytest.skip("no JPEG 2000 decoder plugin (pylibjpeg-openjpeg or pillow) installed")
     ds = pydicom.dcmread(REAL_CR)
     pixels = pixels_from_dataset(ds)
     assert pixels.shape == (1955, 1841)
     assert pixels.max() < 2**15  # BitsStored 15
     _check_model_input(preprocess_pixels(pixels, str(ds.PhotometricInterpretation)))
+
+
+SAMPLE_FILES = sorted(SAMPLES.glob("*.dcm"))
+
+
+def test_the_shared_samples_are_there() -> None:
+    # ../shared/dicom-samples is part of the test data; missing it must not pass silently.
+    assert len(SAMPLE_FILES) >= 6, f"expected the real samples in {SAMPLES}"
+
+
+@pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.name)
+def test_every_real_sample_decodes_and_preprocesses(path: Path) -> None:
+    # JPEG 2000 (lossless, lossy), JPEG-LS near-lossless, JPEG lossless SV1, 12-bit JPEG
+    # extended: every compressed syntax the samples carry has a decoder installed.
+    ds = pydicom.dcmread(path)
+    assert get_decoder(ds.file_meta.TransferSyntaxUID).is_available
+    _check_model_input(preprocess_file(path))
 
 
 def test_multi_frame_is_refused() -> None:

@@ -41,7 +41,7 @@ def pxsgate(*args: str | Path, check: bool = True, timeout: float = 120
 
 
 def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0.3,
-                 extra_scp: str = "") -> Path:
+                 extra_scp: str = "", min_free_mb: float = 16, level: str = "info") -> Path:
     path.write_text(
         f"""dicom:
   scp:
@@ -52,11 +52,12 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0
 {extra_scp}
 storage:
   data-dir: {data_dir}
+  min-free-mb: {min_free_mb}
 assembly:
   settle-seconds: {settle}
 logging:
   format: json
-  level: info
+  level: {level}
 """,
         encoding="utf-8",
     )

@@ -24,7 +24,8 @@ RESTRICTED = """    max-associations: 1
 
 @pytest.fixture(scope="module")
 def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("restricted"), extra_scp=RESTRICTED)
+    svc = start_service(tmp_path_factory.mktemp("restricted"), extra_scp=RESTRICTED,
+                        level="debug")
     yield svc
     assert stop_service(svc) == 0
 
@@ -62,12 +63,15 @@ def test_max_associations_rejects_as_local_limit(restricted: Service) -> None:
         first.release()  # type: ignore[attr-defined]
 
 
-def test_log_dimse_datasets_logs_tags_without_phi(restricted: Service, tmp_path: Path) -> None:
+def test_log_dimse_datasets_logs_the_header_at_debug(restricted: Service) -> None:
+    # The troubleshooting switch: the whole header (PHI included, which is why it is off by
+    # default and at debug level), never the pixel data.
     study = synth.hospital_feed(seed=404, rows=512, cols=512, prefix="ACCESS")[0]
     assert send_datasets("127.0.0.1", restricted.port, list(study.datasets),
                          calling_ae="RMS").ok
     restricted.wait_for([str(study.datasets[0].StudyInstanceUID)])
     logged = [e for e in restricted.logs if e.get("event") == "instance.dataset"]
     assert logged
-    assert logged[-1]["Modality"] == "CR"
-    assert str(study.datasets[0].PatientID) not in "\n".join(restricted.raw_log)
+    assert logged[-1]["level"] == "debug"
+    assert str(study.datasets[0].PatientID) in logged[-1]["dataset"]
+    assert "Pixel Data" not in logged[-1]["dataset"]

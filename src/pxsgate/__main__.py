@@ -1,3 +1,7 @@
+"""``python -m pxsgate``. The guard matters: decode worker processes are spawned, and a
+spawned child imports the parent's main module."""
+
 from pxsgate.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,6 +54,11 @@ def _check_port(value: Any) -> str | None:
     return None if 0 <= int(value) <= 65535 else "must be between 0 and 65535"
 
 
+def _check_pdu(value: Any) -> str | None:
+    # 0 means unlimited in PS3.8; otherwise at least the 4096 bytes every peer must take.
+    return None if value == 0 or 4096 <= value <= 2**32 - 1 else "must be 0 or 4096..2^32-1"
+
+
 def _check_positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
@@ -93,6 +98,21 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 Annex B.9, the BCP 195 profile): off unless a certificate is given."""
+
+    certificate: Path | None = None  # PEM server certificate (chain)
+    private_key: Path | None = None  # PEM private key of that certificate
+    # PEM CA bundle that client certificates are verified against.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
 class ScpConfig:
     host: str = "0.0.0.0"
     port: int = field(default=11112, metadata=_check(_check_port))
@@ -107,8 +127,16 @@ class ScpConfig:
         default=(IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE),
         metadata=_check(_check_uids),
     )
-    # Seconds a peer may stay silent inside an association before it is aborted.
+    # Seconds a peer may stay silent inside an association before it is aborted, and the
+    # limits on waiting for an A-ASSOCIATE/A-RELEASE (ACSE) and for a DIMSE message.
     network_timeout: float = field(default=60.0, metadata=_check(_check_positive))
+    acse_timeout: float = field(default=30.0, metadata=_check(_check_positive))
+    dimse_timeout: float = field(default=60.0, metadata=_check(_check_positive))
+    # The largest P-DATA PDU pxsgate accepts (PS3.8 D.1); big PDUs mean fewer reads.
+    max_pdu_size: int = field(default=262144, metadata=_check(_check_pdu))
+    # A larger data set is refused with 0xA700 once received (it would not fit the spool).
+    max_dataset_mb: float = field(default=1024.0, metadata=_check(_check_positive))
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,9 @@ class DicomConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: Path = Path("/var/lib/pxsgate")
+    # Below this much free space on the spool's file system, C-STORE answers 0xA700
+    # (Out of Resources) and writes nothing; the sender retries later.
+    min_free_mb: float = field(default=1024.0, metadata=_check(_check_non_negative))
 
 
 @dataclass(frozen=True)
@@ -148,6 +179,17 @@ class SelectionConfig:
     views: tuple[str, ...] = ("AP",)
     # Tokens in DerivationDescription (0008,2111) that mark a post-processed copy.
     exclude_derivation: tuple[str, ...] = ("CATH",)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    # Decode worker processes (0 = one per CPU core). Pixel codecs can hold the GIL for a
+    # second per JPEG 2000 image; in their own processes they never stall reception, and a
+    # codec that crashes on a malformed image takes down one worker, not the service.
+    workers: int = field(default=2, metadata=_check(_check_non_negative))
+    # Reproduce the training pipeline's JPEG quality-95 round trip (PXS_preprocessing.py)
+    # for sites whose model was trained on such files.
+    jpeg_roundtrip: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,6 +235,7 @@ class Config:
     storage: StorageConfig = StorageConfig()
     assembly: AssemblyConfig = AssemblyConfig()
     selection: SelectionConfig = SelectionConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
     results: ResultsConfig = ResultsConfig()
     http: HttpConfig = HttpConfig()
@@ -291,7 +334,21 @@ def _build(cls: type[Any], data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _cross_check_tls(tls: TlsConfig) -> None:
+    path = "dicom.scp.tls"
+    if tls.certificate is None:
+        if tls.private_key or tls.ca_certificates or tls.require_client_certificate:
+            raise ConfigError(f"{path}.certificate", "is required when TLS is configured")
+        return
+    if tls.private_key is None:
+        raise ConfigError(f"{path}.private-key", "is required with a certificate")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise ConfigError(f"{path}.ca-certificates",
+                          "is required to verify client certificates")
+
+
 def _cross_check(config: Config) -> None:
+    _cross_check_tls(config.dicom.scp.tls)
     titles = {t.ae_title for t in config.dicom.scp.ae_titles}
     if not titles:
         raise ConfigError("dicom.scp.ae-titles", "at least one AE title is required")

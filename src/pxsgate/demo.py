@@ -31,7 +31,7 @@ def demo_config(base: Config, data_dir: Path) -> Config:
     return replace(
         base,
         dicom=replace(base.dicom, scp=scp),
-        storage=replace(base.storage, data_dir=data_dir),
+        storage=replace(base.storage, data_dir=data_dir, min_free_mb=16),
         assembly=replace(base.assembly, settle_seconds=0.5),
         model=replace(base.model, weights="demo", anchors="demo", device="auto"),
     )

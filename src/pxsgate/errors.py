@@ -3,6 +3,7 @@
     PxsgateError
     ├── ConfigError        invalid configuration; the message names the key path
     ├── SpoolError         an instance could not be made durable (disk full, bad UID)
+    │   └── DiskFloorError    the spool's free space is below storage.min-free-mb
     ├── DicomInputError    a DICOM object pxsgate cannot use (malformed, unsupported)
     │   └── PreprocessError   pixel data the model cannot take (multi-frame, colour)
     ├── ModelError         weights or anchors cannot be loaded, or inference failed
@@ -29,6 +30,10 @@ class ConfigError(PxsgateError):
 
 class SpoolError(PxsgateError):
     """An instance could not be written durably to the spool."""
+
+
+class DiskFloorError(SpoolError):
+    """The spool's file system has less free space than the configured floor."""
 
 
 class DicomInputError(PxsgateError):

@@ -23,6 +23,7 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     path: Path
     size: int
+    sha256: str
     calling_ae: str
     peer_address: str
     association_id: str

@@ -1,9 +1,10 @@
 """The study pipeline: ready study -> select -> preprocess -> infer -> result -> store.
 
-A study handed here by the assembler is processed as one asyncio task. File reads and
-pixel work run on the pipeline's executor, inference on the worker thread; the loop only
-coordinates. A study that becomes ready again while it is being processed (late instances)
-is processed once more afterwards, so the newest instances always get a result.
+A study handed here by the assembler is processed as one asyncio task. Header reads run on
+a thread pool, pixel decoding and preprocessing in the :class:`DecodePool` processes,
+inference on the worker thread; the loop only coordinates. A study that becomes ready
+again while it is being processed (late instances) is processed once more afterwards, so
+the newest instances always get a result.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,11 +23,11 @@ import structlog
 from pydicom import dcmread
 
 from pxsgate import rules
-from pxsgate.config import Config
-from pxsgate.errors import ModelError, PxsgateError
+from pxsgate.config import Config, PreprocessConfig
+from pxsgate.errors import ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import InferenceWorker
 from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
-from pxsgate.preprocess import preprocess_file
+from pxsgate.preprocess import F32Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document
 from pxsgate.rules import Header
 from pxsgate.store import Store
@@ -55,14 +59,57 @@ def identity_of(study_uid: str, headers: Sequence[Header]) -> StudyIdentity:
     return StudyIdentity(study_uid, "", "")
 
 
+def _warm() -> int:
+    return os.getpid()
+
+
+class DecodePool:
+    """Processes that decode and preprocess images, owned by the service.
+
+    Spawned, not forked: the service has threads (pynetdicom, torch) and forking a threaded
+    process can deadlock the child. A worker that dies (a codec crashing on a malformed
+    image) fails that image's study with a clear error and the pool is replaced.
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self._workers = config.workers or os.cpu_count() or 1
+        self._jpeg = config.jpeg_roundtrip
+        self._pool = self._new()
+
+    def _new(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self._workers, mp_context=multiprocessing.get_context("spawn"))
+
+    async def start(self) -> None:
+        """Start every worker now, so the first study does not pay for the spawns."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._pool, _warm)
+                               for _ in range(self._workers)))
+
+    async def preprocess(self, path: Path) -> F32Array:
+        pool = self._pool
+        call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, call)
+        except BrokenProcessPool as exc:
+            if pool is self._pool:
+                log.error("decode.worker_died", file=path.name)
+                self._pool = self._new()
+            raise PreprocessError("the decoder process died on this image") from exc
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Pipeline:
     def __init__(self, config: Config, store: Store, worker: InferenceWorker, model: ModelInfo,
-                 executor: concurrent.futures.Executor) -> None:
+                 executor: concurrent.futures.Executor, decoder: DecodePool) -> None:
         self._config = config
         self._store = store
         self._worker = worker
         self._model = model
         self._executor = executor
+        self._decoder = decoder
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
 
@@ -130,8 +177,7 @@ class Pipeline:
         chosen = decision.inputs
 
         async def one(sop_uid: str) -> float:
-            path: Path = paths[sop_uid]
-            image = await self._in_executor(preprocess_file, path)
+            image = await self._decoder.preprocess(paths[sop_uid])
             return await self._worker.score(image)
 
         values = await asyncio.gather(*(one(d.sop_instance_uid) for d in chosen))

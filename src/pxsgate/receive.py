@@ -8,7 +8,8 @@ SQLite, and only then answer Success. It never decodes pixel data.
 Errors become DICOM status codes here (PS3.4 Annex B.2.3 and PS3.7 Annex C):
   0xA700  Refused: Out of Resources     (disk full, the store did not answer in time)
   0xA900  Error: Data Set does not match SOP Class (identifiers differ from the request)
-  0xC000  Error: Cannot understand       (unparseable data set, missing or invalid UIDs)
+  0xC210  Error: Cannot understand       (unparseable data set, missing or invalid UIDs;
+                                         the code pynetdicom's own storage SCP uses)
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import itertools
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 
-from pxsgate.config import ScpConfig
+from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
 from pxsgate.messages import ReceivedInstance, now_iso
 from pxsgate.spool import Spool, is_valid_uid
@@ -39,7 +42,7 @@ log = structlog.get_logger("pxsgate.receive")
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_CANNOT_UNDERSTAND = 0xC210
 
 # How long an association thread waits for the loop to index an instance before it answers
 # Out of Resources (the instance stays in the spool, so the sender's retry is idempotent).
@@ -48,11 +51,6 @@ INDEX_TIMEOUT_S = 30.0
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-
-# Tags logged per instance when dicom.scp.log-dimse-datasets is on (no patient identifiers).
-_LOGGED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "SeriesDescription",
-                "ImageType", "DerivationDescription", "Rows", "Columns", "BitsStored",
-                "PhotometricInterpretation")
 
 InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
 ClosedHandler = Callable[[str], None]
@@ -76,19 +74,23 @@ class Receiver:
 
     def __init__(
         self,
-        config: ScpConfig,
+        dicom: DicomConfig,
         spool: Spool,
         loop: asyncio.AbstractEventLoop,
         on_instance: InstanceHandler,
         on_closed: ClosedHandler,
     ) -> None:
+        config = dicom.scp
         self._config = config
         self._spool = spool
         self._loop = loop
         self._on_instance = on_instance
         self._on_closed = on_closed
-        self._titles = {t.ae_title.strip() for t in config.ae_titles}
+        # A called AE title is served when it is listed and a pipeline maps it (Listing 1).
+        mapped = {m.clara_ae_title.strip() for m in dicom.pipeline_mappings}
+        self._titles = {t.ae_title.strip() for t in config.ae_titles} & mapped
         self._sources = {(s.host_ip, s.ae_title.strip()) for s in config.sources}
+        self._max_dataset = int(config.max_dataset_mb * 2**20)
         self._ids = itertools.count(1)
         self._assoc_ids: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -103,8 +105,9 @@ class Receiver:
         ae.require_called_aet = False
         ae.maximum_associations = self._config.max_associations
         ae.network_timeout = self._config.network_timeout
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 30
+        ae.acse_timeout = self._config.acse_timeout
+        ae.dimse_timeout = self._config.dimse_timeout
+        ae.maximum_pdu_size = self._config.max_pdu_size
         syntaxes = list(self._config.transfer_syntaxes)
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
@@ -119,8 +122,10 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        tls = self._config.tls
         self._server = ae.start_server(
-            (self._config.host, self._config.port), block=False, evt_handlers=handlers
+            (self._config.host, self._config.port), block=False, evt_handlers=handlers,
+            ssl_context=server_ssl_context(tls) if tls.enabled else None,
         )
         port: int = self._server.server_address[1]
         return port
@@ -186,14 +191,19 @@ class Receiver:
         log.info("instance.stored", association_id=assoc_id, size=instance.size,
                  sop_class=UID(instance.sop_class_uid).name)
         if self._config.log_dimse_datasets:
-            # Listing 1's switch; only tags that name no patient are logged.
-            ds = event.dataset
-            log.info("instance.dataset", association_id=assoc_id,
-                     **{k: str(ds.get(k, "")) for k in _LOGGED_TAGS})
+            # Listing 1's switch, for troubleshooting: the whole header, PHI included, at
+            # debug level. Off by default, so datasets never reach the logs unasked.
+            header = event.dataset.copy()
+            header.pop(0x7FE00010, None)  # not the pixel data
+            log.debug("instance.dataset", association_id=assoc_id, dataset=str(header))
         return STATUS_SUCCESS
 
     def _receive(self, event: evt.Event, assoc_id: str) -> ReceivedInstance:
         request = cast(C_STORE, event.request)
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > self._max_dataset:
+            raise _Refusal(STATUS_OUT_OF_RESOURCES,
+                           f"data set larger than {self._config.max_dataset_mb:g} MB")
         try:
             ds: Dataset = event.dataset
             sop_uid = str(ds.SOPInstanceUID)
@@ -208,7 +218,6 @@ class Receiver:
                           ("SOPInstanceUID", sop_uid)):
             if not is_valid_uid(uid):
                 raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
-        data = event.encoded_dataset(include_meta=True)
         try:
             path = self._spool.write(study_uid, sop_uid, data)
         except SpoolError as exc:
@@ -221,6 +230,7 @@ class Receiver:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             path=path,
             size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
             calling_ae=event.assoc.requestor.ae_title.strip(),
             peer_address=str(event.assoc.requestor.address),
             association_id=assoc_id,
@@ -245,3 +255,17 @@ class Receiver:
     @staticmethod
     async def _await(awaitable: Awaitable[None]) -> None:
         await awaitable
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A TLS server context for DICOM TLS: TLS 1.2+, the configured certificate, and client
+    certificates verified against the CA bundle when required."""
+    assert tls.certificate is not None
+    assert tls.private_key is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        ctx.load_verify_locations(str(tls.ca_certificates))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return ctx

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import time
 from collections.abc import Callable
 
@@ -20,7 +19,7 @@ from pxsgate.assemble import Assembler
 from pxsgate.config import Config
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer
 from pxsgate.messages import ReceivedInstance, now_iso
-from pxsgate.pipeline import Pipeline
+from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
 from pxsgate.results import ModelInfo
 from pxsgate.spool import Spool
@@ -34,12 +33,13 @@ class Gateway:
                  scorer_factory: Callable[[], Scorer] | None = None) -> None:
         self.config = config
         self.store = Store(config.db_path)
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(config.model))
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch)
+        # Header reads (small, I/O-bound); pixel work goes to the decode processes.
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="pxsgate-prep"
-        )
+            max_workers=4, thread_name_prefix="pxsgate-io")
+        self._decoder: DecodePool | None = None
         self.model: ModelInfo | None = None
         self._pipeline: Pipeline | None = None
         self._assembler: Assembler | None = None
@@ -53,11 +53,14 @@ class Gateway:
         await self.store.open()
         self.spool.open()
         self.spool.remove_leftovers()
-        self.model = await asyncio.to_thread(self.worker.start)
+        self._decoder = DecodePool(self.config.preprocess)
+        model_loading = asyncio.to_thread(self.worker.start)
+        _, model = await asyncio.gather(self._decoder.start(), model_loading)
+        self.model = model
         self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
-                                  self._executor)
+                                  self._executor, self._decoder)
         self._assembler = Assembler(self.config.assembly, loop, self._study_ready)
-        self._receiver = Receiver(self.config.dicom.scp, self.spool, loop,
+        self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed)
         self.port = await asyncio.to_thread(self._receiver.start)
         log.info("gateway.started", port=self.port,
@@ -80,6 +83,8 @@ class Gateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.worker.stop)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._decoder is not None:
+            await asyncio.to_thread(self._decoder.shutdown)
         await self.store.close()
         log.info("gateway.stopped")
 
@@ -101,7 +106,11 @@ class Gateway:
     # --- stage glue (on the loop) ---------------------------------------------------------
 
     async def _instance_received(self, instance: ReceivedInstance) -> None:
-        await self.store.record_instance(instance)
+        outcome = await self.store.record_instance(instance)
+        if outcome == "duplicate":
+            # Stored once; the same bytes again do not re-open the study.
+            log.info("instance.duplicate", association_id=instance.association_id)
+            return
         assert self._assembler is not None
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id)
 

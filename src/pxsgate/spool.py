@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pxsgate.errors import SpoolError
+from pxsgate.errors import DiskFloorError, SpoolError
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TMP_SUFFIX = ".tmp"
@@ -41,8 +42,9 @@ def _fsync_dir(directory: Path) -> None:
 class Spool:
     """The spool directory; safe to use from several association threads at once."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
 
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,7 @@ class Spool:
     def write(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
         """Write ``data`` durably; return the final path. A re-sent instance replaces the file."""
         final = self.path_for(study_uid, sop_instance_uid)
+        self._check_floor(len(data))
         directory = final.parent
         tmp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
@@ -78,6 +81,14 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot write {final.name}: {exc.strerror or exc}") from exc
         return final
+
+    def _check_floor(self, incoming: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - incoming < self.min_free_bytes:
+            raise DiskFloorError(
+                f"spool disk below its floor ({free // 2**20} MiB free, "
+                f"floor {self.min_free_bytes // 2**20} MiB)"
+            )
 
     def remove_leftovers(self) -> int:
         """Delete temporary files a crash left behind; return how many."""

@@ -17,7 +17,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -35,6 +35,7 @@ MIGRATIONS: tuple[str, ...] = (
         transfer_syntax_uid TEXT NOT NULL,
         path                TEXT NOT NULL,
         size                INTEGER NOT NULL,
+        sha256              TEXT NOT NULL,
         calling_ae          TEXT NOT NULL,
         peer_address        TEXT NOT NULL,
         association_id      TEXT NOT NULL,
@@ -82,6 +83,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX results_created ON results (created_at);
     """,
 )
+
+InstanceOutcome = Literal["new", "changed", "duplicate"]
 
 
 @dataclass(frozen=True)
@@ -148,28 +151,45 @@ class Store:
 
     # --- instances (receive -> store) ----------------------------------------------------
 
-    async def record_instance(self, inst: ReceivedInstance) -> bool:
-        """Index a durable instance; True when new, False for a re-send (counted)."""
+    async def record_instance(self, inst: ReceivedInstance) -> InstanceOutcome:
+        """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
+        its bytes are the ones already held (the study is left as it is), else ``changed``."""
         async with self.db.execute(
-            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+            "SELECT sha256, study_instance_uid FROM instances WHERE sop_instance_uid = ?",
+            (inst.sop_instance_uid,),
         ) as cur:
-            existed = await cur.fetchone() is not None
+            row = await cur.fetchone()
+        if row is not None and tuple(row) == (inst.sha256, inst.study_instance_uid):
+            await self.db.execute(
+                """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
+                       peer_address = ?, association_id = ?, received_at = ?
+                   WHERE sop_instance_uid = ?""",
+                (inst.calling_ae, inst.peer_address, inst.association_id, inst.received_at,
+                 inst.sop_instance_uid),
+            )
+            await self.db.commit()
+            return "duplicate"
         await self.db.execute(
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
-                sop_class_uid, transfer_syntax_uid, path, size, calling_ae, peer_address,
-                association_id, received_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                sop_class_uid, transfer_syntax_uid, path, size, sha256, calling_ae,
+                peer_address, association_id, received_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (sop_instance_uid) DO UPDATE SET
+                study_instance_uid = excluded.study_instance_uid,
+                series_instance_uid = excluded.series_instance_uid,
+                sop_class_uid = excluded.sop_class_uid,
                 transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path,
-                size = excluded.size, calling_ae = excluded.calling_ae,
-                peer_address = excluded.peer_address, association_id = excluded.association_id,
-                received_at = excluded.received_at, receive_count = receive_count + 1
+                size = excluded.size, sha256 = excluded.sha256,
+                calling_ae = excluded.calling_ae, peer_address = excluded.peer_address,
+                association_id = excluded.association_id, received_at = excluded.received_at,
+                receive_count = receive_count + 1
             """,
             (
                 inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
                 inst.sop_class_uid, inst.transfer_syntax_uid, str(inst.path), inst.size,
-                inst.calling_ae, inst.peer_address, inst.association_id, inst.received_at,
+                inst.sha256, inst.calling_ae, inst.peer_address, inst.association_id,
+                inst.received_at,
             ),
         )
         await self.db.execute(
@@ -184,7 +204,7 @@ class Store:
             (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at),
         )
         await self.db.commit()
-        return not existed
+        return "new" if row is None else "changed"
 
     async def instances_for_study(self, study_uid: str) -> list[StoredInstance]:
         async with self.db.execute(

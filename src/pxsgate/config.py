@@ -33,6 +33,20 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+UNCOMPRESSED = (IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE)
+# The compressed syntaxes routers send (PS3.5 Annex A.4), all decodable by the installed
+# pydicom plugins (pylibjpeg-libjpeg, -openjpeg, -rle).
+COMPRESSED = (
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4), 12-bit CR
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -71,6 +85,25 @@ def _check_uids(value: Any) -> str | None:
     for uid in value:
         if len(uid) > 64 or not _UID_RE.match(uid):
             return f"{uid!r} is not a valid DICOM UID"
+    return None
+
+
+def _check_decodable(value: Any) -> str | None:
+    # Every accepted syntax must be decodable by the preprocessing stage: refuse to accept
+    # what would be acknowledged and then fail (issue 3).
+    from pydicom.pixels.decoders.base import get_decoder
+
+    if problem := _check_uids(value):
+        return problem
+    for uid in value:
+        if uid in UNCOMPRESSED:
+            continue
+        try:
+            available = get_decoder(uid).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            return f"{uid} cannot be decoded here (no pixel data decoder installed for it)"
     return None
 
 
@@ -124,8 +157,7 @@ class ScpConfig:
     sources: tuple[SourceConfig, ...] = ()
     # Transfer syntaxes accepted for storage; the uncompressed ones by default.
     transfer_syntaxes: tuple[str, ...] = field(
-        default=(IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE),
-        metadata=_check(_check_uids),
+        default=UNCOMPRESSED + COMPRESSED, metadata=_check(_check_decodable)
     )
     # Seconds a peer may stay silent inside an association before it is aborted, and the
     # limits on waiting for an A-ASSOCIATE/A-RELEASE (ACSE) and for a DIMSE message.

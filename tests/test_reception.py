@@ -1,0 +1,254 @@
+"""Reception a hospital can trust: every syntax, idempotent re-sends, and abuse that leaves
+the service answering C-ECHO (issue 3's checks), against a real ``pxsgate serve``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+
+from pxsgate import synth
+from pxsgate.scu import echo, send_datasets
+
+from .conftest import SAMPLES, Service, dcmtk, pxsgate, start_service, stop_service
+
+LIMITS = """    max-associations: 2
+    acse-timeout: 1
+    network-timeout: 2
+    dimse-timeout: 2"""
+CR = "1.2.840.10008.5.1.4.1.1.1"
+# DCMTK storescu's option that proposes each compressed syntax the samples carry.
+PROPOSE = {
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended (12-bit)
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+    "1.2.840.10008.1.2.5": "-xr",  # RLE
+}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = start_service(tmp_path_factory.mktemp("reception"), extra_scp=LIMITS)
+    yield service
+    assert stop_service(service) == 0
+
+
+def still_answers(service: Service) -> None:
+    assert echo("127.0.0.1", service.port) == 0x0000
+
+
+def instance_rows(service: Service, study_uid: str) -> list[sqlite3.Row]:
+    with sqlite3.connect(service.data_dir / "pxsgate.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM instances WHERE study_instance_uid = ?",
+                          (study_uid,)).fetchall()
+
+
+def one_ap_study(seed: int, prefix: str) -> synth.FeedStudy:
+    return synth.hospital_feed(seed=seed, rows=384, cols=320, prefix=prefix)[0]
+
+
+def part10(payload: bytes, sop_class: str, sop_uid: str, path: Path) -> Path:
+    """A Part-10 file whose file meta names ``sop_uid`` and whose data set is ``payload``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    buffer = BytesIO()
+    write_file_meta_info(buffer, meta)
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + payload)
+    return path
+
+
+def raw_store(port: int, path: Path) -> int:
+    """C-STORE a file's data set bytes as they are (pynetdicom streams them undecoded)."""
+    ae = AE(ae_title="ABUSER")
+    ae.add_requested_context(CR, "1.2.840.10008.1.2.1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="PxsScore")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def cut_off_store(port: int, ds: Dataset, pdus: int) -> None:
+    """Send only the first ``pdus`` P-DATA PDUs of a C-STORE, then drop the TCP connection
+    without an A-ABORT: a peer that stops mid-dataset."""
+    ae = AE(ae_title="ABUSER")
+    ae.add_requested_context(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="PxsScore", max_pdu=4096)
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(encode(ds, False, True))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    sock = assoc.dul.socket
+    assert sock is not None
+    for i, primitive in enumerate(msg.encode_msg(assoc.accepted_contexts[0].context_id, 4096)):
+        if i >= pdus:
+            break
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.send(pdu.encode())
+    time.sleep(0.1)
+    sock.close()
+    assoc.kill()
+
+
+@pytest.fixture(autouse=True)
+def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    # send_c_store(path) then streams the file's bytes without decoding them; monkeypatch
+    # restores pynetdicom's global flag after each test.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def test_duplicate_resend_is_stored_once_and_recorded(svc: Service) -> None:
+    study = one_ap_study(501, "DUP")
+    uid = str(study.datasets[0].StudyInstanceUID)
+    assert send_datasets("127.0.0.1", svc.port, list(study.datasets)).ok
+    svc.wait_for([uid])
+    assert send_datasets("127.0.0.1", svc.port, list(study.datasets)).ok  # the router retries
+    time.sleep(1.5)  # longer than the settle time: a re-opened study would be scored again
+    rows = instance_rows(svc, uid)
+    assert len(rows) == 1
+    assert rows[0]["receive_count"] == 2
+    assert len(list((svc.data_dir / "spool" / uid).glob("*.dcm"))) == 1
+    assert len(svc.results("--study-uid", uid)) == 1, "identical bytes do not re-open a study"
+
+
+def test_malformed_dataset_gets_cannot_understand(svc: Service, tmp_path: Path) -> None:
+    garbage = b"\x08\x00\x16\x00\xff\xff" + b"\x00" * 40  # a tag with a bogus length
+    status = raw_store(svc.port, part10(garbage, CR, "1.2.3.4.5", tmp_path / "bad.dcm"))
+    assert status == 0xC210
+    still_answers(svc)
+
+
+def test_identifiers_that_differ_from_the_request(svc: Service, tmp_path: Path) -> None:
+    ds = one_ap_study(502, "MISMATCH").datasets[0]
+    payload = encode(ds, False, True)  # explicit VR little endian, as the context says
+    assert payload is not None
+    path = part10(payload, str(ds.SOPClassUID), "1.2.3.999", tmp_path / "mismatch.dcm")
+    status = raw_store(svc.port, path)
+    assert status == 0xA900
+    assert instance_rows(svc, str(ds.StudyInstanceUID)) == []
+    still_answers(svc)
+
+
+def test_dataset_cut_off_mid_transfer_frees_the_slot(svc: Service) -> None:
+    ds = one_ap_study(503, "CUTOFF").datasets[0]
+    cut_off_store(svc.port, ds, pdus=3)
+    time.sleep(0.5)
+    assert instance_rows(svc, str(ds.StudyInstanceUID)) == []
+    assert not list((svc.data_dir / "spool").glob(f"*/.{ds.SOPInstanceUID}*"))
+    # max-associations is 2: both slots must be free again.
+    aes = [AE(ae_title=f"PROBE{i}") for i in range(2)]
+    assocs = []
+    for ae in aes:
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assocs.append(ae.associate("127.0.0.1", svc.port, ae_title="PxsScore"))
+    try:
+        assert all(a.is_established for a in assocs)
+    finally:
+        for a in assocs:
+            a.release()
+    still_answers(svc)
+
+
+def test_silent_tcp_connection_is_dropped(svc: Service) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=15) as sock:
+        data = sock.recv(1024)  # never send an A-ASSOCIATE-RQ
+    assert data == b"", "the server closes the connection"
+    assert time.monotonic() - started < 10  # acse-timeout is 1 s
+    still_answers(svc)
+
+
+@pytest.mark.parametrize("syntax_flag", ["-xi", "-xe", "-xb"])
+def test_dcmtk_uncompressed_syntaxes(svc: Service, tmp_path: Path, syntax_flag: str) -> None:
+    study = one_ap_study(510 + ["-xi", "-xe", "-xb"].index(syntax_flag), f"TS{syntax_flag}")
+    files = synth.write_feed([study], tmp_path)
+    result = subprocess.run([dcmtk("storescu"), syntax_flag, "-aec", "PxsScore", "127.0.0.1",
+                             str(svc.port), *map(str, files)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    uid = str(study.datasets[0].StudyInstanceUID)
+    doc = svc.wait_for([uid])[uid]
+    assert doc["status"] == "SUCCEEDED", doc["errorMessage"]
+    expected = {"-xi": "1.2.840.10008.1.2", "-xe": "1.2.840.10008.1.2.1",
+                "-xb": "1.2.840.10008.1.2.2"}[syntax_flag]
+    assert instance_rows(svc, uid)[0]["transfer_syntax_uid"] == expected
+
+
+def test_compressed_samples_are_received_as_they_are_and_decode(svc: Service) -> None:
+    samples = sorted(SAMPLES.glob("*.dcm"))
+    assert len(samples) >= 6
+    stored: list[Path] = []
+    for sample in samples:
+        ds = dcmread(sample, stop_before_pixels=True)
+        # storescu proposes a compressed syntax only when told which: no conversion happens.
+        flag = PROPOSE[str(ds.file_meta.TransferSyntaxUID)]
+        result = subprocess.run([dcmtk("storescu"), "-R", flag, "-aec", "PxsScore",
+                                 "127.0.0.1", str(svc.port), str(sample)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        rows = [r for r in instance_rows(svc, str(ds.StudyInstanceUID))
+                if r["sop_instance_uid"] == ds.SOPInstanceUID]
+        assert len(rows) == 1, sample.name
+        assert rows[0]["transfer_syntax_uid"] == ds.file_meta.TransferSyntaxUID, sample.name
+        stored.append(Path(rows[0]["path"]))
+    # Decoded from the spool by the same code path the service uses.
+    scored = pxsgate("score", "--config", svc.config, *stored, timeout=300)
+    values: list[dict[str, Any]] = json.loads(scored.stdout)
+    assert all("value" in v for v in values), values
+
+
+def test_disk_floor_answers_out_of_resources(tmp_path: Path) -> None:
+    full = start_service(tmp_path, min_free_mb=10**9)  # a floor no disk can meet
+    try:
+        study = one_ap_study(520, "FULL")
+        report = send_datasets("127.0.0.1", full.port, list(study.datasets))
+        assert report.statuses == (0xA700,)
+        assert not list((full.data_dir / "spool").rglob("*.dcm"))
+        assert not list((full.data_dir / "spool").rglob(".*.tmp"))
+        assert instance_rows(full, str(study.datasets[0].StudyInstanceUID)) == []
+        still_answers(full)
+    finally:
+        assert stop_service(full) == 0
+
+
+def test_dataset_over_the_size_limit(tmp_path: Path) -> None:
+    small = start_service(tmp_path, extra_scp="    max-dataset-mb: 0.1")
+    try:
+        ds: Dataset = one_ap_study(521, "BIG").datasets[0]  # 384x320x2 bytes > 0.1 MB
+        assert send_datasets("127.0.0.1", small.port, [ds]).statuses == (0xA700,)
+        still_answers(small)
+    finally:
+        assert stop_service(small) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,17 @@ DEMO_ANCHOR_COUNT = 8
 DEMO_NOTE = "demonstration weights, not for clinical use"
 # The demonstration weights have no file; their "creation" is this project's first release.
 DEMO_CREATED_AT = "2026-11-26T00:00:00+00:00"
+
+
+def lower_priority(increment: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread), so that when
+    cores are scarce the association threads receiving images run first; decoding and
+    inference take what is left. Best effort: ignored where not permitted."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError):
+        pass
 
 
 class Scorer(Protocol):
@@ -166,6 +178,7 @@ class InferenceWorker:
         return await asyncio.wrap_future(job.future)
 
     def _run(self) -> None:
+        lower_priority()
         try:
             scorer = self._factory()
         except BaseException as exc:  # report any load failure to start(), then end
@@ -185,7 +198,7 @@ class InferenceWorker:
         if first is _STOP:
             return [], True
         assert isinstance(first, _Job)
-        batch = [first]
+        batch = [first] if first.future.set_running_or_notify_cancel() else []
         deadline = time.monotonic() + self._max_delay
         while len(batch) < self._max_size:
             try:
@@ -195,7 +208,10 @@ class InferenceWorker:
             if item is _STOP:
                 return batch, True
             assert isinstance(item, _Job)
-            batch.append(item)
+            # A job whose awaiting task was cancelled (shutdown) is dropped here; once
+            # running, its future can no longer be cancelled under the worker's feet.
+            if item.future.set_running_or_notify_cancel():
+                batch.append(item)
         return batch, False
 
     def _run_batch(self, scorer: Scorer, batch: list[_Job]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -63,6 +64,12 @@ def _warm() -> int:
     return os.getpid()
 
 
+def _init_worker() -> None:
+    # Decoding yields the CPU to reception: a busy decoder must not slow C-STORE answers.
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
 class DecodePool:
     """Processes that decode and preprocess images, owned by the service.
 
@@ -78,7 +85,8 @@ class DecodePool:
 
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self._workers, mp_context=multiprocessing.get_context("spawn"))
+            max_workers=self._workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker)
 
     async def start(self) -> None:
         """Start every worker now, so the first study does not pay for the spawns."""

@@ -23,13 +23,16 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, cast
 
 import structlog
 from pydicom import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 
 from pxsgate.config import DicomConfig, TlsConfig
@@ -200,12 +203,21 @@ class Receiver:
 
     def _receive(self, event: evt.Event, assoc_id: str) -> ReceivedInstance:
         request = cast(C_STORE, event.request)
-        data = event.encoded_dataset(include_meta=True)
-        if len(data) > self._max_dataset:
+        received = cast(BytesIO, request.DataSet)
+        # The bytes as received, without copying 10+ MB images around: a Part-10 header
+        # (preamble, DICM, file meta) and a zero-copy view of the data set.
+        header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        with received.getbuffer() as stream:  # released before pynetdicom reuses the buffer
+            return self._store_parts(event, assoc_id, request, received, header, stream)
+
+    def _store_parts(self, event: evt.Event, assoc_id: str, request: C_STORE,
+                     received: BytesIO, header: bytes, stream: memoryview) -> ReceivedInstance:
+        size = len(header) + len(stream)
+        if size > self._max_dataset:
             raise _Refusal(STATUS_OUT_OF_RESOURCES,
                            f"data set larger than {self._config.max_dataset_mb:g} MB")
         try:
-            ds: Dataset = event.dataset
+            ds = self._identifying_elements(event, received)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
             study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -219,9 +231,11 @@ class Receiver:
             if not is_valid_uid(uid):
                 raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
         try:
-            path = self._spool.write(study_uid, sop_uid, data)
+            path = self._spool.write(study_uid, sop_uid, (header, stream))
         except SpoolError as exc:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+        digest = hashlib.sha256(header)
+        digest.update(stream)
         instance = ReceivedInstance(
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
@@ -229,8 +243,8 @@ class Receiver:
             series_instance_uid=series_uid,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             path=path,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
+            size=size,
+            sha256=digest.hexdigest(),
             calling_ae=event.assoc.requestor.ae_title.strip(),
             peer_address=str(event.assoc.requestor.address),
             association_id=assoc_id,
@@ -238,6 +252,20 @@ class Receiver:
         )
         self._index(instance)
         return instance
+
+    @staticmethod
+    def _identifying_elements(event: evt.Event, received: BytesIO) -> Dataset:
+        """Parse only the elements up to (0020,000E) SeriesInstanceUID: the UIDs this stage
+        needs, without reading (and copying) the pixel data."""
+        syntax = event.context.transfer_syntax
+        if syntax == DeflatedExplicitVRLittleEndian:
+            return event.dataset  # must be inflated first; pynetdicom does that
+        received.seek(0)
+        try:
+            return read_dataset(received, syntax.is_implicit_VR, syntax.is_little_endian,
+                                stop_when=lambda tag, vr, length: tag > 0x0020000E)
+        finally:
+            received.seek(0)
 
     def _index(self, instance: ReceivedInstance) -> None:
         """Block this association thread until the loop has indexed the instance."""

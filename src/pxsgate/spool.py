@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pxsgate.errors import DiskFloorError, SpoolError
@@ -55,10 +55,12 @@ class Spool:
                 raise SpoolError(f"{name} {uid[:80]!r} is not a valid DICOM UID")
         return self.root / study_uid / f"{sop_instance_uid}.dcm"
 
-    def write(self, study_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Write ``data`` durably; return the final path. A re-sent instance replaces the file."""
+    def write(self, study_uid: str, sop_instance_uid: str,
+              parts: Sequence[bytes | memoryview]) -> Path:
+        """Write ``parts`` (concatenated) durably; return the final path. A re-sent instance
+        replaces the file."""
         final = self.path_for(study_uid, sop_instance_uid)
-        self._check_floor(len(data))
+        self._check_floor(sum(len(p) for p in parts))
         directory = final.parent
         tmp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
@@ -68,10 +70,11 @@ class Spool:
                 _fsync_dir(self.root)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)

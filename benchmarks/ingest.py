@@ -1,0 +1,165 @@
+"""Ingest: instances/s and MB/s received into the spool from DCMTK storescu over loopback,
+side by side with DCMTK's own storescp on the same files in the same run.
+
+    python -m benchmarks.ingest [--files 20] [--rows 3000 --cols 2500] [--repeats 3]
+
+Three receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
+  storescp   DCMTK's storescp +B (bit-preserving writes, no fsync: its best case)
+  pxsgate    pxsgate serve's receiver (fsync + rename + SQLite index before each Success)
+  pxsgate+j2k  the same, while a second storescu feeds JPEG 2000 AP chests that the service
+             decodes and scores at the same time (settle 0: decoding overlaps ingest)
+Writes benchmarks/results/ingest-<date>.json and prints a table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.uid import JPEG2000Lossless
+
+from pxsgate import synth
+from pxsgate.config import Config
+from pxsgate.server import Gateway
+
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_files(directory: Path, count: int, rows: int, cols: int, *, j2k: bool = False,
+               seed: int = 7) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    study = synth.make_study(0, seed=seed, prefix="J2K" if j2k else "INGEST",
+                             description="XR CHEST PORTABLE")
+    paths = []
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = synth.chest_radiograph(rng, rows=rows, cols=cols, view="AP")
+        ds = synth.make_image_dataset(
+            pixels, sop_class_uid=synth.CR_IMAGE_STORAGE, modality="CR", study=study,
+            series_description="CHEST AP PORTABLE", view_position="AP", body_part="CHEST",
+            image_type=("DERIVED", "PRIMARY"), series_number=i + 1, instance_number=1)
+        if j2k:
+            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        path = directory / f"{'j2k' if j2k else 'raw'}-{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send(port: int, files: list[Path], *extra: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([STORESCU, *extra, "-aec", "PxsScore", "127.0.0.1", str(port),
+                    *map(str, files)], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def storescp_once(files: list[Path], out: Path) -> float:
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([STORESCP, "+B", "-pdu", "131072", "-od", str(out), str(port)])
+    try:
+        time.sleep(0.5)
+        return send(port, files)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None) -> float:
+    base = Config()
+    config = replace(
+        base,
+        dicom=replace(base.dicom, scp=replace(base.dicom.scp, host="127.0.0.1", port=0)),
+        storage=replace(base.storage, data_dir=data, min_free_mb=64),
+        # Without decode load, keep scoring out of the measured window.
+        assembly=replace(base.assembly, settle_seconds=0.0 if j2k else 600.0),
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        load = None
+        if j2k:
+            load = asyncio.create_task(asyncio.to_thread(send, gateway.port, j2k, "-R", "-xv"))
+            await asyncio.sleep(1.0)  # the first J2K studies are being decoded by now
+        elapsed = await asyncio.to_thread(send, gateway.port, files)
+        if load is not None:
+            await load
+    finally:
+        await gateway.stop(drain_timeout=1.0)
+    return elapsed
+
+
+def run(count: int, rows: int, cols: int, repeats: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pxsgate-ingest-") as tmp:
+        root = Path(tmp)
+        files = make_files(root / "raw", count, rows, cols)
+        j2k = make_files(root / "j2k", max(4, count // 2), rows, cols, j2k=True, seed=8)
+        total_mb = sum(p.stat().st_size for p in files) / 1e6
+        times: dict[str, list[float]] = {"storescp": [], "pxsgate": [], "pxsgate+j2k": []}
+        for r in range(repeats):
+            times["storescp"].append(storescp_once(files, root / f"scp{r}"))
+            times["pxsgate"].append(asyncio.run(pxsgate_once(files, root / f"gw{r}", None)))
+            times["pxsgate+j2k"].append(asyncio.run(pxsgate_once(files, root / f"gj{r}", j2k)))
+    figures: dict[str, Any] = {
+        "benchmark": "ingest",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "files": count, "image": f"{cols}x{rows} 12-bit CR, explicit VR LE",
+        "total_mb": round(total_mb, 1), "repeats": repeats, "receivers": {},
+    }
+    for name, values in times.items():
+        median = statistics.median(values)
+        figures["receivers"][name] = {
+            "median_s": round(median, 3), "spread_s": round(max(values) - min(values), 3),
+            "instances_per_s": round(count / median, 2), "mb_per_s": round(total_mb / median, 1),
+        }
+    rec = figures["receivers"]
+    figures["ratio_pxsgate_vs_storescp"] = round(
+        rec["pxsgate"]["mb_per_s"] / rec["storescp"]["mb_per_s"], 3)
+    figures["drop_while_decoding"] = round(
+        1 - rec["pxsgate+j2k"]["mb_per_s"] / rec["pxsgate"]["mb_per_s"], 3)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--cols", type=int, default=2500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    figures = run(args.files, args.rows, args.cols, args.repeats)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"ingest-cpu-{figures['date'][:10]}.json"
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"{args.files} files, {figures['image']}, {figures['total_mb']} MB, "
+          f"median of {args.repeats}")
+    for name, f in figures["receivers"].items():
+        print(f"  {name:<12} {f['instances_per_s']:7.2f} inst/s  {f['mb_per_s']:7.1f} MB/s  "
+              f"(median {f['median_s']} s, spread {f['spread_s']} s)")
+    print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; drop while "
+          f"decoding JPEG 2000: {figures['drop_while_decoding']:.1%}")
+    print(f"  figures: {out}")
+
+
+if __name__ == "__main__":
+    main()

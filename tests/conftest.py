@@ -41,14 +41,16 @@ def pxsgate(*args: str | Path, check: bool = True, timeout: float = 120
 
 
 def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0.3,
-                 extra_scp: str = "", min_free_mb: float = 16, level: str = "info") -> Path:
+                 extra_scp: str = "", min_free_mb: float = 16, level: str = "info",
+                 ae_titles: tuple[str, ...] = ("PxsScore",)) -> Path:
+    titles = "\n".join(f"      - ae-title: {t}" for t in ae_titles)
     path.write_text(
         f"""dicom:
   scp:
     host: 127.0.0.1
     port: {port}
     ae-titles:
-      - ae-title: PxsScore
+{titles}
 {extra_scp}
 storage:
   data-dir: {data_dir}

@@ -23,8 +23,9 @@ RESTRICTED = """    max-associations: 1
 
 @pytest.fixture(scope="module")
 def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    # UNMAPPED is a listed AE title that no pipeline-mapping names.
     svc = start_service(tmp_path_factory.mktemp("restricted"), extra_scp=RESTRICTED,
-                        level="debug")
+                        level="debug", ae_titles=("PxsScore", "UNMAPPED"))
     yield svc
     assert stop_service(svc) == 0
 
@@ -48,6 +49,13 @@ def test_unknown_calling_ae_is_rejected_and_logged(restricted: Service) -> None:
     events = [e for e in restricted.logs if e.get("event") == "association.rejected"]
     assert any(e["calling_ae"] == "INTRUDER" and e["reason"] == "unknown source"
                for e in events)
+
+
+def test_called_ae_without_a_pipeline_is_rejected(restricted: Service) -> None:
+    assoc = _associate(restricted.port, "RMS", called="UNMAPPED")
+    assert assoc.is_rejected  # type: ignore[attr-defined]
+    rj = assoc.acceptor.primitive  # type: ignore[attr-defined]
+    assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
 
 
 def test_max_associations_rejects_as_local_limit(restricted: Service) -> None:

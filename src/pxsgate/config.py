@@ -418,8 +418,3 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{p} is not valid YAML: {exc}") from exc
     return config_from_mapping(data)
-
-
-def with_overrides(config: Config, **sections: Any) -> Config:
-    """A copy of ``config`` with whole sections replaced (used by demo and tests)."""
-    return dataclasses.replace(config, **sections)

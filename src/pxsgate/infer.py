@@ -168,10 +168,6 @@ class InferenceWorker:
             self._thread.join(timeout=30)
             self._thread = None
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     async def score(self, image: F32Array) -> float:
         job = _Job(image, concurrent.futures.Future())
         self._queue.put(job)

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pxsgate.errors import DiskFloorError, SpoolError
@@ -100,7 +100,3 @@ class Spool:
             tmp.unlink(missing_ok=True)
             count += 1
         return count
-
-    def files(self) -> Iterator[Path]:
-        """Every complete instance file in the spool (for recovery scans)."""
-        yield from sorted(self.root.glob("*/*.dcm"))

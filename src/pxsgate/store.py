@@ -239,14 +239,6 @@ class Store:
         )
         await self.db.commit()
 
-    async def studies(self) -> list[StudyRow]:
-        async with self.db.execute(
-            """SELECT study_instance_uid, state, reason, released_at, ready_at
-               FROM studies ORDER BY first_received_at"""
-        ) as cur:
-            rows = await cur.fetchall()
-        return [StudyRow(*r) for r in rows]
-
     async def study(self, study_uid: str) -> StudyRow | None:
         async with self.db.execute(
             """SELECT study_instance_uid, state, reason, released_at, ready_at
@@ -270,15 +262,6 @@ class Store:
             rows,
         )
         await self.db.commit()
-
-    async def decisions(self, study_uid: str) -> list[tuple[str | None, bool, str, str]]:
-        async with self.db.execute(
-            """SELECT sop_instance_uid, selected, rule, reason FROM decisions
-               WHERE study_instance_uid = ? ORDER BY rowid""",
-            (study_uid,),
-        ) as cur:
-            rows = await cur.fetchall()
-        return [(r[0], bool(r[1]), r[2], r[3]) for r in rows]
 
     # --- results (store) --------------------------------------------------------------------
 

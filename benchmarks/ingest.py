@@ -2,12 +2,16 @@
 side by side with DCMTK's own storescp on the same files in the same run.
 
     python -m benchmarks.ingest [--files 20] [--rows 3000 --cols 2500] [--repeats 3]
+                                [--pdu-sizes 16384,65536]
 
-Three receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
+Receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
   storescp   DCMTK's storescp +B (bit-preserving writes, no fsync: its best case)
-  pxsgate    pxsgate serve's receiver (fsync + rename + SQLite index before each Success)
+  pxsgate    pxsgate serve's receiver (fsync + rename + SQLite index before each Success),
+             with its default maximum PDU (262144 bytes)
   pxsgate+j2k  the same, while a second storescu feeds JPEG 2000 AP chests that the service
              decodes and scores at the same time (settle 0: decoding overlaps ingest)
+  pxsgate pdu=N  pxsgate advertising a maximum PDU of N bytes (the sender's P-DATA PDUs are
+             at most that long), for each N of --pdu-sizes
 Writes benchmarks/results/ingest-<date>.json and prints a table with the ratios.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import statistics
@@ -32,6 +37,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from pxsgate import synth
 from pxsgate.config import Config
+from pxsgate.pipeline import auto_workers
 from pxsgate.server import Gateway
 
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
@@ -84,11 +90,15 @@ def storescp_once(files: list[Path], out: Path) -> float:
         proc.wait()
 
 
-async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None) -> float:
+async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
+                       pdu: int | None = None) -> float:
     base = Config()
+    scp = replace(base.dicom.scp, host="127.0.0.1", port=0)
+    if pdu is not None:
+        scp = replace(scp, max_pdu_size=pdu)
     config = replace(
         base,
-        dicom=replace(base.dicom, scp=replace(base.dicom.scp, host="127.0.0.1", port=0)),
+        dicom=replace(base.dicom, scp=scp),
         storage=replace(base.storage, data_dir=data, min_free_mb=64),
         # Without decode load, keep scoring out of the measured window.
         assembly=replace(base.assembly, settle_seconds=0.0 if j2k else 600.0),
@@ -108,23 +118,30 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None) ->
     return elapsed
 
 
-def run(count: int, rows: int, cols: int, repeats: int) -> dict[str, Any]:
+def run(count: int, rows: int, cols: int, repeats: int,
+        pdu_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pxsgate-ingest-") as tmp:
         root = Path(tmp)
         files = make_files(root / "raw", count, rows, cols)
         j2k = make_files(root / "j2k", max(4, count // 2), rows, cols, j2k=True, seed=8)
         total_mb = sum(p.stat().st_size for p in files) / 1e6
         times: dict[str, list[float]] = {"storescp": [], "pxsgate": [], "pxsgate+j2k": []}
-        for r in range(repeats):
+        times.update({f"pxsgate pdu={n}": [] for n in pdu_sizes})
+        for r in range(repeats):  # interleaved, so drift in the machine hits all alike
             times["storescp"].append(storescp_once(files, root / f"scp{r}"))
             times["pxsgate"].append(asyncio.run(pxsgate_once(files, root / f"gw{r}", None)))
             times["pxsgate+j2k"].append(asyncio.run(pxsgate_once(files, root / f"gj{r}", j2k)))
+            for n in pdu_sizes:
+                times[f"pxsgate pdu={n}"].append(
+                    asyncio.run(pxsgate_once(files, root / f"gp{n}-{r}", None, n)))
     figures: dict[str, Any] = {
         "benchmark": "ingest",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}",
         "files": count, "image": f"{cols}x{rows} 12-bit CR, explicit VR LE",
-        "total_mb": round(total_mb, 1), "repeats": repeats, "receivers": {},
+        "total_mb": round(total_mb, 1), "repeats": repeats,
+        "cpu_cores": os.cpu_count(), "decode_workers": auto_workers(os.cpu_count() or 1),
+        "receivers": {},
     }
     for name, values in times.items():
         median = statistics.median(values)
@@ -146,15 +163,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--cols", type=int, default=2500)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pdu-sizes", default="16384,65536",
+                        help="comma-separated maximum PDU sizes to compare with the default")
     args = parser.parse_args()
-    figures = run(args.files, args.rows, args.cols, args.repeats)
+    pdu_sizes = tuple(int(n) for n in args.pdu_sizes.split(",") if n)
+    figures = run(args.files, args.rows, args.cols, args.repeats, pdu_sizes)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"ingest-cpu-{figures['date'][:10]}.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"{args.files} files, {figures['image']}, {figures['total_mb']} MB, "
           f"median of {args.repeats}")
     for name, f in figures["receivers"].items():
-        print(f"  {name:<12} {f['instances_per_s']:7.2f} inst/s  {f['mb_per_s']:7.1f} MB/s  "
+        print(f"  {name:<18} {f['instances_per_s']:7.2f} inst/s  {f['mb_per_s']:7.1f} MB/s  "
               f"(median {f['median_s']} s, spread {f['spread_s']} s)")
     print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; drop while "
           f"decoding JPEG 2000: {figures['drop_while_decoding']:.1%}")

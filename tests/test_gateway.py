@@ -14,7 +14,7 @@ from pxsgate.scu import echo, send_datasets
 
 from .conftest import Service, dcmtk
 
-CATH_OR_SCREENSHOT = ("not-derived-copy", "not-screenshot")
+CATH_OR_SCREENSHOT = ("cath-copy", "screenshot")
 
 
 def _uid(study: synth.FeedStudy) -> str:
@@ -29,7 +29,8 @@ def check_outcomes(feed: list[synth.FeedStudy], docs: dict[str, dict[str, Any]])
             assert doc["exitCode"] == 0
             used = [uid for r in doc["results"] for d in r["derivedFrom"]
                     for uid in d["refSopInstanceUid"]]
-            assert sorted(used) == sorted(study.expected_inputs), study.key
+            assert used == list(study.expected_inputs), "headline (latest acquired) first"
+            assert doc["pxsgate"]["headline"]["sopInstanceUid"] == study.expected_inputs[0]
             for r in doc["results"]:
                 assert r["code"] == "partners.clara.pxs.score"
                 assert float(r["value"]) > 0
@@ -38,6 +39,7 @@ def check_outcomes(feed: list[synth.FeedStudy], docs: dict[str, dict[str, Any]])
             assert doc["status"] == "SKIPPED", study.key
             assert doc["results"] == []
             assert doc["errorMessage"], "a skipped study says why"
+        assert doc["pxsgate"]["flags"] == list(study.expected_flags), study.key
 
 
 def test_echo_pynetdicom(service: Service) -> None:
@@ -91,7 +93,7 @@ def test_skipped_studies_say_why(
     reasons = {s.key: docs[_uid(s)]["errorMessage"] for s in feed if s.expected == "skipped"}
     assert any("KNEE" in r for r in reasons.values()), reasons
     assert any("CT" in r for r in reasons.values()), reasons
-    assert any("AP" in r for r in reasons.values()), reasons  # the PA/lateral study
+    assert "names PA" in reasons["pa-lateral"], reasons
 
 
 def test_results_filters(service: Service,
@@ -129,7 +131,17 @@ def test_logs_carry_no_phi(service: Service,
     feed, _ = pynetdicom_feed
     text = "\n".join(service.raw_log)
     for study in feed:
-        ds = study.datasets[0]
-        assert str(ds.PatientID) not in text
-        assert str(ds.PatientName) not in text
+        for ds in study.datasets:
+            assert str(ds.PatientID) not in text
+            assert str(ds.PatientName) not in text
         assert _uid(study) not in text  # full study UIDs are not logged either
+
+
+def test_flagged_results(service: Service,
+                         pynetdicom_feed: tuple[list[synth.FeedStudy], Any]) -> None:
+    feed, _ = pynetdicom_feed
+    flagged = service.results("--flagged")
+    expected = {_uid(s) for s in feed if s.expected_flags}
+    assert expected, "the feed has a study to flag"
+    assert expected <= {d["studyInstanceUid"] for d in flagged}
+    assert all(d["pxsgate"]["flags"] for d in flagged)

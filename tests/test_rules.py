@@ -1,15 +1,21 @@
-"""The default selection rules over header tags, each decision with its rule and reason."""
+"""The default selection rules over synthetic headers, one test per trap the paper names, and
+over the real samples in ../shared/dicom-samples; the dry run behind `pxsgate rules test`."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import Dataset
 
-from pxsgate.config import SelectionConfig
+from pxsgate.config import Config, SelectionConfig, config_from_mapping
 from pxsgate.messages import StoredInstance
-from pxsgate.rules import Header, select, tokens
+from pxsgate.rules import Header, dry_run, select
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -17,6 +23,7 @@ DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 CFG = SelectionConfig()
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "dicom-samples"
 
 
 def header(n: int, sop_class: str = CR, **tags: Any) -> Header:
@@ -25,36 +32,40 @@ def header(n: int, sop_class: str = CR, **tags: Any) -> Header:
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.PatientID = "P1"
     for k, v in tags.items():
         setattr(ds, k, v)
     inst = StoredInstance(f"1.2.{n}", f"1.3.{n}", sop_class, Path(f"/spool/{n}.dcm"))
     return Header(inst, ds)
 
 
-def test_tokens_respect_word_boundaries() -> None:
-    assert "AP" in tokens("CHEST AP PORT")
-    assert "AP" in tokens("ap_supine")
-    assert "AP" not in tokens("CAPTURE")
-
-
-def test_ap_portable_is_selected_and_derived_primary_is_fine() -> None:
-    d = select([header(1, SeriesDescription="CHEST AP PORTABLE", ViewPosition="")], CFG)
+def test_ap_portable_is_selected_and_derived_primary_or_burned_in_is_fine() -> None:
+    d = select([header(1, SeriesDescription="CHEST AP PORTABLE", ViewPosition="",
+                       BurnedInAnnotation="YES")], CFG)
     assert d.candidate
-    assert [i.selected for i in d.images] == [True]
-    assert "SeriesDescription names AP" in d.images[0].reason
+    assert [(i.selected, i.rule) for i in d.images] == [(True, "ap-in-description")]
+    assert "SeriesDescription 'CHEST AP PORTABLE' names AP" in d.images[0].reason
+    assert d.flags == ()
+
+
+def test_ap_token_needs_a_word_boundary() -> None:
+    d = select([header(1, SeriesDescription="ap_supine"), header(2, SeriesDescription="CAPTURE",
+                                                                  ViewPosition="PA")], CFG)
+    assert [i.sop_instance_uid for i in d.inputs] == ["1.2.1"]
 
 
 def test_view_position_used_when_description_names_no_view() -> None:
     d = select([header(1, SeriesDescription="PORTABLE", ViewPosition="AP")], CFG)
-    assert d.inputs
-    assert "ViewPosition AP" in d.inputs[0].reason
+    assert [i.rule for i in d.inputs] == ["ap-view-position"]
+    assert d.inputs[0].reason == "ViewPosition is 'AP'"
 
 
 def test_description_view_wins_over_view_position() -> None:
     d = select([header(1, SeriesDescription="CHEST PA", ViewPosition="AP")], CFG)
-    assert not d.candidate
-    assert d.rule == "view"
-    assert "view PA" in d.images[0].reason
+    assert (d.candidate, d.rule) == (False, "no-model-input")
+    assert d.images[0].rule == "other-view-in-description"
+    ap = select([header(1, SeriesDescription="CHEST AP", ViewPosition="PA")], CFG)
+    assert ap.candidate, "and the other way round"
 
 
 def test_cath_copy_screenshot_and_for_processing_are_excluded() -> None:
@@ -64,26 +75,32 @@ def test_cath_copy_screenshot_and_for_processing_are_excluded() -> None:
         header(3, SC, Modality="OT", SeriesDescription="CHEST AP",
                ImageType=["DERIVED", "SECONDARY"]),
         header(4, SeriesDescription="CHEST AP", ImageType=["DERIVED", "SECONDARY"]),
-        header(5, DX_PROCESSING, Modality="DX", SeriesDescription="CHEST AP"),
+        header(5, SC, SeriesDescription="CHEST AP"),  # SC class with a CR modality
+        header(6, DX_PROCESSING, Modality="DX", SeriesDescription="CHEST AP"),
+        header(7, DX_PRESENTATION, Modality="DX", SeriesDescription="CHEST AP",
+               PresentationIntentType="FOR PROCESSING"),
     ]
     d = select(images, CFG)
     assert d.candidate
     assert [i.sop_instance_uid for i in d.inputs] == ["1.2.1"]
     rules = {i.sop_instance_uid: i.rule for i in d.images if not i.selected}
-    assert rules == {"1.2.2": "not-derived-copy", "1.2.3": "not-screenshot",
-                     "1.2.4": "not-screenshot", "1.2.5": "for-presentation"}
+    assert rules == {"1.2.2": "cath-copy", "1.2.3": "no-study-rule", "1.2.4": "screenshot",
+                     "1.2.5": "screenshot", "1.2.6": "for-processing",
+                     "1.2.7": "for-processing"}
+    assert d.flags == ()
 
 
 def test_study_level_reasons() -> None:
     knee = select([header(1, BodyPartExamined="KNEE", ViewPosition="AP")], CFG)
-    assert (knee.candidate, knee.rule) == (False, "body-part")
+    assert (knee.candidate, knee.rule) == (False, "no-study-rule")
     assert "KNEE" in knee.reason
     ct = select([header(1, CT, Modality="CT")], CFG)
-    assert (ct.candidate, ct.rule) == (False, "modality")
-    assert "CT" in ct.reason
+    assert (ct.candidate, ct.rule) == (False, "no-study-rule")
+    assert "Modality 'CT' is not one of CR, DX" in ct.reason
     pa_lat = select([header(1, SeriesDescription="CHEST PA", ViewPosition="PA"),
                      header(2, SeriesDescription="CHEST LAT", ViewPosition="LL")], CFG)
-    assert (pa_lat.candidate, pa_lat.rule) == (False, "view")
+    assert (pa_lat.candidate, pa_lat.rule) == (False, "no-model-input")
+    assert "other-view-in-description x2" in pa_lat.reason
 
 
 def test_chest_words_when_body_part_is_empty() -> None:
@@ -100,4 +117,84 @@ def test_unreadable_header_is_not_selected() -> None:
     bad = Header(StoredInstance("1.2.9", "1.3.9", CR, Path("/x")), None, "truncated")
     d = select([good, bad], CFG)
     assert [i.sop_instance_uid for i in d.inputs] == ["1.2.1"]
-    assert d.images[1].rule == "readable"
+    assert (d.images[1].rule, d.images[1].reason) == ("unreadable",
+                                                      "header unreadable: truncated")
+
+
+def test_wrong_patient_image_is_excluded_and_flagged() -> None:
+    d = select([header(1, SeriesDescription="CHEST AP", AcquisitionTime="080000"),
+                header(2, SeriesDescription="CHEST AP", PatientID="OTHER"),
+                header(3, SeriesDescription="CHEST PA")], CFG)
+    assert [i.sop_instance_uid for i in d.inputs] == ["1.2.1"]
+    assert d.images[1].rule == "wrong-patient"
+    assert "OTHER" not in d.images[1].reason, "no PHI in reasons"
+    assert d.flags == ("wrong-patient",)
+
+
+def test_several_ap_images_are_all_scored_latest_first_and_flagged() -> None:
+    two = select([header(1, SeriesDescription="CHEST AP", AcquisitionDate="20200401",
+                         AcquisitionTime="101500"),
+                  header(2, SeriesDescription="CHEST AP", AcquisitionDate="20200401",
+                         AcquisitionTime="093000")], CFG)
+    assert [i.sop_instance_uid for i in two.inputs] == ["1.2.1", "1.2.2"]
+    assert two.flags == ("multiple-ap-images",)
+    four = select([header(n, SeriesDescription="CHEST AP",
+                          AcquisitionDateTime=f"2020040110{n:02d}00") for n in range(4)], CFG)
+    assert four.inputs[0].sop_instance_uid == "1.2.3", "latest acquired is the headline"
+    assert four.flags == ("many-ap-images", "multiple-ap-images")
+    assert select([header(n, SeriesDescription="CHEST AP") for n in range(3)],
+                  CFG).flags == ("multiple-ap-images",), "three is not many"
+
+
+def test_the_paper_exam_code_rule_from_the_config_comment() -> None:
+    """The example in config/pxsgate.yaml, uncommented, selects by a private tag."""
+    text = (Path(__file__).parents[1] / "config" / "pxsgate.yaml").read_text()
+    example = [line for line in text.splitlines() if "# - name: exam-code" in line
+               or "#   accept:" in line or "#            one-of" in line]
+    assert len(example) == 3, "the commented example is in the config"
+    cfg = config_from_mapping({"selection": {"study-rules": [{
+        "name": "exam-code",
+        "accept": {"tag": "(0019,xx10)", "private-creator": "HOSPITAL EXAM CODES",
+                   "one-of": ["XRCHEST1V", "XRCHESTPORT"]}}]}}).selection
+    h = header(1, BodyPartExamined="", SeriesDescription="PORTABLE", ViewPosition="AP")
+    assert h.dataset is not None
+    h.dataset.add_new((0x0019, 0x0012), "LO", "HOSPITAL EXAM CODES")
+    h.dataset.add_new((0x0019, 0x1210), "LO", "XRCHESTPORT")
+    assert select([h], cfg).candidate
+    assert not select([h], CFG).candidate, "the default needs a body part or chest word"
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/dicom-samples not present")
+def test_shared_samples_pa_chests_and_ap_extremity_are_not_selected() -> None:
+    run = dry_run(SAMPLES, Config().selection)
+    by_file = {h.instance.path.name: d for headers, decision in run.studies.values()
+               for h, d in zip(headers, decision.images, strict=True)}
+    assert set(by_file) == {"966_fixed.dcm", "RG1_J2KI.dcm", "RG1_JLSN.dcm", "RG2_JPLL.dcm",
+                            "RG2_JPLY_fixed.dcm", "RG3_J2KR.dcm"}
+    assert not any(d.selected for d in by_file.values())
+    assert by_file["966_fixed.dcm"].rule == "other-view-in-description"  # DX "pa"
+    assert "ViewPosition 'PA'" in by_file["RG1_J2KI.dcm"].reason  # CR chest PA
+    assert "EXTREMITY" in by_file["RG3_J2KR.dcm"].reason  # AP, but not a chest
+    assert by_file["RG3_J2KR.dcm"].rule == "no-study-rule"
+    assert run.summary()["non_dicom_files"] == 2  # README.md and the licence
+
+
+def test_rules_test_command_prints_decisions_and_json(tmp_path: Path) -> None:
+    from pxsgate import synth
+
+    feed = tmp_path / "feed"
+    synth.write_feed(synth.hospital_feed(seed=3, rows=64, cols=64, prefix="RT"), feed)
+    (feed / "notes.txt").write_text("not dicom")
+    if SAMPLES.is_dir():
+        shutil.copy(SAMPLES / "RG3_J2KR.dcm", feed / "RG3_J2KR.dcm")
+    out = subprocess.run([sys.executable, "-m", "pxsgate", "rules", "test", str(feed)],
+                         capture_output=True, text=True, check=True).stdout
+    for text in ("CANDIDATE", "skipped", "not DICOM:", "yield"):
+        assert text in out
+    js = json.loads(subprocess.run(
+        [sys.executable, "-m", "pxsgate", "rules", "test", str(feed), "--json"],
+        capture_output=True, text=True, check=True).stdout)
+    direct = dry_run(feed, Config().selection)
+    assert js["summary"] == direct.summary()
+    assert {s["studyInstanceUid"] for s in js["studies"]} == set(direct.studies)
+    assert all(i["rule"] and i["reason"] for s in js["studies"] for i in s["images"])

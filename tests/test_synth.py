@@ -220,6 +220,7 @@ def test_feed_studies(feed_by_key: dict[str, synth.FeedStudy], feed: list[synth.
         "pa-lateral",
         "knee",
         "ct-chest",
+        "repeat-ap-wrong-patient",
     ]
     expected = {s.key: s.expected for s in feed}
     assert expected == {
@@ -229,7 +230,10 @@ def test_feed_studies(feed_by_key: dict[str, synth.FeedStudy], feed: list[synth.
         "pa-lateral": "skipped",
         "knee": "skipped",
         "ct-chest": "skipped",
+        "repeat-ap-wrong-patient": "scored",
     }
+    wrong = feed_by_key["repeat-ap-wrong-patient"].datasets[2]
+    assert wrong.PatientID == "PXSDEMO-008", "another patient's film filed into study 7"
     for n, study in enumerate(feed, start=1):
         assert study.description
         uids = [ds.SOPInstanceUID for ds in study.datasets]
@@ -239,6 +243,8 @@ def test_feed_studies(feed_by_key: dict[str, synth.FeedStudy], feed: list[synth.
             study.datasets[0].StudyInstanceUID
         }
         for ds in study.datasets:
+            if ds is wrong:
+                continue
             assert ds.PatientID == f"PXSDEMO-{n:03d}"
             assert str(ds.PatientName).startswith("DEMO^")
             assert 0 < len(ds.AccessionNumber) <= 16
@@ -271,8 +277,8 @@ def test_feed_studies(feed_by_key: dict[str, synth.FeedStudy], feed: list[synth.
         for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID)
     ]
     assert all(UID(u).is_valid for u in all_uids)
-    assert len({ds.SOPInstanceUID for s in feed for ds in s.datasets}) == 11
-    assert len({s.datasets[0].StudyInstanceUID for s in feed}) == 6
+    assert len({ds.SOPInstanceUID for s in feed for ds in s.datasets}) == 14
+    assert len({s.datasets[0].StudyInstanceUID for s in feed}) == 7
 
 
 def test_feed_study_tags(feed_by_key: dict[str, synth.FeedStudy]) -> None:
@@ -398,7 +404,7 @@ def test_feed_is_deterministic_in_seed() -> None:
 
 def test_write_feed_round_trip(feed: list[synth.FeedStudy], tmp_path: Path) -> None:
     paths = synth.write_feed(feed, tmp_path / "feed")
-    assert len(paths) == sum(len(s.datasets) for s in feed) == 11
+    assert len(paths) == sum(len(s.datasets) for s in feed) == 14
     assert len(set(paths)) == len(paths)
     originals = [ds for s in feed for ds in s.datasets]
     for path, original in zip(paths, originals, strict=True):

@@ -2,11 +2,14 @@
 
 DICOM has no "end of study" message, so completeness is inferred from time (as Orthanc's
 StableAge and Clara's DICOM Adapter do): a study is *ready* when no association that brought
-it is still open and for ``assembly.settle-seconds`` since the later of its last instance
-and its last association release nothing new arrived; or, for a
-sender that keeps an association open, after ``assembly.quiet-timeout-seconds`` with no new
-instance. An instance that arrives after a study was handed on starts a new round: the study
-becomes ready again and is scored again.
+it is still open and for ``settle-seconds`` since the later of its last instance and its
+last association release nothing new arrived; or, for a sender that keeps an association
+open, after ``quiet-timeout-seconds`` with no new instance. Both come from the assembly
+section or from the AE title the last instance was sent to. An instance that arrives after
+a study was handed on starts a new round: the study becomes ready again and is scored again.
+
+The timers live here; the deadlines they stand for are also written to SQLite by the
+gateway, so a restart resumes them (:meth:`Assembler.resume`).
 
 Everything here runs on the event loop; there are no locks.
 """
@@ -18,14 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pxsgate.config import AssemblyConfig
-
 ReadyHandler = Callable[[str, str], None]  # (study uid, why: "settled" | "quiet-timeout")
 
 
 @dataclass
 class _Pending:
     last_instance: float
+    settle: float
+    quiet: float
     last_release: float = 0.0
     open_associations: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
@@ -34,13 +37,10 @@ class _Pending:
 class Assembler:
     def __init__(
         self,
-        config: AssemblyConfig,
         loop: asyncio.AbstractEventLoop,
         on_ready: ReadyHandler,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._settle = config.settle_seconds
-        self._quiet = config.quiet_timeout_seconds
         self._loop = loop
         self._on_ready = on_ready
         self._clock = clock
@@ -52,26 +52,37 @@ class Assembler:
         """How many studies are still being received."""
         return len(self._pending)
 
-    def instance_arrived(self, study_uid: str, association_id: str) -> None:
+    def instance_arrived(self, study_uid: str, association_id: str, settle: float,
+                         quiet: float) -> None:
         now = self._clock()
         state = self._pending.get(study_uid)
         if state is None:
-            state = self._pending[study_uid] = _Pending(last_instance=now)
-        state.last_instance = now
+            state = self._pending[study_uid] = _Pending(now, settle, quiet)
+        state.last_instance, state.settle, state.quiet = now, settle, quiet
         state.open_associations.add(association_id)
         self._by_association.setdefault(association_id, set()).add(study_uid)
         self._schedule(study_uid, state)
 
-    def association_closed(self, association_id: str) -> set[str]:
-        """Note an association's end; return the studies it brought."""
-        studies = self._by_association.pop(association_id, set())
-        for study_uid in studies:
+    def association_closed(self, association_id: str) -> dict[str, float]:
+        """Note an association's end; return the studies it brought, each with the seconds
+        until it is ready if nothing more arrives."""
+        delays: dict[str, float] = {}
+        for study_uid in self._by_association.pop(association_id, set()):
             state = self._pending.get(study_uid)
             if state is not None:
                 state.open_associations.discard(association_id)
-                state.last_release = self._clock()
+                state.last_release = now = self._clock()
                 self._schedule(study_uid, state)
-        return studies
+                delays[study_uid] = max(0.0, self._deadline(state) - now)
+        return delays
+
+    def resume(self, study_uid: str, delay: float, settle: float, quiet: float) -> None:
+        """Re-arm a study that was pending when the service stopped: ready in ``delay``
+        seconds unless more arrives (its associations ended with the old process)."""
+        now = self._clock()
+        state = _Pending(now + delay - settle, settle, quiet)
+        self._pending[study_uid] = state
+        self._schedule(study_uid, state)
 
     def close(self) -> None:
         for state in self._pending.values():
@@ -82,10 +93,10 @@ class Assembler:
 
     def _deadline(self, state: _Pending) -> float:
         if state.open_associations:
-            return state.last_instance + self._quiet
+            return state.last_instance + state.quiet
         # Settle counts from the later of the last instance and the last release, so a
         # router that sends one image per association gets time to open the next one.
-        return max(state.last_instance, state.last_release) + self._settle
+        return max(state.last_instance, state.last_release) + state.settle
 
     def _schedule(self, study_uid: str, state: _Pending) -> None:
         if state.timer is not None:

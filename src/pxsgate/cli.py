@@ -53,10 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id")
     p.add_argument("--accession")
     p.add_argument("--status", choices=["SUCCEEDED", "FAILED", "SKIPPED"])
+    p.add_argument("--flagged", action="store_true", help="only results with review flags")
+    p.add_argument("--history", action="store_true",
+                   help="every result, not only each study's current one")
     p.add_argument("--limit", type=int)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="a JSON array of result documents")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per result")
+
+    p = sub.add_parser("rules", help="selection rules")
+    rules_sub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    p = rules_sub.add_parser(
+        "test", help="dry-run the selection rules over a folder of DICOM files (headers only)")
+    _add_config(p)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
     p = sub.add_parser("score", help="score DICOM files offline (same code path as serve)")
     _add_config(p)
@@ -104,10 +115,10 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     configure_logging(config.logging.format, config.logging.level)
-    return int(_run(_serve(config)))
+    return int(_run(_serve(config, resolve_config_path(args.config))))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, path: Path) -> int:
     from pxsgate.server import Gateway  # torch loads here, not for check-config/results
 
     stop = asyncio.Event()
@@ -115,12 +126,35 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(gateway, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await gateway.start()
     try:
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         await gateway.stop()
     return EXIT_OK
+
+
+async def _reload(gateway: Any, path: Path) -> None:
+    """SIGHUP: re-read the config file; an invalid one keeps what is running."""
+    import structlog
+
+    log = structlog.get_logger("pxsgate.cli")
+    try:
+        new = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        log.error("config.reload_failed", path=str(path), key=exc.path, reason=exc.reason,
+                  kept="the rules and timings already running")
+        return
+    gateway.reload(new)
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
@@ -136,7 +170,8 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
     if not db.exists():
         raise PxsgateError(f"no store at {db} (is storage.data-dir right?)")
     flt = ResultFilter(study_uid=args.study_uid, patient_id=args.patient_id,
-                       accession=args.accession, status=args.status, limit=args.limit)
+                       accession=args.accession, status=args.status, flagged=args.flagged,
+                       history=args.history, limit=args.limit)
     docs = _run(_query(db, flt))
     if args.json:
         json.dump(docs, sys.stdout, indent=2)
@@ -160,11 +195,13 @@ async def _query(db: Path, flt: ResultFilter) -> list[dict[str, Any]]:
 def _row(doc: dict[str, Any]) -> list[str]:
     scores = ",".join(r["value"] for r in doc["results"])
     detail = scores if doc["status"] == "SUCCEEDED" else doc["errorMessage"]
+    flags = " ".join(doc.get("pxsgate", {}).get("flags", [])) or "-"
     return [doc["createdAt"][:19], doc["status"], doc["patientId"], doc["accessionNumber"],
-            doc["studyInstanceUid"], detail]
+            doc["studyInstanceUid"], flags, detail]
 
 
-_HEADER = ["created", "status", "patient", "accession", "study uid", "score / reason"]
+_HEADER = ["created", "status", "patient", "accession", "study uid", "flags",
+           "score (headline first) / reason"]
 
 
 def _print_table(docs: list[dict[str, Any]]) -> None:
@@ -201,7 +238,52 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def cmd_rules(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.rules import dry_run
+
+    if not args.folder.exists():
+        raise PxsgateError(f"{args.folder} does not exist")
+    run = dry_run(args.folder, config.selection)
+    if args.json:
+        json.dump(_dry_run_json(run), sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    for study_uid, (headers, decision) in run.studies.items():
+        verdict = "CANDIDATE" if decision.candidate else "skipped"
+        flags = f"  flags: {' '.join(decision.flags)}" if decision.flags else ""
+        print(f"study {study_uid}  {verdict}  [{decision.rule}] {decision.reason}{flags}")
+        names = {h.instance.sop_instance_uid: h.instance.path.name for h in headers}
+        for d in decision.images:
+            mark = "->" if d.selected else "  "
+            print(f"  {mark} {names.get(d.sop_instance_uid, d.sop_instance_uid):<32} "
+                  f"[{d.rule}] {d.reason}")
+    for path, why in run.skipped_files:
+        print(f"not DICOM: {path}: {why}")
+    s = run.summary()
+    print(f"{s['studies']} studies, {s['candidate_studies']} with model input "
+          f"(yield {s['yield']:.0%}); {s['selected_images']} of {s['images']} images "
+          f"selected; {s['flagged_studies']} flagged; {s['non_dicom_files']} non-DICOM files")
+    return EXIT_OK
+
+
+def _dry_run_json(run: Any) -> dict[str, Any]:
+    return {
+        "summary": run.summary(),
+        "studies": [
+            {"studyInstanceUid": uid, "candidate": d.candidate, "rule": d.rule,
+             "reason": d.reason, "flags": list(d.flags),
+             "images": [{"file": str(next(h.instance.path for h in headers
+                                          if h.instance.sop_instance_uid == i.sop_instance_uid)),
+                         "sopInstanceUid": i.sop_instance_uid, "selected": i.selected,
+                         "rule": i.rule, "reason": i.reason} for i in d.images]}
+            for uid, (headers, d) in run.studies.items()
+        ],
+        "nonDicomFiles": [{"file": p, "reason": why} for p, why in run.skipped_files],
+    }
+
+
 _COMMANDS = {
+    "rules": cmd_rules,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "check-config": cmd_check_config,

@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pxsgate import default_rules
 from pxsgate.errors import ConfigError
+from pxsgate.matchers import Rule, parse_rules
 
 DEFAULT_CONFIG_PATH = Path("config/pxsgate.yaml")
 CONFIG_ENV = "PXSGATE_CONFIG"
@@ -114,6 +116,10 @@ def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class AeTitleConfig:
     ae_title: str = field(metadata=_check(_check_ae_title))
+    # Study completion for studies sent to this AE title (default: the assembly section).
+    settle_seconds: float | None = field(default=None, metadata=_check(_check_non_negative))
+    quiet_timeout_seconds: float | None = field(default=None,
+                                                metadata=_check(_check_positive))
 
 
 @dataclass(frozen=True)
@@ -200,25 +206,34 @@ class AssemblyConfig:
     quiet_timeout_seconds: float = field(default=60.0, metadata=_check(_check_positive))
 
 
+def _study_rules(value: Any, path: str) -> tuple[Rule, ...]:
+    return parse_rules(value, path, ("accept", "reject"))
+
+
+def _image_rules(value: Any, path: str) -> tuple[Rule, ...]:
+    return parse_rules(value, path, ("select", "exclude"))
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
-    """The default selection rules (the paper's approach); issue 4 generalises them."""
+    """Which studies are candidates and which images are model input (matchers.py has the
+    rule language, default_rules.py the defaults). First matching rule decides."""
 
-    modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
-    # Used only when BodyPartExamined is empty: words in Study/SeriesDescription.
-    chest_words: tuple[str, ...] = ("CHEST", "THORAX", "CXR", "LUNG", "LUNGS")
-    views: tuple[str, ...] = ("AP",)
-    # Tokens in DerivationDescription (0008,2111) that mark a post-processed copy.
-    exclude_derivation: tuple[str, ...] = ("CATH",)
+    study_rules: tuple[Rule, ...] = field(default_factory=default_rules.study_rules,
+                                          metadata={"parse": _study_rules})
+    image_rules: tuple[Rule, ...] = field(default_factory=default_rules.image_rules,
+                                          metadata={"parse": _image_rules})
+    # More model-input images than this in one study: flagged many-ap-images for review.
+    many_ap_images: int = field(default=3, metadata=_check(_check_positive))
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    # Decode worker processes (0 = one per CPU core). Pixel codecs can hold the GIL for a
-    # second per JPEG 2000 image; in their own processes they never stall reception, and a
-    # codec that crashes on a malformed image takes down one worker, not the service.
-    workers: int = field(default=2, metadata=_check(_check_non_negative))
+    # Decode worker processes (0 = automatic: one core is left to reception, so CPU cores - 1,
+    # at least 1 and at most 8). Pixel codecs can hold the GIL for a second per JPEG 2000
+    # image; in their own processes (at nice 19) they never stall reception, and a codec
+    # that crashes on a malformed image takes down one worker, not the service.
+    workers: int = field(default=0, metadata=_check(_check_non_negative))
     # Reproduce the training pipeline's JPEG quality-95 round trip (PXS_preprocessing.py)
     # for sites whose model was trained on such files.
     jpeg_roundtrip: bool = False
@@ -272,6 +287,17 @@ class Config:
     results: ResultsConfig = ResultsConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def timings(self, ae_title: str) -> tuple[float, float]:
+        """(settle, quiet timeout) in seconds for studies sent to ``ae_title``."""
+        settle, quiet = self.assembly.settle_seconds, self.assembly.quiet_timeout_seconds
+        for entry in self.dicom.scp.ae_titles:
+            if entry.ae_title == ae_title:
+                if entry.settle_seconds is not None:
+                    settle = entry.settle_seconds
+                if entry.quiet_timeout_seconds is not None:
+                    quiet = entry.quiet_timeout_seconds
+        return settle, quiet
 
     @property
     def spool_dir(self) -> Path:
@@ -358,9 +384,13 @@ def _build(cls: type[Any], data: Any, path: str) -> Any:
             if no_default:
                 raise ConfigError(f"{prefix}{key}", "is required")
             continue
-        value = _convert(data[key], hints[f.name], f"{prefix}{key}")
+        parse = f.metadata.get("parse")
+        if parse is not None:
+            value = parse(data[key], f"{prefix}{key}")
+        else:
+            value = _convert(data[key], hints[f.name], f"{prefix}{key}")
         check = f.metadata.get("check")
-        if check is not None and (problem := check(value)) is not None:
+        if check is not None and value is not None and (problem := check(value)) is not None:
             raise ConfigError(f"{prefix}{key}", problem)
         kwargs[f.name] = value
     return cls(**kwargs)

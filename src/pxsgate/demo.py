@@ -93,16 +93,22 @@ async def _drive(gateway: Gateway, config: Config, out: TextIO, rows: int, cols:
 
 def _report(feed: Sequence[synth.FeedStudy], docs: dict[str, dict[str, Any]],
             out: TextIO) -> int:
-    print(f"\n  {'study':<18} {'expected':<9} {'outcome':<9} detail", file=out)
+    width = max(len(s.key) for s in feed)
+    print(f"\n  {'study':<{width}} {'expected':<9} {'outcome':<9} detail", file=out)
     mismatches = 0
     shown: dict[str, Any] | None = None
     for study in feed:
         doc = docs.get(str(study.datasets[0].StudyInstanceUID))
         outcome = _outcome(doc)
-        mark = "" if outcome == study.expected else "  <-- unexpected"
+        flags = doc["pxsgate"]["flags"] if doc else []
+        expected = outcome == study.expected and flags == list(study.expected_flags)
+        mark = "" if expected else "  <-- unexpected"
         mismatches += bool(mark)
         detail = _describe(doc) if doc else "no result stored"
-        print(f"  {study.key:<18} {study.expected:<9} {outcome:<9} {detail}{mark}", file=out)
+        if flags:
+            detail += f"; review flags: {', '.join(flags)}"
+        print(f"  {study.key:<{width}} {study.expected:<9} {outcome:<9} {detail}{mark}",
+              file=out)
         if doc and doc["status"] == "SUCCEEDED" and (shown is None or len(study.datasets) > 1):
             shown = doc
     if shown is not None:

@@ -25,6 +25,7 @@ class ReceivedInstance:
     size: int
     sha256: str
     calling_ae: str
+    called_ae: str
     peer_address: str
     association_id: str
     received_at: str
@@ -49,20 +50,28 @@ class ImageDecision:
     selected: bool
     rule: str
     reason: str
+    # When the image was acquired, as sortable text (YYYYMMDDHHMMSS.ffffff; "" unknown).
+    acquired: str = ""
 
 
 @dataclass(frozen=True)
 class StudyDecision:
-    """select -> pipeline: whether the study is a candidate, and the per-image decisions."""
+    """select -> pipeline: whether the study is a candidate, the per-image decisions, and
+    the review flags selection raised (multiple-ap-images, many-ap-images, wrong-patient)."""
 
     candidate: bool
     rule: str
     reason: str
     images: tuple[ImageDecision, ...]
+    flags: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[ImageDecision, ...]:
-        return tuple(d for d in self.images if d.selected)
+        """The model-input images, latest acquired first (the study's headline image)."""
+        chosen = [d for d in self.images if d.selected]
+        # Stable sort: images with equal (or unknown) times keep their arrival order, and
+        # of those the last to arrive counts as the latest.
+        return tuple(sorted(reversed(chosen), key=lambda d: d.acquired, reverse=True))
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,7 @@ class Receiver:
             size=size,
             sha256=digest.hexdigest(),
             calling_ae=event.assoc.requestor.ae_title.strip(),
+            called_ae=_called_ae(event),
             peer_address=str(event.assoc.requestor.address),
             association_id=assoc_id,
             received_at=now_iso(),
@@ -297,3 +298,11 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         ctx.load_verify_locations(str(tls.ca_certificates))
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
     return ctx
+
+
+def _called_ae(event: evt.Event) -> str:
+    """The AE title the peer called (pxsgate serves several)."""
+    primitive = event.assoc.requestor.primitive
+    if primitive is not None:
+        return str(primitive.called_ae_title).strip()
+    return str(event.assoc.acceptor.ae_title).strip()

@@ -1,8 +1,9 @@
 """The result document: one per study, in the shape of the paper's Listing 3.
 
 Listing 3's fields are kept exactly (names, nesting, ``value`` as a string); pxsgate's
-additions live under ``pxsgate`` (its version, the selection decisions, stage timestamps),
-so a consumer written for the reference deployment reads these documents unchanged.
+additions live under ``pxsgate`` (its version, review flags, the headline score, the
+selection decisions, stage timestamps), so a consumer written for the reference
+deployment reads these documents unchanged.
 
 Status: SUCCEEDED (scored), FAILED (``exitCode`` non-zero, ``errorMessage`` says why) or
 SKIPPED (the study is not a candidate; ``errorMessage`` gives the rule's reason), so every
@@ -82,7 +83,7 @@ def _selection(decision: StudyDecision | None) -> dict[str, Any] | None:
         "reason": decision.reason,
         "images": [
             {"sopInstanceUid": d.sop_instance_uid, "selected": d.selected, "rule": d.rule,
-             "reason": d.reason}
+             "reason": d.reason, "acquired": d.acquired}
             for d in decision.images
         ],
     }
@@ -101,9 +102,11 @@ def build_document(
     exit_code: int = 0,
     error_message: str = "",
     stages: Mapping[str, str | None] | None = None,
+    flags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One Listing-3 document. ``createdAt`` is when inference started, ``updatedAt`` when it
-    finished (the paper's definitions)."""
+    finished (the paper's definitions). ``scores`` come headline first (the latest acquired
+    image); ``pxsgate.headline`` names it and ``pxsgate.flags`` lists the review flags."""
     results = [
         {
             "code": PXS_CODE,
@@ -132,6 +135,9 @@ def build_document(
         "entities": [],
         "pxsgate": {
             "version": __version__,
+            "flags": list(flags),
+            "headline": ({"sopInstanceUid": scores[0].sop_instance_uid,
+                          "value": format_score(scores[0].score)} if scores else None),
             "selection": _selection(decision),
             "stages": dict(stages or {}),
         },

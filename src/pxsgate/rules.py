@@ -1,59 +1,45 @@
 """Selection: is a study a candidate for the model, and which of its images are model input.
 
-The default rules are the paper's approach ("Study Selection" and "Series Selection"),
-generalised: a candidate study has CR/DX images of the chest; an image is model input when
-its view is AP, it is not a CATH-enhanced copy, not a screenshot and not a DX "For
-Processing" image. Every decision carries the rule that made it and a reason a sysadmin can
-read, and is stored (``decisions`` table), so a skipped study is never a mystery.
+The rules are data (config ``selection``, language in matchers.py, defaults in
+default_rules.py). For each readable instance:
 
-Rules read only header tags (the files are read with ``stop_before_pixels``). Real CR/DX
-images carry ImageType ``DERIVED\\PRIMARY``: DERIVED alone marks nothing.
+1. wrong patient: an instance whose PatientID differs from the study's (the PatientID most
+   of its instances carry) is never model input, and the study is flagged ``wrong-patient``.
+2. study rules, first match decides: ``accept`` or ``reject``; no match rejects. The study
+   is a candidate when at least one instance is accepted.
+3. image rules, first match decides: ``select`` (model input) or ``exclude``; no match
+   excludes.
+
+Review flags: ``multiple-ap-images`` (more than one input: all are scored, the latest
+acquired is the headline), ``many-ap-images`` (more than ``selection.many-ap-images``
+inputs: the paper's manual-review case), ``wrong-patient``. Every decision carries the rule
+that made it and a reason a sysadmin can read, and is stored, so a skipped study is never a
+mystery. Rules read header tags only (files are read with ``stop_before_pixels``).
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 
 from pxsgate.config import SelectionConfig
+from pxsgate.matchers import first_match
 from pxsgate.messages import ImageDecision, StoredInstance, StudyDecision
 
-# Secondary Capture Image Storage and its multi-frame variants (PS3.4 Annex B.5).
-SECONDARY_CAPTURE_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.7",
-    "1.2.840.10008.5.1.4.1.1.7.1",
-    "1.2.840.10008.5.1.4.1.1.7.2",
-    "1.2.840.10008.5.1.4.1.1.7.3",
-    "1.2.840.10008.5.1.4.1.1.7.4",
-})
-DX_FOR_PROCESSING = frozenset({
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral - For Processing
-})
-
-# Words that name a radiographic view in a SeriesDescription, and the view they name.
-VIEW_TOKENS = {
-    "AP": "AP", "PA": "PA", "LAT": "LATERAL", "LATERAL": "LATERAL", "LL": "LATERAL",
-    "RL": "LATERAL", "LLD": "LATERAL", "RLD": "LATERAL", "OBL": "OBLIQUE", "OBLIQUE": "OBLIQUE",
-}
-# ViewPosition (0018,5101) defined terms, PS3.3 C.8.11.5, mapped the same way.
-VIEW_POSITIONS = {"AP": "AP", "PA": "PA", "LL": "LATERAL", "RL": "LATERAL", "LLD": "LATERAL",
-                  "RLD": "LATERAL", "LATERAL": "LATERAL", "LAT": "LATERAL"}
-
-
-def tokens(text: str) -> list[str]:
-    """Upper-case words of ``text`` split on anything not a letter or digit ("ap_supine" ->
-    AP, SUPINE), so a token match respects word boundaries ("CAPTURE" holds no AP)."""
-    return re.findall(r"[A-Z0-9]+", text.upper())
+FLAG_MULTIPLE = "multiple-ap-images"
+FLAG_MANY = "many-ap-images"
+FLAG_WRONG_PATIENT = "wrong-patient"
+FLAG_RESCORED = "rescored"
 
 
 @dataclass(frozen=True)
 class Header:
-    """An instance and the header tags the rules read."""
+    """An instance and its header (no pixel data)."""
 
     instance: StoredInstance
     dataset: Dataset | None  # None: the file could not be read
@@ -65,87 +51,137 @@ class Header:
         value = self.dataset.get(keyword, "")
         return "" if value is None else str(value).strip()
 
-    def values(self, keyword: str) -> list[str]:
-        if self.dataset is None:
-            return []
-        value = self.dataset.get(keyword)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            return [value.strip().upper()]
-        return [str(v).strip().upper() for v in value]
-
-
-def _is_chest(h: Header, cfg: SelectionConfig) -> tuple[bool, str]:
-    body_part = h.text("BodyPartExamined").upper()
-    if body_part:
-        return body_part in cfg.body_parts, f"BodyPartExamined {body_part}"
-    words = set(cfg.chest_words)
-    for keyword in ("StudyDescription", "SeriesDescription"):
-        if words.intersection(tokens(h.text(keyword))):
-            return True, f"{keyword} names the chest"
-    return False, "no BodyPartExamined and no chest word in the descriptions"
-
-
-def _view(h: Header) -> tuple[str | None, str]:
-    """The view; one named in SeriesDescription wins over ViewPosition (the paper's lesson:
-    the site-standardised description is the more reliable of the two)."""
-    for token in tokens(h.text("SeriesDescription")):
-        if token in VIEW_TOKENS:
-            return VIEW_TOKENS[token], f"SeriesDescription names {token}"
-    position = h.text("ViewPosition").upper()
-    if position:
-        return VIEW_POSITIONS.get(position, position), f"ViewPosition {position}"
-    return None, "no view in SeriesDescription or ViewPosition"
-
-
-def _decide_image(h: Header, cfg: SelectionConfig) -> ImageDecision:
-    inst = h.instance
-
-    def decision(selected: bool, rule: str, reason: str) -> ImageDecision:
-        return ImageDecision(inst.sop_instance_uid, inst.series_instance_uid, selected, rule,
-                             reason)
-
-    if h.dataset is None:
-        return decision(False, "readable", f"header unreadable: {h.error}")
-    if inst.sop_class_uid in SECONDARY_CAPTURE_CLASSES or "SECONDARY" in h.values("ImageType"):
-        return decision(False, "not-screenshot", "screenshot (Secondary Capture or SECONDARY)")
-    modality = h.text("Modality").upper()
-    if modality not in cfg.modalities:
-        return decision(False, "modality", f"Modality {modality or 'empty'}")
-    if inst.sop_class_uid in DX_FOR_PROCESSING:
-        return decision(False, "for-presentation", "a For Processing image")
-    derivation = set(tokens(h.text("DerivationDescription")))
-    if hit := derivation.intersection(cfg.exclude_derivation):
-        return decision(False, "not-derived-copy", f"DerivationDescription {sorted(hit)[0]}")
-    chest, why = _is_chest(h, cfg)
-    if not chest:
-        return decision(False, "body-part", why)
-    view, why = _view(h)
-    if view not in cfg.views:
-        return decision(False, "view", f"view {view or 'unknown'} ({why})")
-    return decision(True, "view", f"{modality} chest, view {view} ({why})")
+    def acquired(self) -> str:
+        """Acquisition time as sortable text, from the most specific tags present."""
+        for dt, date, time in (("AcquisitionDateTime", "", ""),
+                               ("", "AcquisitionDate", "AcquisitionTime"),
+                               ("", "ContentDate", "ContentTime"),
+                               ("", "SeriesDate", "SeriesTime")):
+            if dt and (value := self.text(dt)):
+                return value[:21]
+            if date and (value := self.text(date)):
+                return f"{value}{self.text(time)}"[:21]
+        return ""
 
 
 def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
-    """Decide a whole study: the study-level verdict and one decision per instance."""
+    """Decide a whole study: the study-level verdict, one decision per instance, flags."""
     readable = [h for h in headers if h.dataset is not None]
-    modalities = sorted({h.text("Modality").upper() or "?" for h in readable})
-    projection = [h for h in readable if h.text("Modality").upper() in cfg.modalities]
-    if not projection:
-        return StudyDecision(False, "modality",
-                             f"no {'/'.join(cfg.modalities)} images (Modality "
-                             f"{', '.join(modalities) or 'unknown'})", ())
-    chest = [h for h in projection if _is_chest(h, cfg)[0]]
-    if not chest:
-        parts = sorted({h.text("BodyPartExamined").upper() or "empty" for h in projection})
-        return StudyDecision(False, "body-part",
-                             f"not a chest study (BodyPartExamined {', '.join(parts)})", ())
-    images = tuple(_decide_image(h, cfg) for h in headers)
+    patient = _study_patient(readable)
+    images: list[ImageDecision] = []
+    accepted_by: list[tuple[str, str]] = []
+    rejected_by: Counter[str] = Counter()
+    wrong_patient = False
+    for h in headers:
+        inst = h.instance
+
+        def decision(selected: bool, rule: str, reason: str, h: Header = h,
+                     inst: StoredInstance = inst) -> ImageDecision:
+            return ImageDecision(inst.sop_instance_uid, inst.series_instance_uid, selected,
+                                 rule, reason, h.acquired())
+
+        if h.dataset is None:
+            images.append(decision(False, "unreadable", f"header unreadable: {h.error}"))
+            continue
+        if h.text("PatientID") != patient:
+            wrong_patient = True
+            images.append(decision(False, FLAG_WRONG_PATIENT,
+                                   "PatientID differs from the study's"))
+            continue
+        rule, why = first_match(cfg.study_rules, h.dataset)
+        if rule is None or rule.action == "reject":
+            name = rule.name if rule else "no-study-rule"
+            rejected_by[name] += 1
+            images.append(decision(False, name, why))
+            continue
+        accepted_by.append((rule.name, why))
+        rule, why = first_match(cfg.image_rules, h.dataset)
+        if rule is None:
+            images.append(decision(False, "no-image-rule", why))
+        else:
+            images.append(decision(rule.action == "select", rule.name, why))
+    flags = [FLAG_WRONG_PATIENT] if wrong_patient else []
+    if not accepted_by:
+        if not rejected_by:
+            first = next(d for d in images)
+            return StudyDecision(False, first.rule, f"not a candidate: {first.reason}",
+                                 tuple(images), tuple(flags))
+        first = next(d for d in images if d.rule in rejected_by)
+        reason = f"not a candidate: {first.reason}"
+        if len(rejected_by) > 1:
+            summary = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in rejected_by.items())
+            reason += f" (rules: {summary})"
+        return StudyDecision(False, first.rule, reason, tuple(images), tuple(flags))
     chosen = [d for d in images if d.selected]
     if not chosen:
-        return StudyDecision(False, "view", f"no {'/'.join(cfg.views)} image among "
-                             f"{len(images)} instance(s)", images)
-    return StudyDecision(True, "candidate",
-                         f"chest {'/'.join(cfg.modalities)} study, {len(chosen)} model "
-                         "input image(s)", images)
+        counts = Counter(d.rule for d in images)
+        summary = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
+        example = next((d for d in images if d.rule not in rejected_by), images[0])
+        return StudyDecision(False, "no-model-input", f"candidate ({accepted_by[0][0]}) but "
+                             f"no image selected among {len(images)} ({summary}), e.g. "
+                             f"{example.reason}", tuple(images), tuple(flags))
+    if len(chosen) > 1:
+        flags.append(FLAG_MULTIPLE)
+    if len(chosen) > cfg.many_ap_images:
+        flags.append(FLAG_MANY)
+    rule_name, why = accepted_by[0]
+    return StudyDecision(True, rule_name, f"{why}; {len(chosen)} model input image(s)",
+                         tuple(images), tuple(sorted(flags)))
+
+
+def _study_patient(readable: Sequence[Header]) -> str:
+    """The study's PatientID: the one most of its instances carry (ties: the earliest)."""
+    counts = Counter(h.text("PatientID") for h in readable)
+    if not counts:
+        return ""
+    top = max(counts.values())
+    return next(h.text("PatientID") for h in readable if counts[h.text("PatientID")] == top)
+
+
+# --- dry run over a folder (``pxsgate rules test DIR``) ------------------------------------
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """The decisions the rules would make over a folder of DICOM files."""
+
+    studies: dict[str, tuple[list[Header], StudyDecision]]
+    skipped_files: list[tuple[str, str]]  # (path, why) for files that are not DICOM
+
+    def summary(self) -> dict[str, int | float]:
+        decisions = [d for _, d in self.studies.values()]
+        candidates = sum(1 for d in decisions if d.candidate)
+        images = sum(len(d.images) for d in decisions)
+        selected = sum(len(d.inputs) for d in decisions)
+        flagged = sum(1 for d in decisions if d.flags)
+        return {
+            "studies": len(decisions), "candidate_studies": candidates,
+            "images": images, "selected_images": selected, "flagged_studies": flagged,
+            "non_dicom_files": len(self.skipped_files),
+            # The paper's yield: the share of studies for which an image reaches the model.
+            "yield": round(candidates / len(decisions), 4) if decisions else 0.0,
+        }
+
+
+def dry_run(root: Path, cfg: SelectionConfig) -> DryRun:
+    """Read every file under ``root`` (headers only, no pixel decode), group by study and
+    decide each study as the service would."""
+    groups: dict[str, list[Header]] = {}
+    skipped: list[tuple[str, str]] = []
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            skipped.append((str(path), str(exc)[:200] or type(exc).__name__))
+            continue
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        if not study:
+            skipped.append((str(path), "no StudyInstanceUID"))
+            continue
+        inst = StoredInstance(str(ds.get("SOPInstanceUID", "") or path.name),
+                              str(ds.get("SeriesInstanceUID", "") or ""),
+                              str(ds.get("SOPClassUID", "") or ""), path)
+        groups.setdefault(study, []).append(Header(inst, ds))
+    studies = {uid: (headers, select(headers, cfg)) for uid, headers in groups.items()}
+    return DryRun(studies, skipped)

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import fields, replace
 from typing import Any
 
 import structlog
@@ -60,7 +61,8 @@ class Gateway:
         self.model = model
         self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
                                   self._executor, self._decoder)
-        self._assembler = Assembler(self.config.assembly, loop, self._study_ready)
+        self._assembler = Assembler(loop, self._study_ready)
+        await self._resume()
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed)
         self.port = await asyncio.to_thread(self._receiver.start)
@@ -89,6 +91,27 @@ class Gateway:
         await self.store.close()
         log.info("gateway.stopped")
 
+    def reload(self, new: Config) -> None:
+        """Apply a re-read config (SIGHUP) without dropping associations: the selection
+        rules and the study completion timings change at once; everything else needs a
+        restart and is logged as such."""
+        old = self.config
+        same_titles = ([t.ae_title for t in old.dicom.scp.ae_titles]
+                       == [t.ae_title for t in new.dicom.scp.ae_titles])
+        dicom = (replace(old.dicom, scp=replace(old.dicom.scp,
+                                                ae_titles=new.dicom.scp.ae_titles))
+                 if same_titles else old.dicom)
+        applied = replace(old, selection=new.selection, assembly=new.assembly, dicom=dicom)
+        restart = [f.name for f in fields(Config) if getattr(applied, f.name)
+                   != getattr(new, f.name)]
+        self.config = applied
+        if self._pipeline is not None:
+            self._pipeline.selection = applied.selection
+        log.info("config.reloaded", study_rules=len(applied.selection.study_rules),
+                 image_rules=len(applied.selection.image_rules),
+                 changed_rules=old.selection != applied.selection,
+                 restart_needed=restart)
+
     def idle(self) -> bool:
         """Nothing being received, assembled or processed."""
         return (
@@ -106,20 +129,46 @@ class Gateway:
 
     # --- stage glue (on the loop) ---------------------------------------------------------
 
+    async def _resume(self) -> None:
+        """Re-arm the studies that were pending when the service last stopped: deadlines
+        that passed meanwhile make the study ready now; one that was being processed is
+        processed again."""
+        assert self._assembler is not None
+        assert self._pipeline is not None
+        now = time.time()
+        pending = await self.store.pending_studies()
+        for study in pending:
+            if study.state == "ready" or study.deadline is None:
+                self._pipeline.submit(study.study_instance_uid)
+                continue
+            settle, quiet = self.config.timings("")
+            if study.settle_seconds is not None:
+                settle = study.settle_seconds
+            # The associations died with the old process: at most settle from now.
+            delay = min(max(0.0, study.deadline - now), settle)
+            self._assembler.resume(study.study_instance_uid, delay, settle, quiet)
+        if pending:
+            log.info("studies.resumed", studies=len(pending))
+
     async def _instance_received(self, instance: ReceivedInstance) -> None:
-        outcome = await self.store.record_instance(instance)
+        settle, quiet = self.config.timings(instance.called_ae)
+        # While its association is open, the study is ready after the quiet timeout.
+        outcome = await self.store.record_instance(instance, time.time() + quiet, settle)
         if outcome == "duplicate":
             # Stored once; the same bytes again do not re-open the study.
             log.info("instance.duplicate", association_id=instance.association_id)
             return
         assert self._assembler is not None
-        self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id)
+        self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
+                                         settle, quiet)
 
     def _association_closed(self, association_id: str) -> None:
         assert self._assembler is not None
-        studies = self._assembler.association_closed(association_id)
-        if studies:
-            self._spawn(self.store.set_released(studies, now_iso()))
+        delays = self._assembler.association_closed(association_id)
+        if delays:
+            now = time.time()
+            deadlines = [(uid, now + delay) for uid, delay in delays.items()]
+            self._spawn(self.store.set_released(deadlines, now_iso()))
 
     def _study_ready(self, study_uid: str, why: str) -> None:
         log.info("study.ready", study=study_uid[-12:], why=why)

@@ -82,6 +82,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX results_status ON results (status);
     CREATE INDEX results_created ON results (created_at);
     """,
+    # 2: review flags, result history, study deadlines that survive a restart (issue 4)
+    """
+    ALTER TABLE instances ADD COLUMN called_ae TEXT NOT NULL DEFAULT '';
+    ALTER TABLE results ADD COLUMN flags TEXT NOT NULL DEFAULT '';  -- space-separated
+    ALTER TABLE results ADD COLUMN current INTEGER NOT NULL DEFAULT 1;
+    UPDATE results SET current = 0 WHERE rowid NOT IN
+        (SELECT max(rowid) FROM results GROUP BY study_instance_uid);
+    CREATE INDEX results_current ON results (study_instance_uid, current);
+    CREATE INDEX results_flagged ON results (flags) WHERE flags != '';
+    -- When the study is ready (Unix time) if nothing more arrives; NULL once handed on.
+    ALTER TABLE studies ADD COLUMN deadline REAL;
+    -- The settle time that applies after the study's associations are released.
+    ALTER TABLE studies ADD COLUMN settle_seconds REAL;
+    CREATE INDEX studies_state ON studies (state);
+    """,
 )
 
 InstanceOutcome = Literal["new", "changed", "duplicate"]
@@ -93,7 +108,19 @@ class ResultFilter:
     patient_id: str | None = None
     accession: str | None = None
     status: str | None = None
+    flagged: bool = False
+    history: bool = False  # every result, not only each study's current one
     limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PendingStudy:
+    """A study not yet handed on when the service stopped, and when it should be."""
+
+    study_instance_uid: str
+    state: str  # receiving | ready
+    deadline: float | None  # Unix time
+    settle_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -151,9 +178,11 @@ class Store:
 
     # --- instances (receive -> store) ----------------------------------------------------
 
-    async def record_instance(self, inst: ReceivedInstance) -> InstanceOutcome:
+    async def record_instance(self, inst: ReceivedInstance, deadline: float,
+                              settle_seconds: float) -> InstanceOutcome:
         """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
-        its bytes are the ones already held (the study is left as it is), else ``changed``."""
+        its bytes are the ones already held (the study is left as it is), else ``changed``.
+        ``deadline`` (Unix time) is when its study is ready if nothing more arrives."""
         async with self.db.execute(
             "SELECT sha256, study_instance_uid FROM instances WHERE sop_instance_uid = ?",
             (inst.sop_instance_uid,),
@@ -162,9 +191,10 @@ class Store:
         if row is not None and tuple(row) == (inst.sha256, inst.study_instance_uid):
             await self.db.execute(
                 """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
-                       peer_address = ?, association_id = ?, received_at = ?
+                       called_ae = ?, peer_address = ?, association_id = ?, received_at = ?
                    WHERE sop_instance_uid = ?""",
-                (inst.calling_ae, inst.peer_address, inst.association_id, inst.received_at,
+                (inst.calling_ae, inst.called_ae, inst.peer_address, inst.association_id,
+                 inst.received_at,
                  inst.sop_instance_uid),
             )
             await self.db.commit()
@@ -173,35 +203,38 @@ class Store:
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
                 sop_class_uid, transfer_syntax_uid, path, size, sha256, calling_ae,
-                peer_address, association_id, received_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                called_ae, peer_address, association_id, received_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (sop_instance_uid) DO UPDATE SET
                 study_instance_uid = excluded.study_instance_uid,
                 series_instance_uid = excluded.series_instance_uid,
                 sop_class_uid = excluded.sop_class_uid,
                 transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path,
                 size = excluded.size, sha256 = excluded.sha256,
-                calling_ae = excluded.calling_ae, peer_address = excluded.peer_address,
+                calling_ae = excluded.calling_ae, called_ae = excluded.called_ae,
+                peer_address = excluded.peer_address,
                 association_id = excluded.association_id, received_at = excluded.received_at,
                 receive_count = receive_count + 1
             """,
             (
                 inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
                 inst.sop_class_uid, inst.transfer_syntax_uid, str(inst.path), inst.size,
-                inst.sha256, inst.calling_ae, inst.peer_address, inst.association_id,
-                inst.received_at,
+                inst.sha256, inst.calling_ae, inst.called_ae, inst.peer_address,
+                inst.association_id, inst.received_at,
             ),
         )
         await self.db.execute(
             """
             INSERT INTO studies (study_instance_uid, state, first_received_at,
-                last_received_at, updated_at)
-            VALUES (?, 'receiving', ?, ?, ?)
+                last_received_at, updated_at, deadline, settle_seconds)
+            VALUES (?, 'receiving', ?, ?, ?, ?, ?)
             ON CONFLICT (study_instance_uid) DO UPDATE SET
                 state = 'receiving', reason = '', last_received_at = excluded.last_received_at,
-                updated_at = excluded.updated_at
+                updated_at = excluded.updated_at, deadline = excluded.deadline,
+                settle_seconds = excluded.settle_seconds
             """,
-            (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at),
+            (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at,
+             deadline, settle_seconds),
         )
         await self.db.commit()
         return "new" if row is None else "changed"
@@ -225,6 +258,8 @@ class Store:
             if column not in ("released_at", "ready_at"):
                 raise ValueError(column)
             extra = f", {column} = :at"
+        if state != "receiving":
+            extra += ", deadline = NULL"
         await self.db.execute(
             f"""UPDATE studies SET state = :state, reason = :reason, updated_at = :at{extra}
                 WHERE study_instance_uid = :uid""",
@@ -232,12 +267,23 @@ class Store:
         )
         await self.db.commit()
 
-    async def set_released(self, study_uids: Iterable[str], at: str) -> None:
+    async def set_released(self, deadlines: Iterable[tuple[str, float]], at: str) -> None:
+        """Note the association release of studies, each with its new deadline."""
         await self.db.executemany(
-            "UPDATE studies SET released_at = ?, updated_at = ? WHERE study_instance_uid = ?",
-            [(at, at, uid) for uid in study_uids],
+            """UPDATE studies SET released_at = ?, updated_at = ?, deadline = ?
+               WHERE study_instance_uid = ? AND state = 'receiving'""",
+            [(at, at, deadline, uid) for uid, deadline in deadlines],
         )
         await self.db.commit()
+
+    async def pending_studies(self) -> list[PendingStudy]:
+        """Studies still receiving or ready-but-unfinished: what a restart must resume."""
+        async with self.db.execute(
+            """SELECT study_instance_uid, state, deadline, settle_seconds FROM studies
+               WHERE state IN ('receiving', 'ready') ORDER BY deadline"""
+        ) as cur:
+            rows = await cur.fetchall()
+        return [PendingStudy(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def study(self, study_uid: str) -> StudyRow | None:
         async with self.db.execute(
@@ -266,22 +312,40 @@ class Store:
     # --- results (store) --------------------------------------------------------------------
 
     async def store_result(self, document: dict[str, Any], state: str, reason: str = "") -> None:
-        """Insert one result document and move its study to ``state``, in one transaction."""
+        """Insert one result document as its study's current one (earlier ones stay, as
+        history) and move the study to ``state``, in one transaction."""
+        await self.db.execute(
+            "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
+            (document["studyInstanceUid"],),
+        )
         await self.db.execute(
             """INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
-                   model_id, status, created_at, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                   model_id, status, created_at, document, flags, current)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)""",
             (
                 document["id"], document["studyInstanceUid"], document["patientId"],
                 document["accessionNumber"], document["model"]["id"], document["status"],
                 document["createdAt"], json.dumps(document, separators=(",", ":")),
+                " ".join(document["pxsgate"].get("flags", [])),
             ),
         )
         await self.db.execute(
-            """UPDATE studies SET state = ?, reason = ?, updated_at = ?
-               WHERE study_instance_uid = ?""",
+            # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps
+            # its deadline): it is processed again.
+            """UPDATE studies SET state = ?, reason = ?, updated_at = ?, deadline = NULL
+               WHERE study_instance_uid = ? AND state = 'ready'""",
             (state, reason, document["updatedAt"], document["studyInstanceUid"]),
         )
         await self.db.commit()
+
+    async def scored_before(self, study_uid: str) -> bool:
+        """Whether the study already has a SUCCEEDED result."""
+        async with self.db.execute(
+            """SELECT 1 FROM results WHERE study_instance_uid = ? AND status = 'SUCCEEDED'
+               LIMIT 1""",
+            (study_uid,),
+        ) as cur:
+            return await cur.fetchone() is not None
 
     async def results(self, flt: ResultFilter = ResultFilter()) -> list[dict[str, Any]]:
         where, params = _result_where(flt)
@@ -311,4 +375,8 @@ def _result_where(flt: ResultFilter) -> tuple[str, Sequence[str]]:
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if flt.flagged:
+        clauses.append("flags != ''")
+    if not flt.history:
+        clauses.append("current = 1")
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -1391,12 +1391,13 @@ class FeedStudy:
     expected: Literal["scored", "skipped"]
     expected_inputs: tuple[str, ...]
     datasets: tuple[Dataset, ...]
+    expected_flags: tuple[str, ...] = ()
 
 
 def hospital_feed(
     seed: int = 0, *, rows: int = 1024, cols: int = 1024, prefix: str = "PXSDEMO"
 ) -> list[FeedStudy]:
-    """Six studies that exercise the selection rules; deterministic in ``seed``.
+    """Seven studies that exercise the selection rules; deterministic in ``seed``.
 
     1. ``portable-ap-1``: CR AP portable chest (MONOCHROME2, 12-bit, severity 0.6) -> scored.
     2. ``portable-ap-cath``: DX AP chest, a CATH-enhanced copy (only DerivationDescription
@@ -1406,6 +1407,9 @@ def hospital_feed(
     4. ``pa-lateral``: CR PA + lateral chest -> skipped (no AP image).
     5. ``knee``: CR AP knee -> skipped (not a chest).
     6. ``ct-chest``: three CT slices of the chest -> skipped (not CR/DX).
+    7. ``repeat-ap-wrong-patient``: two CR AP chests 40 minutes apart and an AP chest of
+       another patient filed into the study -> scored, both AP images of the study's patient
+       are input (the later is the headline), flagged multiple-ap-images and wrong-patient.
     """
 
     def rng(study: int, image: int) -> np.random.Generator:
@@ -1643,6 +1647,34 @@ def hospital_feed(
     feed.append(
         FeedStudy(
             "ct-chest", "chest CT, three axial slices: not CR/DX", "skipped", (), tuple(slices)
+        )
+    )
+
+    # 7. a repeated AP chest, and another patient's film filed into the study
+    st = make_study(7, seed=seed, prefix=prefix, description="XR CHEST PORTABLE",
+                    study_date="20200409", study_time="061500", patient_sex="M")
+    other = make_study(8, seed=seed, prefix=prefix, patient_sex="F")
+    films = []
+    for i, (severity, minutes, patient) in enumerate(((0.5, 0, st), (0.55, 40, st),
+                                                      (0.2, 20, other))):
+        px = chest_radiograph(rng(7, i), rows=rows, cols=cols, view="AP", severity=severity)
+        ds = make_image_dataset(
+            px, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
+            series_description="CHEST AP PORTABLE", view_position="AP", body_part="CHEST",
+            series_number=i + 1, pixel_spacing_mm=chest_mm,
+            acquisition_time=_add_minutes("061500", minutes))
+        ds.PatientID = patient.patient_id
+        ds.PatientName = patient.patient_name
+        films.append(ds)
+    feed.append(
+        FeedStudy(
+            "repeat-ap-wrong-patient",
+            "two AP chests 40 min apart (the later is the headline) and another patient's "
+            "film in the study",
+            "scored",
+            (films[1].SOPInstanceUID, films[0].SOPInstanceUID),
+            tuple(films),
+            ("multiple-ap-images", "wrong-patient"),
         )
     )
     return feed

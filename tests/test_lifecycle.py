@@ -1,0 +1,189 @@
+"""Study completion and rules over a service's life: late instances re-open a scored study
+(rescored, history kept), rules reload on SIGHUP without dropping associations (and an
+invalid file keeps the old ones), per-AE-title timings, and deadlines that survive a restart.
+Each test runs its own ``pxsgate serve`` process against real DICOM peers."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+from pxsgate import synth
+from pxsgate.scu import echo, send_datasets
+
+from .conftest import Service, start_service, stop_service
+
+
+def ap_study(index: int, prefix: str, images: int = 1, **tags: Any) -> list[Any]:
+    st = synth.make_study(index, seed=index, prefix=prefix, description="XR CHEST PORTABLE")
+    out = []
+    for i in range(images):
+        px = synth.chest_radiograph(synth.np.random.default_rng([index, i]), rows=256,
+                                    cols=256, view="AP")
+        ds = synth.make_image_dataset(
+            px, sop_class_uid=synth.CR_IMAGE_STORAGE, modality="CR", study=st,
+            series_description=tags.get("series_description", "CHEST AP PORTABLE"),
+            view_position="AP", body_part="CHEST", series_number=i + 1)
+        out.append(ds)
+    return out
+
+
+def wait_until(predicate: Any, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def events(service: Service, name: str) -> list[dict[str, Any]]:
+    return [e for e in service.logs if e.get("event") == name]
+
+
+def test_late_instance_rescores_and_keeps_history(tmp_path: Path) -> None:
+    svc = start_service(tmp_path)
+    try:
+        first, late = ap_study(1, "LATE", images=2)
+        uid = str(first.StudyInstanceUID)
+        assert send_datasets("127.0.0.1", svc.port, [first]).ok
+        doc1 = svc.wait_for([uid])[uid]
+        assert (doc1["status"], doc1["pxsgate"]["flags"]) == ("SUCCEEDED", [])
+        assert send_datasets("127.0.0.1", svc.port, [late]).ok
+        wait_until(lambda: len(svc.results("--study-uid", uid, "--history")) == 2,
+                   what="the second result")
+        current = svc.results("--study-uid", uid)
+        assert len(current) == 1, "one current result per study"
+        doc2 = current[0]
+        assert doc2["id"] != doc1["id"]
+        assert doc2["pxsgate"]["flags"] == ["multiple-ap-images", "rescored"]
+        assert len(doc2["results"]) == 2
+        history = svc.results("--study-uid", uid, "--history")
+        assert [d["id"] for d in history] == [doc1["id"], doc2["id"]], "earlier stays"
+        assert {d["id"] for d in svc.results("--flagged")} == {doc2["id"]}
+    finally:
+        assert stop_service(svc) == 0
+
+
+def _rules_config(svc: Service, image_rules: str) -> None:
+    text = svc.config.read_text()
+    head = text.split("selection:")[0]
+    svc.config.write_text(head + "selection:\n  image-rules:\n" + image_rules)
+
+
+def test_sighup_reloads_rules_without_dropping_associations(tmp_path: Path) -> None:
+    svc = start_service(tmp_path)
+    try:
+        # An association held open across the reload keeps working.
+        ae = AE(ae_title="ROUTER")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", svc.port, ae_title="PxsScore")
+        assert assoc.is_established
+
+        # New rules: only images whose SeriesDescription names PORTABLE are model input.
+        _rules_config(svc, "    - name: portable-only\n"
+                           "      select: {tag: SeriesDescription, contains-token: PORTABLE}\n")
+        svc.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: events(svc, "config.reloaded"), what="config.reloaded")
+        reloaded = events(svc, "config.reloaded")[-1]
+        assert (reloaded["image_rules"], reloaded["changed_rules"]) == (1, True)
+
+        held = ap_study(2, "HUP", series_description="CHEST AP")  # AP, but not PORTABLE
+        assert assoc.send_c_store(held[0]).Status == 0x0000
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        uid = str(held[0].StudyInstanceUID)
+        doc = svc.wait_for([uid])[uid]
+        assert doc["status"] == "SKIPPED"
+        assert "portable-only" in doc["errorMessage"], doc["errorMessage"]
+
+        # An invalid file: logged with its key path, the running rules stay.
+        _rules_config(svc, "    - name: broken\n"
+                           "      select: {tag: NoSuchKeyword, equals: AP}\n")
+        svc.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: events(svc, "config.reload_failed"), what="config.reload_failed")
+        failed = events(svc, "config.reload_failed")[-1]
+        assert failed["key"] == "selection.image-rules[0].select.tag"
+        assert echo("127.0.0.1", svc.port) == 0x0000
+        # The file is made valid again for `pxsgate results`, with rules the service has
+        # not loaded (no SIGHUP): what it decides next shows which rules it runs.
+        _rules_config(svc, "    - name: never-loaded\n"
+                           "      select: {tag: Modality, equals: CR}\n")
+        portable = ap_study(3, "HUP")  # "CHEST AP PORTABLE": selected by portable-only
+        assert send_datasets("127.0.0.1", svc.port, portable).ok
+        uid = str(portable[0].StudyInstanceUID)
+        doc = svc.wait_for([uid])[uid]
+        assert doc["status"] == "SUCCEEDED"
+        assert doc["pxsgate"]["selection"]["images"][0]["rule"] == "portable-only"
+    finally:
+        assert stop_service(svc) == 0
+
+
+MAPPINGS = """  pipeline-mappings:
+    - {name: fast, clara-ae-title: PxsScore}
+    - {name: slow, clara-ae-title: PxsSlow}"""
+
+
+def test_settle_time_per_called_ae_title(tmp_path: Path) -> None:
+    svc = start_service(tmp_path, settle=0.2, ae_titles=("PxsScore", "PxsSlow"),
+                        extra_scp=MAPPINGS)
+    text = svc.config.read_text().replace("      - ae-title: PxsSlow",
+                                          "      - ae-title: PxsSlow\n        settle-seconds: 4")
+    svc.config.write_text(text)
+    svc.process.send_signal(signal.SIGHUP)  # timings reload too
+    wait_until(lambda: events(svc, "config.reloaded"), what="config.reloaded")
+    try:
+        fast, slow = ap_study(4, "AEF"), ap_study(5, "AES")
+        started = time.monotonic()
+        assert send_datasets("127.0.0.1", svc.port, slow, called_ae="PxsSlow").ok
+        assert send_datasets("127.0.0.1", svc.port, fast, called_ae="PxsScore").ok
+        fast_uid, slow_uid = str(fast[0].StudyInstanceUID), str(slow[0].StudyInstanceUID)
+        svc.wait_for([fast_uid])
+        assert not svc.results("--study-uid", slow_uid), "PxsSlow's study is still settling"
+        svc.wait_for([slow_uid])
+        assert time.monotonic() - started >= 4
+    finally:
+        assert stop_service(svc) == 0
+
+
+def test_restart_resumes_pending_deadlines(tmp_path: Path) -> None:
+    """A study received but not yet ready when the service stops is scored after the
+    restart at the deadline kept in SQLite, with no new instance arriving, even though the
+    restarted service's own settle time would hold it for ten minutes."""
+    svc = start_service(tmp_path, settle=8)
+    study = ap_study(6, "RESUME")
+    uid = str(study[0].StudyInstanceUID)
+    db = svc.data_dir / "pxsgate.sqlite3"
+
+    def row() -> tuple[Any, ...] | None:
+        with sqlite3.connect(db) as con:
+            found: tuple[Any, ...] | None = con.execute(
+                "SELECT state, deadline, released_at FROM studies WHERE study_instance_uid = ?",
+                (uid,)).fetchone()
+        return found
+
+    try:
+        assert send_datasets("127.0.0.1", svc.port, study).ok
+        wait_until(lambda: (r := row()) is not None and r[2] is not None,
+                   what="the release to be recorded")
+    finally:
+        assert stop_service(svc) == 0
+    stored = row()
+    assert stored is not None
+    assert stored[0] == "receiving", "stopped before the settle time passed"
+    assert stored[1] > time.time(), "the deadline (release + 8 s) is in SQLite"
+    assert not svc.results("--study-uid", uid)
+
+    again = start_service(tmp_path, settle=600)
+    try:
+        doc = again.wait_for([uid], timeout=60)[uid]
+        assert doc["status"] == "SUCCEEDED"
+        assert events(again, "studies.resumed")[0]["studies"] == 1
+    finally:
+        assert stop_service(again) == 0

@@ -3,6 +3,7 @@ and configuration errors that name the key path."""
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from typing import Any
 
@@ -182,3 +183,37 @@ def test_rule_errors_name_the_key_path(rules: list[Any], path: str, says: str) -
         config_from_mapping({"selection": {"image-rules": rules}})
     assert err.value.path == path
     assert says in err.value.reason
+
+
+def _explicit_le(*elements: tuple[int, int, str, bytes]) -> Dataset:
+    raw = b"".join(struct.pack("<HH", g, e) + vr.encode() + struct.pack("<H", len(v)) + v
+                   for g, e, vr, v in elements)
+    return dcmread(BytesIO(raw), force=True)
+
+
+def test_odd_headers_never_raise() -> None:
+    """A US element of the wrong length makes pydicom raise BytesLengthException (not a
+    ValueError) when it is read; a rule on it matches nothing, and a private block that
+    holds such an element is still searched."""
+    d = _explicit_le((0x0008, 0x0060, "CS", b"CR"), (0x0019, 0x0010, "LO", b"HOSPITAL EXAM "),
+                     (0x0019, 0x1001, "US", b"\1\2\3"), (0x0019, 0x1010, "LO", b"XRCHEST1V "),
+                     (0x0028, 0x0010, "US", b"\1\2\3"))
+    with pytest.raises(Exception, match="length"):
+        _ = d.Rows
+    assert not matches({"tag": "Rows", "gt": 0}, d)
+    assert matches({"tag": "Rows", "missing": True}, d)
+    assert matches({"tag": "(0019,xx10)", "private-creator": "HOSPITAL EXAM",
+                    "equals": "XRCHEST1V"}, d)
+
+
+def test_sequences_exist_and_file_meta_is_addressable() -> None:
+    d = ds(Modality="CR")
+    item = Dataset()
+    item.CodeValue = "RPID2503"
+    d.ProcedureCodeSequence = [item]
+    d.ReferencedImageSequence = []
+    assert matches({"tag": "ProcedureCodeSequence", "exists": True}, d)
+    assert matches({"tag": "ReferencedImageSequence", "missing": True}, d)
+    d.file_meta = Dataset()
+    d.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
+    assert matches({"tag": "TransferSyntaxUID", "equals": "1.2.840.10008.1.2.4.90"}, d)

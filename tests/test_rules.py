@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from pxsgate.config import Config, SelectionConfig, config_from_mapping
 from pxsgate.messages import StoredInstance
@@ -198,3 +199,27 @@ def test_rules_test_command_prints_decisions_and_json(tmp_path: Path) -> None:
     assert js["summary"] == direct.summary()
     assert {s["studyInstanceUid"] for s in js["studies"]} == set(direct.studies)
     assert all(i["rule"] and i["reason"] for s in js["studies"] for i in s["images"])
+
+
+def test_a_study_left_with_no_instance_is_skipped_not_crashed() -> None:
+    d = select([], CFG)
+    assert (d.candidate, d.rule) == (False, "no-instances")
+
+
+def test_dry_run_counts_a_copied_file_once_and_survives_corrupt_files(tmp_path: Path) -> None:
+    h = header(1, SeriesDescription="CHEST AP")
+    assert h.dataset is not None
+    ds = h.dataset
+    ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID = "1.2.1", "1.3.1", "1.4.1"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    (tmp_path / "copy").mkdir()
+    ds.save_as(tmp_path / "copy" / "a.dcm", enforce_file_format=True)
+    good = (tmp_path / "a.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(good[: len(good) - 7])
+    (tmp_path / "garbage.dcm").write_bytes(good[:132] + b"\xff" * 64)
+    run = dry_run(tmp_path, CFG)
+    (_, decision), = run.studies.values()
+    assert len(decision.inputs) == 1
+    assert decision.flags == (), "one image, twice on disk: not multiple-ap-images"

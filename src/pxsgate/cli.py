@@ -154,6 +154,10 @@ async def _reload(gateway: Any, path: Path) -> None:
         log.error("config.reload_failed", path=str(path), key=exc.path, reason=exc.reason,
                   kept="the rules and timings already running")
         return
+    except Exception as exc:  # never let a reload take the service down
+        log.error("config.reload_failed", path=str(path), key="", reason=repr(exc),
+                  kept="the rules and timings already running")
+        return
     gateway.reload(new)
 
 

@@ -125,6 +125,9 @@ class TagRef:
         return cls(text, group, int(element_text, 16))
 
     def element_of(self, ds: Dataset) -> DataElement | None:
+        if self.group == 0x0002:  # File Meta Information (TransferSyntaxUID, ...)
+            meta = getattr(ds, "file_meta", None)
+            return None if meta is None else meta.get((self.group, self.element))
         if self.private_creator is None:
             return ds.get((self.group, self.element))
         try:
@@ -137,13 +140,19 @@ class TagRef:
         try:
             elem = self.element_of(ds)
             return [] if elem is None else element_values(elem.value)
-        except (ValueError, TypeError, OverflowError):
-            return []  # a value pydicom cannot convert (invalid for its VR) matches nothing
+        except Exception:
+            # A value pydicom cannot convert (a US of odd length raises
+            # BytesLengthException, an Exception subclass; so can any element of a private
+            # block it scans): it matches nothing, and a rule never crashes a study.
+            return []
 
 
 def element_values(value: Any) -> list[str]:
-    if value is None or isinstance(value, DicomSequence):
-        return []  # sequences are not matched by value
+    if isinstance(value, DicomSequence):
+        # Not matched by value; a sequence with items exists (for exists/missing).
+        return [f"(sequence of {len(value)} item(s))"] if len(value) else []
+    if value is None:
+        return []
     if isinstance(value, bytes):
         # A private element read without its dictionary (VR UN): its bytes are the text.
         value = value.decode("latin-1").replace("\x00", " ").split("\\")

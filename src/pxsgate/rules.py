@@ -66,6 +66,8 @@ class Header:
 
 def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
     """Decide a whole study: the study-level verdict, one decision per instance, flags."""
+    if not headers:  # e.g. its only instance was re-sent under another study meanwhile
+        return StudyDecision(False, "no-instances", "no instance is stored for this study", ())
     readable = [h for h in headers if h.dataset is not None]
     patient = _study_patient(readable)
     images: list[ImageDecision] = []
@@ -116,7 +118,8 @@ def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
     if not chosen:
         counts = Counter(d.rule for d in images)
         summary = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
-        example = next((d for d in images if d.rule not in rejected_by), images[0])
+        example = next((d for d in images if d.rule not in rejected_by
+                        and d.rule not in ("unreadable", FLAG_WRONG_PATIENT)), images[0])
         return StudyDecision(False, "no-model-input", f"candidate ({accepted_by[0][0]}) but "
                              f"no image selected among {len(images)} ({summary}), e.g. "
                              f"{example.reason}", tuple(images), tuple(flags))
@@ -172,8 +175,11 @@ def dry_run(root: Path, cfg: SelectionConfig) -> DryRun:
     for path in files:
         try:
             ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            skipped.append((str(path), str(exc)[:200] or type(exc).__name__))
+        except Exception as exc:  # corrupt files fail in many ways
+            why = str(exc)[:200] or type(exc).__name__
+            if not isinstance(exc, InvalidDicomError):
+                why = f"unreadable: {why}"
+            skipped.append((str(path), why))
             continue
         study = str(ds.get("StudyInstanceUID", "") or "")
         if not study:
@@ -182,6 +188,10 @@ def dry_run(root: Path, cfg: SelectionConfig) -> DryRun:
         inst = StoredInstance(str(ds.get("SOPInstanceUID", "") or path.name),
                               str(ds.get("SeriesInstanceUID", "") or ""),
                               str(ds.get("SOPClassUID", "") or ""), path)
-        groups.setdefault(study, []).append(Header(inst, ds))
+        # One header per SOP instance, as the store keeps one (a copy in the folder is the
+        # same image, not a second AP film).
+        group = groups.setdefault(study, [])
+        group[:] = [h for h in group if h.instance.sop_instance_uid != inst.sop_instance_uid]
+        group.append(Header(inst, ds))
     studies = {uid: (headers, select(headers, cfg)) for uid, headers in groups.items()}
     return DryRun(studies, skipped)

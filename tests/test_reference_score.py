@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom import Dataset
 
 from pxsgate import synth
-from pxsgate.infer import DEMO_ANCHOR_COUNT, DEMO_ANCHOR_SEED
+from pxsgate.anchors import DEMO_ANCHOR_COUNT, DEMO_ANCHOR_SEED
 from pxsgate.pxs import PxsSiamese, demo_embedding_net, reference_pxs_score
 from pxsgate.scu import send_datasets
 

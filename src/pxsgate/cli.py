@@ -69,9 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path)
     p.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
-    p = sub.add_parser("score", help="score DICOM files offline (same code path as serve)")
+    p = sub.add_parser("score", help="score DICOM (or 8-bit PNG/JPEG) files offline, "
+                       "with the service's model, anchors and preprocessing")
     _add_config(p)
     p.add_argument("files", nargs="+", type=Path)
+
+    p = sub.add_parser("anchors", help="the anchor pool of normal radiographs")
+    anchors_sub = p.add_subparsers(dest="anchors_command", required=True, metavar="ACTION")
+    p = anchors_sub.add_parser(
+        "build", help="embed a folder of normal radiographs once into an anchors file "
+        "(then set model.anchors to that file)")
+    _add_config(p)
+    p.add_argument("folder", type=Path, help="normal radiographs: DICOM, 8-bit PNG or JPEG")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the anchors file to write")
     return parser
 
 
@@ -223,23 +233,57 @@ def _print_csv(docs: list[dict[str, Any]]) -> None:
 
 
 def cmd_score(args: argparse.Namespace, config: Config) -> int:
+    import numpy as np
+
     from pxsgate.infer import PxsScorer
-    from pxsgate.preprocess import preprocess_file
+    from pxsgate.preprocess import load_model_image
 
     configure_logging(config.logging.format, "warning")
-    scorer = PxsScorer.load(config.model)
-    out = []
-    failed = 0
+    jpeg = config.preprocess.jpeg_roundtrip
+    scorer = PxsScorer.load(config.model, jpeg_roundtrip=jpeg)
+    out: list[dict[str, Any]] = []
+    ready: list[tuple[dict[str, Any], Any]] = []
     for path in args.files:
+        entry: dict[str, Any] = {"file": str(path)}
+        out.append(entry)
         try:
-            value = scorer.score_batch(preprocess_file(path)[None])[0]
-            out.append({"file": str(path), "value": value, "model": scorer.info.block()})
+            ready.append((entry, load_model_image(path, jpeg_roundtrip=jpeg)))
         except PxsgateError as exc:
-            failed += 1
-            out.append({"file": str(path), "error": str(exc)})
+            entry["error"] = str(exc)
+    size = config.model.batch.max_size
+    for i in range(0, len(ready), size):
+        chunk = ready[i : i + size]
+        try:
+            values = scorer.score_batch(np.stack([image for _, image in chunk]))
+        except PxsgateError as exc:
+            for entry, _ in chunk:
+                entry["error"] = str(exc)
+            continue
+        for (entry, _), value in zip(chunk, values, strict=True):
+            entry["value"] = value
+            entry["model"] = scorer.info.block()
     json.dump(out, sys.stdout, indent=2)
     print()
-    return EXIT_FAILURE if failed else EXIT_OK
+    return EXIT_FAILURE if any("error" in entry for entry in out) else EXIT_OK
+
+
+def cmd_anchors(args: argparse.Namespace, config: Config) -> int:
+    from dataclasses import replace
+
+    from pxsgate.anchors import save_anchor_file
+    from pxsgate.infer import PxsScorer
+
+    configure_logging(config.logging.format, "warning")
+    if not args.folder.is_dir():
+        raise PxsgateError(f"{args.folder} is not a folder")
+    # The anchors are always embedded in fp32; nothing to compile for a one-off.
+    model = replace(config.model, anchors=str(args.folder), precision="fp32", compile="none")
+    scorer = PxsScorer.load(model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip)
+    save_anchor_file(scorer.anchors, args.output)
+    print(f"wrote {args.output}: {len(scorer.anchors)} anchors from {args.folder}, "
+          f"weights sha256 {scorer.info.weights_sha256}, "
+          f"anchors sha256 {scorer.anchors.sha256}")
+    return EXIT_OK
 
 
 def cmd_rules(args: argparse.Namespace, config: Config) -> int:
@@ -293,4 +337,5 @@ _COMMANDS = {
     "check-config": cmd_check_config,
     "results": cmd_results,
     "score": cmd_score,
+    "anchors": cmd_anchors,
 }

@@ -109,6 +109,12 @@ def _check_decodable(value: Any) -> str | None:
     return None
 
 
+def _check_sha256(value: Any) -> str | None:
+    if re.fullmatch(r"[0-9a-f]{64}", str(value)):
+        return None
+    return "must be a sha256: 64 lowercase hexadecimal digits (sha256sum prints it)"
+
+
 def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": fn}
 
@@ -248,9 +254,23 @@ class BatchConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     weights: str = "demo"
+    # The weights file's sha256 (of the file; for "demo", of its state_dict). When set, other
+    # weights refuse to load: the service does not start and says which hash it found.
+    sha256: str | None = field(default=None, metadata=_check(_check_sha256))
     anchors: str = "demo"
     device: str = "auto"
     batch: BatchConfig = BatchConfig()
+    # Forward-pass precision. auto: bf16 autocast on a CUDA device that supports it (else
+    # fp16), fp32 on the CPU. A reduced precision is used only if its scores stay within
+    # precision-tolerance of fp32 on a probe set at start-up; otherwise fp32 (and a warning).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision_tolerance: float = field(default=0.01, metadata=_check(_check_positive))
+    # torch.compile mode (CUDA): none, default, reduce-overhead (CUDA graphs), max-autotune.
+    # Compiled graphs are made for the batch sizes 1, 2, 4 ... max-size at start-up, and
+    # each batch is padded up to the next of them.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # CPU threads for inference (0 = torch's default, one per core).
+    threads: int = field(default=0, metadata=_check(_check_non_negative))
     name: str = "PxsScore"
     version: str = "0.1"
     author: str = "Data Science"

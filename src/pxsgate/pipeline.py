@@ -28,7 +28,7 @@ from pxsgate.config import Config, PreprocessConfig, SelectionConfig
 from pxsgate.errors import ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import InferenceWorker
 from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
-from pxsgate.preprocess import F32Array, preprocess_file
+from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document
 from pxsgate.rules import Header
 from pxsgate.store import Store
@@ -71,6 +71,11 @@ def auto_workers(cores: int) -> int:
     return max(1, min(8, cores - 1))
 
 
+def decoded_image_bound(batch_size: int, decode_workers: int) -> int:
+    """How many decoded images the service holds at most (see Pipeline)."""
+    return 2 * batch_size + decode_workers
+
+
 def _init_worker() -> None:
     # Decoding yields the CPU to reception: a busy decoder must not slow C-STORE answers.
     # Nice 19 weighs 15 against the receiver threads' 1024 in the Linux scheduler.
@@ -87,22 +92,22 @@ class DecodePool:
     """
 
     def __init__(self, config: PreprocessConfig) -> None:
-        self._workers = config.workers or auto_workers(os.cpu_count() or 1)
+        self.workers = config.workers or auto_workers(os.cpu_count() or 1)
         self._jpeg = config.jpeg_roundtrip
         self._pool = self._new()
 
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self._workers, mp_context=multiprocessing.get_context("spawn"),
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker)
 
     async def start(self) -> None:
         """Start every worker now, so the first study does not pay for the spawns."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._pool, _warm)
-                               for _ in range(self._workers)))
+                               for _ in range(self.workers)))
 
-    async def preprocess(self, path: Path) -> F32Array:
+    async def preprocess(self, path: Path) -> U8Array:
         pool = self._pool
         call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
         try:
@@ -129,6 +134,11 @@ class Pipeline:
         self._decoder = decoder
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        # Decoded images held at once, from decode start to score: a batch being scored, the
+        # next one filling, and one image per decode process. However many studies arrive
+        # together, memory stays bounded; the rest wait as files in the spool.
+        self.max_decoded = decoded_image_bound(config.model.batch.max_size, decoder.workers)
+        self._decoded = asyncio.Semaphore(self.max_decoded)
 
     @property
     def busy(self) -> int:
@@ -201,8 +211,9 @@ class Pipeline:
         chosen = decision.inputs
 
         async def one(sop_uid: str) -> float:
-            image = await self._decoder.preprocess(paths[sop_uid])
-            return await self._worker.score(image)
+            async with self._decoded:
+                image = await self._decoder.preprocess(paths[sop_uid])
+                return await self._worker.score(image)
 
         values = await asyncio.gather(*(one(d.sop_instance_uid) for d in chosen))
         return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, v)

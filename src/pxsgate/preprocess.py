@@ -9,6 +9,7 @@ Pure functions, no state. The chain, in the published order::
     resize_shorter       torchvision Resize(336) on a PIL image (antialiased bilinear)
     center_crop          torchvision CenterCrop(320)
     to_model_input       torchvision ToTensor (/255, float32), grey repeated to 3 channels
+                         (per batch, on the inference device: infer.batch_tensor)
 
 Source: QTIM-Lab/PXS-score (MIT), files PXS_preprocessing.py (function ``dcm2img``: the
 DICOM -> 8-bit image step used to build the training and anchor JPEGs, itself taken from
@@ -41,11 +42,14 @@ from pxsgate.errors import PreprocessError
 __all__ = [
     "center_crop",
     "equalize_hist",
+    "is_image_file",
     "jpeg_roundtrip_u8",
+    "load_model_image",
     "mask_unused_bits",
     "pixels_from_dataset",
     "preprocess_dataset",
     "preprocess_file",
+    "preprocess_image_file",
     "preprocess_pixels",
     "resize_shorter",
     "to_model_input",
@@ -237,25 +241,76 @@ def to_model_input(img_u8: np.ndarray) -> F32Array:
 
 def preprocess_pixels(
     pixels: np.ndarray, photometric: str, *, jpeg_roundtrip: bool = False
-) -> F32Array:
-    """Integer pixels -> float32 [3, 320, 320] model input."""
+) -> U8Array:
+    """Integer pixels -> the 8-bit 320x320 model image.
+
+    ``to_model_input`` (ToTensor, three channels) is the last step; the service applies it to
+    whole batches on the inference device, so decoded images travel and wait as 100 KB of
+    uint8 rather than 1.2 MB of float32.
+    """
     img = equalize_hist(to_uint8(pixels, photometric))
     if jpeg_roundtrip:
         img = jpeg_roundtrip_u8(img)
-    return to_model_input(center_crop(resize_shorter(img)))
+    return center_crop(resize_shorter(img))
 
 
-def preprocess_dataset(ds: pydicom.Dataset, *, jpeg_roundtrip: bool = False) -> F32Array:
-    """A pydicom dataset -> float32 [3, 320, 320] model input."""
+def preprocess_dataset(ds: pydicom.Dataset, *, jpeg_roundtrip: bool = False) -> U8Array:
+    """A pydicom dataset -> the 8-bit 320x320 model image."""
     pixels = pixels_from_dataset(ds)
     photometric = str(ds.PhotometricInterpretation)
     return preprocess_pixels(pixels, photometric, jpeg_roundtrip=jpeg_roundtrip)
 
 
-def preprocess_file(path: Path, *, jpeg_roundtrip: bool = False) -> F32Array:
-    """A DICOM file -> float32 [3, 320, 320] model input; unreadable files raise PreprocessError."""
+def preprocess_file(path: Path, *, jpeg_roundtrip: bool = False) -> U8Array:
+    """A DICOM file -> the 8-bit 320x320 model image; unreadable files raise PreprocessError."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # dcmread raises many types on malformed input; translate here
         raise PreprocessError(f"{path}: not a readable DICOM file: {exc}") from exc
     return preprocess_dataset(ds, jpeg_roundtrip=jpeg_roundtrip)
+
+
+def preprocess_image_file(path: Path) -> U8Array:
+    """An 8-bit PNG or JPEG radiograph -> the 320x320 model image, as PXS_test.py reads one.
+
+    The published test and anchor images are 8-bit files already made by ``dcm2img``
+    (CheXpert's JPEGs, the site's equalised JPEGs): ``Image.open`` then Resize(336),
+    CenterCrop(320), ToTensor, with no rescaling or equalisation. Greyscale only: a colour
+    file (channels that differ) or a 16-bit file is refused, since neither is what the
+    model was given.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise PreprocessError(
+                    f"{path}: {mode} image; image files must be 8-bit (give the DICOM instead)")
+            if mode == "L":
+                grey = np.asarray(img, dtype=np.uint8)
+            else:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1])
+                        and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    raise PreprocessError(f"{path}: colour image ({mode}) is not supported")
+                grey = np.ascontiguousarray(rgb[..., 0])
+    except PreprocessError:
+        raise
+    except Exception as exc:  # PIL raises many types on malformed files; translate here
+        raise PreprocessError(f"{path}: not a readable image file: {exc}") from exc
+    return center_crop(resize_shorter(grey))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_image_file(path: Path) -> bool:
+    """PNG and JPEG files are 8-bit images; anything else is read as DICOM."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_model_image(path: Path, *, jpeg_roundtrip: bool = False) -> U8Array:
+    """Any input file (DICOM, or an 8-bit PNG/JPEG) -> the 8-bit 320x320 model image."""
+    if is_image_file(path):
+        return preprocess_image_file(path)
+    return preprocess_file(path, jpeg_roundtrip=jpeg_roundtrip)

@@ -38,6 +38,7 @@ __all__ = [
     "PxsSiamese",
     "demo_embedding_net",
     "embed",
+    "file_sha256",
     "load_embedding_net",
     "pxs_scores",
     "reference_pxs_score",
@@ -182,7 +183,7 @@ def load_embedding_net(
     path = Path(weights)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     net = _load_torchscript(path) if _is_torchscript(path) else _load_state_dict_net(path)
     try:
         net = net.to(device)
@@ -191,7 +192,7 @@ def load_embedding_net(
     return net.eval(), digest
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

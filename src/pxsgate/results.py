@@ -34,6 +34,12 @@ class ModelInfo:
     description: str
     created_at: str
     weights_sha256: str
+    # The anchor pool is part of what a score means: same weights, other anchors, other
+    # scores. Device and precision say how the forward pass ran.
+    anchors_sha256: str = ""
+    anchor_count: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @property
     def id(self) -> str:
@@ -49,6 +55,9 @@ class ModelInfo:
             "description": self.description,
             "createdAt": self.created_at,
             "weightsSha256": self.weights_sha256,
+            "anchorsSha256": self.anchors_sha256,
+            "anchorCount": self.anchor_count,
+            "runtime": {"device": self.device, "precision": self.precision},
         }
 
 

@@ -36,7 +36,8 @@ class Gateway:
         self.config = config
         self.store = Store(config.db_path)
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
-        self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(config.model))
+        self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
+            config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch)
         # Header reads (small, I/O-bound); pixel work goes to the decode processes.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -50,6 +51,16 @@ class Gateway:
         self.port = 0
 
     async def start(self) -> None:
+        """Open the store, load the model, resume, then listen. If any step fails, what was
+        started is stopped again (threads, processes, the database) before the error goes
+        up, so a service that cannot start exits instead of hanging."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         await self.store.open()

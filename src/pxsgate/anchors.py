@@ -1,0 +1,159 @@
+"""The anchor pool: embeddings of normal radiographs, computed once per set of weights.
+
+The PXS score of an image is its median distance to these embeddings. The published code
+embedded every anchor again for every image (2N forward passes per score); pxsgate embeds
+them once, at start-up from a folder, or ahead of time with ``pxsgate anchors build`` into a
+file that is then loaded in milliseconds.
+
+``model.anchors`` is one of:
+
+- ``demo``: a deterministic synthetic pool of normal chest radiographs (demonstration only);
+- a folder of normal radiographs: DICOM files (``.dcm``, ``.dicom`` or no suffix; the
+  full DICOM preprocessing) and 8-bit PNG/JPEG files (read as PXS_test.py reads its
+  CheXpert anchors: resize, crop, no equalisation); other files are ignored;
+- an embeddings file written by ``pxsgate anchors build``. It records the sha256 of the
+  weights that made it, and is refused with any other weights: embeddings from one network
+  are meaningless to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pxsgate import synth
+from pxsgate.errors import ModelError, PreprocessError
+from pxsgate.preprocess import U8Array, is_image_file, load_model_image, preprocess_pixels
+
+__all__ = [
+    "DEMO_ANCHOR_COUNT",
+    "DEMO_ANCHOR_SEED",
+    "AnchorSet",
+    "anchor_images",
+    "embed_anchors",
+    "load_anchor_file",
+    "save_anchor_file",
+]
+
+DEMO_ANCHOR_SEED = 20200424
+DEMO_ANCHOR_COUNT = 8
+FILE_FORMAT = "pxsgate.anchors"
+FILE_VERSION = 1
+_DICOM_SUFFIXES = (".dcm", ".dicom", "")
+
+Embedder = Callable[[U8Array], Tensor]
+
+
+@dataclass(frozen=True)
+class AnchorSet:
+    """Anchor embeddings [N, 1000] (float32, CPU), where they came from, and for which weights."""
+
+    embeddings: Tensor
+    sources: tuple[str, ...]
+    weights_sha256: str
+
+    @property
+    def sha256(self) -> str:
+        """Names this pool in results: the sha256 of the float32 embeddings."""
+        data = self.embeddings.detach().to("cpu", torch.float32).contiguous().numpy()
+        return hashlib.sha256(data.tobytes()).hexdigest()
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def anchor_images(spec: str, *, jpeg_roundtrip: bool = False) -> list[tuple[str, U8Array]]:
+    """(name, model image) of each anchor radiograph of ``demo`` or a folder.
+
+    Any unreadable anchor is an error naming the file: a pool that silently shrank would
+    change every score.
+    """
+    if spec == "demo":
+        pixels = synth.normal_chest_anchors(DEMO_ANCHOR_SEED, DEMO_ANCHOR_COUNT)
+        return [(f"demo-{i}", preprocess_pixels(img, "MONOCHROME2")) for i, img in
+                enumerate(pixels)]
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise ModelError(f"model.anchors: {folder} is neither a folder of normal radiographs "
+                         "nor an anchors file")
+    images: list[tuple[str, U8Array]] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.name.startswith(".") or not (
+            is_image_file(path) or path.suffix.lower() in _DICOM_SUFFIXES
+        ):
+            continue
+        try:
+            images.append((path.name, load_model_image(path, jpeg_roundtrip=jpeg_roundtrip)))
+        except PreprocessError as exc:
+            raise ModelError(f"model.anchors: {path.name}: {exc}") from exc
+    if not images:
+        raise ModelError(f"model.anchors: no DICOM, PNG or JPEG files in {folder}")
+    return images
+
+
+def embed_anchors(images: Sequence[tuple[str, U8Array]], embed: Embedder, weights_sha256: str,
+                  *, chunk: int = 16) -> AnchorSet:
+    """Embed the anchor images with ``embed`` (model images [n, 320, 320] -> [n, 1000])."""
+    parts = [embed(np.stack([img for _, img in images[i : i + chunk]]))
+             for i in range(0, len(images), chunk)]
+    embeddings = torch.cat(parts).detach().to("cpu", torch.float32)
+    return AnchorSet(embeddings, tuple(name for name, _ in images), weights_sha256)
+
+
+def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
+    """Write the pool atomically (temporary file, fsync, rename)."""
+    payload = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "weights_sha256": anchors.weights_sha256,
+        "embeddings": anchors.embeddings.contiguous(),
+        "sources": list(anchors.sources),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot write {path}: {exc}") from exc
+
+
+def load_anchor_file(path: Path, weights_sha256: str) -> AnchorSet:
+    """Read a pool written by :func:`save_anchor_file`; refuse one made with other weights."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors have many types
+        raise ModelError(f"model.anchors: {path} is not an anchors file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise ModelError(f"model.anchors: {path} is not an anchors file "
+                         "(write one with: pxsgate anchors build DIR -o FILE)")
+    if payload.get("version") != FILE_VERSION:
+        raise ModelError(f"model.anchors: {path} has version {payload.get('version')!r}; "
+                         f"this pxsgate reads version {FILE_VERSION}")
+    built_for = str(payload.get("weights_sha256", ""))
+    if built_for != weights_sha256:
+        raise ModelError(
+            f"model.anchors: {path} was built with weights sha256 {built_for[:16]}..., but the "
+            f"loaded weights are {weights_sha256[:16]}...; rebuild it with these weights "
+            "(pxsgate anchors build DIR -o FILE)")
+    embeddings = payload.get("embeddings")
+    if (not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or embeddings.shape[0] == 0
+            or embeddings.shape[1] != 1000):
+        shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else None
+        raise ModelError(f"model.anchors: {path} holds embeddings of shape {shape}, "
+                         "not [N, 1000]")
+    sources = payload.get("sources", [])
+    names = tuple(str(s) for s in sources) if isinstance(sources, list) else ()
+    return AnchorSet(embeddings.to(torch.float32), names, built_for)

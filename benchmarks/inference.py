@@ -49,6 +49,16 @@ from pxsgate.pxs import PxsSiamese, reference_pxs_score
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,7 +95,7 @@ def bench_sizes(scorer: PxsScorer, images: np.ndarray, sizes: list[int], repeats
         x = batch_tensor(batch, device, channels_last=True)
 
         def bare(x: torch.Tensor = x) -> object:
-            with torch.inference_mode(), runtime.autocast():
+            with torch.inference_mode(), runtime.context():
                 return net(x)
 
         def gateway(batch: np.ndarray = batch) -> object:
@@ -145,7 +155,9 @@ class GpuSampler:
 
 def bench_worker(scorer: PxsScorer, images: np.ndarray, max_size: int, total: int
                  ) -> dict[str, Any]:
-    worker = InferenceWorker(lambda: scorer, BatchConfig(max_size=max_size, max_delay_ms=5))
+    # As the service runs it: niced on the CPU, not on a GPU (see InferenceWorker).
+    worker = InferenceWorker(lambda: scorer, BatchConfig(max_size=max_size, max_delay_ms=5),
+                             nice=scorer.runtime.device.type == "cpu")
     worker.start()
     stream = np.stack([images[i % len(images)] for i in range(total)])
 
@@ -190,7 +202,7 @@ def bench_precisions(base: ModelConfig, images: np.ndarray, best: int, repeats: 
                      fp32_scores: np.ndarray) -> list[dict[str, Any]]:
     out = []
     device = pick_device(base.device)
-    options = ["bf16", "fp16"] if device.type == "cuda" else ["bf16"]
+    options = ["bf16", "fp16", "tf32"] if device.type == "cuda" else ["bf16"]
     for precision in options:
         try:
             scorer = PxsScorer.load(replace(base, precision=precision, precision_tolerance=1.0))
@@ -227,7 +239,7 @@ def main() -> None:
     scorer = PxsScorer.load(base)
     runtime = scorer.runtime
     device = runtime.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"device {device} ({name}), precision {runtime.precision}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     images = model_images(max(sizes))
@@ -241,7 +253,8 @@ def main() -> None:
     ref_img_s = 1 / reference["s_per_image"]
     single = rows[0]["gateway_img_s"] if rows[0]["batch"] == 1 else None
     print("worker (deadline batcher) ...", flush=True)
-    worker = bench_worker(scorer, images, best["batch"], args.worker_images or 4 * best["batch"])
+    worker = bench_worker(scorer, images, best["batch"],
+                          args.worker_images or max(32, 4 * best["batch"]))
     precisions: list[dict[str, Any]] = []
     if not args.no_precision:
         print("precision ...", flush=True)

@@ -260,10 +260,11 @@ class ModelConfig:
     anchors: str = "demo"
     device: str = "auto"
     batch: BatchConfig = BatchConfig()
-    # Forward-pass precision. auto: bf16 autocast on a CUDA device that supports it (else
-    # fp16), fp32 on the CPU. A reduced precision is used only if its scores stay within
-    # precision-tolerance of fp32 on a probe set at start-up; otherwise fp32 (and a warning).
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Forward-pass precision. auto: on CUDA the fastest of bf16 autocast (GPUs with native
+    # bf16), fp16 autocast and TF32 convolutions whose scores stay within
+    # precision-tolerance of IEEE fp32 on a probe set at start-up, else fp32; fp32 on the
+    # CPU. An explicit bf16/fp16/tf32 is checked the same way and falls back to fp32.
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     precision_tolerance: float = field(default=0.01, metadata=_check(_check_positive))
     # torch.compile mode (CUDA): none, default, reduce-overhead (CUDA graphs), max-autotune.
     # Compiled graphs are made for the batch sizes 1, 2, 4 ... max-size at start-up, and

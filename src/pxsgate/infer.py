@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +111,17 @@ def batch_buckets(max_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+@contextlib.contextmanager
+def _cudnn_tf32(allowed: bool) -> Iterator[None]:
+    """cuDNN convolutions in TF32 (10-bit mantissa) or true fp32; PyTorch's default is TF32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How the forward pass runs: device, precision, memory format, compilation."""
@@ -118,22 +129,33 @@ class Runtime:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
-    compile_mode: str = "none"
 
-    def autocast(self) -> contextlib.AbstractContextManager[object]:
+    def context(self) -> contextlib.AbstractContextManager[object]:
+        """fp32 is IEEE fp32 (cuDNN's TF32 default is switched off); tf32 lets cuDNN use
+        TF32 tensor cores; bf16 and fp16 are autocast."""
+        stack = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            stack.enter_context(_cudnn_tf32(self.precision == "tf32"))
         dtype = _AUTOCAST_DTYPES.get(self.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
+        return stack
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA devices that have it (Ampere and later), else fp16; fp32 on CPU."""
-    if spec != "auto":
-        return spec
+def precision_candidates(spec: str, device: torch.device) -> list[str]:
+    """Reduced precisions to try, fastest first; each must agree with fp32 to be used.
+
+    ``auto`` on CUDA: bf16 where the GPU has it natively (Ampere and later), fp16, then
+    TF32. ``auto`` on the CPU: none (fp32). TF32 is a CUDA mode; on the CPU it is fp32.
+    """
+    if spec == "fp32":
+        return []
     if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return [] if spec in ("auto", "tf32") else [spec]
+    if spec != "auto":
+        return [spec]
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return (["bf16"] if native_bf16 else []) + ["fp16", "tf32"]
 
 
 def load_weights(config: ModelConfig, device: torch.device) -> tuple[nn.Module, str, str]:
@@ -215,33 +237,35 @@ class PxsScorer:
 
     def _checked_precision(self, config: ModelConfig,
                            probe: list[tuple[str, U8Array]]) -> str:
-        """The configured reduced precision if its scores agree with fp32, else fp32.
+        """The first reduced precision whose scores agree with fp32, else fp32.
 
         Agreement: on every probe image, |score - fp32 score| <= precision-tolerance x the
         fp32 score (relative; 0.01 = 1 %).
         """
-        wanted = resolve_precision(config.precision, self.runtime.device)
-        if wanted == "fp32":
+        candidates = precision_candidates(config.precision, self.runtime.device)
+        if not candidates:
             return "fp32"
         batch = np.stack([img for _, img in probe[: config.batch.max_size]])
         reference = np.array(self.score_batch(batch))
         fp32 = self.runtime
-        self.runtime = replace(fp32, precision=wanted)
-        try:
-            reduced = np.array(self.score_batch(batch))
-        except ModelError as exc:
-            log.warning("model.precision_fallback", wanted=wanted, error=str(exc))
-            return "fp32"
-        finally:
-            self.runtime = fp32
-        error = float(np.max(np.abs(reduced - reference) / np.maximum(np.abs(reference), 1e-12)))
-        if error > config.precision_tolerance:
+        for wanted in candidates:
+            self.runtime = replace(fp32, precision=wanted)
+            try:
+                reduced = np.array(self.score_batch(batch))
+            except ModelError as exc:
+                log.warning("model.precision_fallback", wanted=wanted, error=str(exc))
+                continue
+            finally:
+                self.runtime = fp32
+            error = float(np.max(np.abs(reduced - reference)
+                                 / np.maximum(np.abs(reference), 1e-12)))
+            if error <= config.precision_tolerance:
+                log.info("model.precision_checked", precision=wanted, relative_error=error,
+                         tolerance=config.precision_tolerance, probe_images=len(batch))
+                return wanted
             log.warning("model.precision_fallback", wanted=wanted, relative_error=error,
                         tolerance=config.precision_tolerance)
-            return "fp32"
-        log.info("model.precision_checked", precision=wanted, relative_error=error,
-                 tolerance=config.precision_tolerance, probe_images=len(batch))
-        return wanted
+        return "fp32"
 
     def _compile(self, mode: str, buckets: tuple[int, ...]) -> None:
         try:
@@ -269,7 +293,7 @@ class PxsScorer:
             filler = np.zeros((padded - count, *images.shape[1:]), dtype=np.uint8)
             images = np.concatenate([images, filler])
         try:
-            with torch.inference_mode(), self.runtime.autocast():
+            with torch.inference_mode(), self.runtime.context():
                 x = batch_tensor(images, self.runtime.device,
                                  channels_last=self.runtime.channels_last)
                 out = self._forward(x)
@@ -291,11 +315,24 @@ class _Job:
 _STOP = object()
 
 
-class InferenceWorker:
-    """The thread that owns the model. ``start`` loads it (errors surface there)."""
+def runs_on_cpu(spec: str) -> bool:
+    """Whether ``model.device`` means the CPU here."""
+    return spec == "cpu" or (spec == "auto" and not torch.cuda.is_available())
 
-    def __init__(self, factory: Callable[[], Scorer], batch: BatchConfig) -> None:
+
+class InferenceWorker:
+    """The thread that owns the model. ``start`` loads it (errors surface there).
+
+    ``nice``: lower the thread's priority below reception's. Right for CPU inference, which
+    would otherwise take the cores from the association threads; not for a GPU, where the
+    thread mostly launches kernels and a lower priority only delays them. (Measured on a
+    2-core VM with nothing else running: nice 10 costs CPU inference 18 % of its speed.)
+    """
+
+    def __init__(self, factory: Callable[[], Scorer], batch: BatchConfig, *,
+                 nice: bool = False) -> None:
         self._factory = factory
+        self._nice = nice
         self._max_size = batch.max_size
         self._max_delay = batch.max_delay_ms / 1000.0
         self._queue: queue.Queue[object] = queue.Queue()
@@ -313,13 +350,21 @@ class InferenceWorker:
             self._thread.join(timeout=30)
             self._thread = None
 
+    @property
+    def queued(self) -> int:
+        """Images waiting for the model (approximate: the queue is shared with its thread)."""
+        return self._queue.qsize()
+
     async def score(self, image: U8Array) -> float:
         job = _Job(image, concurrent.futures.Future())
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
     def _run(self) -> None:
-        lower_priority()
+        if self._nice:
+            # Before the model loads, so the intra-op threads torch starts from this thread
+            # inherit it.
+            lower_priority()
         try:
             scorer = self._factory()
         except BaseException as exc:  # report any load failure to start(), then end

@@ -19,7 +19,7 @@ import structlog
 
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
-from pxsgate.infer import InferenceWorker, PxsScorer, Scorer
+from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.messages import ReceivedInstance, now_iso
 from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
@@ -38,7 +38,8 @@ class Gateway:
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
             config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
-        self.worker = InferenceWorker(self._scorer_factory, config.model.batch)
+        self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
+                                      nice=runs_on_cpu(config.model.device))
         # Header reads (small, I/O-bound); pixel work goes to the decode processes.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="pxsgate-io")

@@ -1,6 +1,7 @@
 """Decoded images are bounded: a large study waits as files, not as arrays in memory.
 
-An in-process Gateway with a deliberately slow model (0.2 s per image): with one decode
+An in-process Gateway with a deliberately slow model (0.4 s per image, far slower than
+decoding a 256x256 image): with one decode
 process and batches of one, the pipeline may hold 2 x 1 + 1 = 3 decoded images, so at
 most 2 can ever wait in the model's queue, however many images the study has.
 """
@@ -38,7 +39,7 @@ async def test_decoded_images_wait_in_a_bounded_queue(tmp_path: Path) -> None:
         def score_batch(self, batch: np.ndarray) -> list[float]:
             assert gateway is not None
             waiting.append(gateway.worker.queued)
-            time.sleep(0.2)
+            time.sleep(0.4)
             return [float(img.mean()) / 255 for img in batch]
 
     gateway = Gateway(config, scorer_factory=SlowModel)

@@ -231,7 +231,9 @@ def anchor_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ds = synth.make_image_dataset(pixels, sop_class_uid=ComputedRadiographyImageStorage,
                                       modality="CR", study=synth.make_study(i + 1, prefix="ANC"),
                                       view_position="AP")
-        ds.save_as(folder / f"normal{i}.dcm", enforce_file_format=True)
+        # PACS exports name files by UID: the second one has no .dcm suffix.
+        name = "1.2.840.99.1.320" if i == 1 else f"normal{i}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
     save_png(folder / "normal9.png",
              preprocess_pixels(synth.normal_chest_anchors(98, 1, rows=420, cols=380)[0],
                                "MONOCHROME2"))
@@ -250,8 +252,8 @@ def test_anchors_build_file_scores_as_the_folder(tmp_path: Path, anchor_folder: 
     assert "4 anchors" in printed
     from_folder = PxsScorer.load(ModelConfig(anchors=str(anchor_folder), device="cpu"))
     from_file = PxsScorer.load(ModelConfig(anchors=str(out), device="cpu"))
-    assert from_file.anchors.sources == ("normal0.dcm", "normal1.dcm", "normal2.dcm",
-                                         "normal9.png")
+    assert from_file.anchors.sources == ("1.2.840.99.1.320", "normal0.dcm", "normal2.dcm",
+                                         "normal9.png")  # not README.txt
     assert from_file.info.anchors_sha256 == from_folder.info.anchors_sha256
     assert from_file.info.anchor_count == 4
     assert from_file.score_batch(model_images) == from_folder.score_batch(model_images)
@@ -269,9 +271,15 @@ def test_anchors_file_of_other_weights_is_refused(tmp_path: Path, anchor_folder:
         PxsScorer.load(ModelConfig(weights=str(weights), anchors=str(out), device="cpu"))
     with pytest.raises(ModelError, match="rebuild"):
         load_anchor_file(out, file_sha256(weights))
+    with pytest.raises(ModelError, match="jpeg-roundtrip"):
+        load_anchor_file(out, from_demo_weights_sha(), jpeg_roundtrip=True)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ModelError, match="not an anchors file"):
         load_anchor_file(tmp_path / "junk.pt", file_sha256(weights))
+
+
+def from_demo_weights_sha() -> str:
+    return demo_embedding_net()[1]
 
 
 def test_an_unreadable_anchor_is_named_not_skipped(tmp_path: Path) -> None:

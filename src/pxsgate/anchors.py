@@ -8,9 +8,10 @@ file that is then loaded in milliseconds.
 ``model.anchors`` is one of:
 
 - ``demo``: a deterministic synthetic pool of normal chest radiographs (demonstration only);
-- a folder of normal radiographs: DICOM files (``.dcm``, ``.dicom`` or no suffix; the
-  full DICOM preprocessing) and 8-bit PNG/JPEG files (read as PXS_test.py reads its
-  CheXpert anchors: resize, crop, no equalisation); other files are ignored;
+- a folder of normal radiographs: DICOM files (found by their "DICM" marker, whatever
+  their name; the full DICOM preprocessing) and 8-bit PNG/JPEG files (read as PXS_test.py
+  reads its CheXpert anchors: resize, crop, no equalisation); other files are logged and
+  ignored;
 - an embeddings file written by ``pxsgate anchors build``. It records the sha256 of the
   weights that made it, and is refused with any other weights: embeddings from one network
   are meaningless to another.
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 from torch import Tensor
 
@@ -47,9 +49,9 @@ DEMO_ANCHOR_SEED = 20200424
 DEMO_ANCHOR_COUNT = 8
 FILE_FORMAT = "pxsgate.anchors"
 FILE_VERSION = 1
-_DICOM_SUFFIXES = (".dcm", ".dicom", "")
 
 Embedder = Callable[[U8Array], Tensor]
+log = structlog.get_logger("pxsgate.anchors")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class AnchorSet:
     embeddings: Tensor
     sources: tuple[str, ...]
     weights_sha256: str
+    jpeg_roundtrip: bool = False  # the preprocessing the anchor images had
 
     @property
     def sha256(self) -> str:
@@ -86,9 +89,10 @@ def anchor_images(spec: str, *, jpeg_roundtrip: bool = False) -> list[tuple[str,
                          "nor an anchors file")
     images: list[tuple[str, U8Array]] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.name.startswith(".") or not (
-            is_image_file(path) or path.suffix.lower() in _DICOM_SUFFIXES
-        ):
+        # PACS exports name files by UID (suffix ".320"): DICOM is recognised by its "DICM"
+        # marker, not its name; a DICOMDIR has no pixels and is not an anchor.
+        if not is_image_file(path) and (not _is_dicom_file(path) or path.name == "DICOMDIR"):
+            log.info("anchors.ignored", file=path.name, reason="neither DICOM nor PNG/JPEG")
             continue
         try:
             images.append((path.name, load_model_image(path, jpeg_roundtrip=jpeg_roundtrip)))
@@ -99,13 +103,23 @@ def anchor_images(spec: str, *, jpeg_roundtrip: bool = False) -> list[tuple[str,
     return images
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """PS3.10 section 7.1: a 128-byte preamble, then "DICM"."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def embed_anchors(images: Sequence[tuple[str, U8Array]], embed: Embedder, weights_sha256: str,
-                  *, chunk: int = 16) -> AnchorSet:
+                  *, chunk: int = 16, jpeg_roundtrip: bool = False) -> AnchorSet:
     """Embed the anchor images with ``embed`` (model images [n, 320, 320] -> [n, 1000])."""
     parts = [embed(np.stack([img for _, img in images[i : i + chunk]]))
              for i in range(0, len(images), chunk)]
     embeddings = torch.cat(parts).detach().to("cpu", torch.float32)
-    return AnchorSet(embeddings, tuple(name for name, _ in images), weights_sha256)
+    return AnchorSet(embeddings, tuple(name for name, _ in images), weights_sha256,
+                     jpeg_roundtrip)
 
 
 def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
@@ -116,6 +130,7 @@ def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
         "weights_sha256": anchors.weights_sha256,
         "embeddings": anchors.embeddings.contiguous(),
         "sources": list(anchors.sources),
+        "jpeg_roundtrip": anchors.jpeg_roundtrip,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -130,8 +145,10 @@ def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
         raise ModelError(f"cannot write {path}: {exc}") from exc
 
 
-def load_anchor_file(path: Path, weights_sha256: str) -> AnchorSet:
-    """Read a pool written by :func:`save_anchor_file`; refuse one made with other weights."""
+def load_anchor_file(path: Path, weights_sha256: str, *, jpeg_roundtrip: bool = False
+                     ) -> AnchorSet:
+    """Read a pool written by :func:`save_anchor_file`; refuse one made with other weights
+    or another preprocessing (``preprocess.jpeg-roundtrip``) than the service's."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors have many types
@@ -154,6 +171,11 @@ def load_anchor_file(path: Path, weights_sha256: str) -> AnchorSet:
         shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else None
         raise ModelError(f"model.anchors: {path} holds embeddings of shape {shape}, "
                          "not [N, 1000]")
+    built_jpeg = bool(payload.get("jpeg_roundtrip", False))
+    if built_jpeg != jpeg_roundtrip:
+        raise ModelError(
+            f"model.anchors: {path} was built with preprocess.jpeg-roundtrip {built_jpeg}, "
+            f"but the service runs with {jpeg_roundtrip}; rebuild it (pxsgate anchors build)")
     sources = payload.get("sources", [])
     names = tuple(str(s) for s in sources) if isinstance(sources, list) else ()
-    return AnchorSet(embeddings.to(torch.float32), names, built_for)
+    return AnchorSet(embeddings.to(torch.float32), names, built_for, built_jpeg)

@@ -50,6 +50,9 @@ DEMO_NOTE = "demonstration weights, not for clinical use"
 # The demonstration weights have no file; their "creation" is this project's first release.
 DEMO_CREATED_AT = "2026-11-26T00:00:00+00:00"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_IMAGES = 16  # images scored in fp32 and in a reduced precision to compare them
+MAX_COMPILED_SHAPES = 8  # torch._dynamo's default recompile limit per function
+WARM_UP_PASSES_COMPILED = 3  # CUDA graphs are recorded on a later call than the first
 
 
 def lower_priority(increment: int = 10) -> None:
@@ -84,6 +87,12 @@ def pick_device(spec: str) -> torch.device:
         raise ModelError(f"model.device {spec!r} is not a torch device: {exc}") from exc
 
 
+# ToTensor's value for each grey level, float32(level) / 255 by IEEE division on the CPU.
+# Looked up rather than divided on the device: CUDA turns a division by a scalar into a
+# multiplication by its reciprocal, 1 ulp off for about half of the levels.
+_TO_TENSOR = torch.arange(256, dtype=torch.float32) / 255.0
+
+
 def batch_tensor(images: U8Array, device: torch.device, *, channels_last: bool = False
                  ) -> Tensor:
     """8-bit model images [N, H, W] -> the float32 [N, 3, H, W] model input on ``device``.
@@ -95,7 +104,8 @@ def batch_tensor(images: U8Array, device: torch.device, *, channels_last: bool =
     host = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
     if device.type == "cuda":
         host = host.pin_memory()
-    x = host.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+    levels = host.to(device, non_blocking=True).to(torch.int64)
+    x = _TO_TENSOR.to(device, non_blocking=True)[levels]
     x = x.unsqueeze(1).expand(-1, 3, -1, -1)
     return x.contiguous(memory_format=torch.channels_last if channels_last
                         else torch.contiguous_format)
@@ -111,35 +121,34 @@ def batch_buckets(max_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-@contextlib.contextmanager
-def _cudnn_tf32(allowed: bool) -> Iterator[None]:
-    """cuDNN convolutions in TF32 (10-bit mantissa) or true fp32; PyTorch's default is TF32."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
-
-
 @dataclass(frozen=True)
 class Runtime:
-    """How the forward pass runs: device, precision, memory format, compilation."""
+    """How the forward pass runs: device, precision, memory format."""
 
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
 
-    def context(self) -> contextlib.AbstractContextManager[object]:
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
         """fp32 is IEEE fp32 (cuDNN's TF32 default is switched off); tf32 lets cuDNN use
-        TF32 tensor cores; bf16 and fp16 are autocast."""
-        stack = contextlib.ExitStack()
-        if self.device.type == "cuda":
-            stack.enter_context(_cudnn_tf32(self.precision == "tf32"))
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
-        if dtype is not None:
-            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
-        return stack
+        TF32 tensor cores; bf16 and fp16 are autocast.
+
+        cudnn.allow_tf32 is process-wide: it is set and restored around each forward pass,
+        which is safe because one thread (the inference worker) runs the model.
+        """
+        before = torch.backends.cudnn.allow_tf32
+        try:
+            if self.device.type == "cuda":
+                torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
+            dtype = _AUTOCAST_DTYPES.get(self.precision)
+            if dtype is None:
+                yield
+            else:
+                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                    yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
 
 
 def precision_candidates(spec: str, device: torch.device) -> list[str]:
@@ -213,12 +222,14 @@ class PxsScorer:
                          weights_sha256=sha)
         scorer = cls(net, anchor_pool.AnchorSet(torch.empty(0, 1000), (), sha), runtime, info)
         images = None
-        if Path(config.anchors).is_file():
-            pool = anchor_pool.load_anchor_file(Path(config.anchors), sha)
+        if config.anchors != "demo" and Path(config.anchors).is_file():
+            pool = anchor_pool.load_anchor_file(Path(config.anchors), sha,
+                                                jpeg_roundtrip=jpeg_roundtrip)
         else:
             images = anchor_pool.anchor_images(config.anchors, jpeg_roundtrip=jpeg_roundtrip)
             pool = anchor_pool.embed_anchors(images, scorer.embed, sha,
-                                             chunk=config.batch.max_size)
+                                             chunk=config.batch.max_size,
+                                             jpeg_roundtrip=jpeg_roundtrip)
         scorer.anchors = pool
         scorer.runtime = replace(runtime, precision=scorer._checked_precision(
             config, images or anchor_pool.anchor_images("demo")))
@@ -245,13 +256,13 @@ class PxsScorer:
         candidates = precision_candidates(config.precision, self.runtime.device)
         if not candidates:
             return "fp32"
-        batch = np.stack([img for _, img in probe[: config.batch.max_size]])
-        reference = np.array(self.score_batch(batch))
+        batch = np.stack([img for _, img in probe[:PROBE_IMAGES]])
+        reference = np.array(self._score_chunked(batch, config.batch.max_size))
         fp32 = self.runtime
         for wanted in candidates:
             self.runtime = replace(fp32, precision=wanted)
             try:
-                reduced = np.array(self.score_batch(batch))
+                reduced = np.array(self._score_chunked(batch, config.batch.max_size))
             except ModelError as exc:
                 log.warning("model.precision_fallback", wanted=wanted, error=str(exc))
                 continue
@@ -267,7 +278,14 @@ class PxsScorer:
                         tolerance=config.precision_tolerance)
         return "fp32"
 
+    def _score_chunked(self, images: U8Array, size: int) -> list[float]:
+        return [s for i in range(0, len(images), size)
+                for s in self.score_batch(images[i : i + size])]
+
     def _compile(self, mode: str, buckets: tuple[int, ...]) -> None:
+        if len(buckets) > MAX_COMPILED_SHAPES:
+            raise ModelError(f"model.compile: batch.max-size gives {len(buckets)} batch sizes "
+                             f"to compile; at most {MAX_COMPILED_SHAPES} (max-size 128)")
         try:
             compiled = torch.compile(self._net, mode=mode, dynamic=False)
         except Exception as exc:  # missing compiler, unsupported platform
@@ -276,13 +294,16 @@ class PxsScorer:
         self._buckets = buckets
 
     def warm_up(self, max_size: int) -> None:
-        """Run the batch sizes the service will use once, so that cuDNN autotuning, CUDA
-        graph capture and compilation happen now and not on the first study."""
-        sizes = self._buckets or ((1, max_size) if self.runtime.device.type == "cuda" else (1,))
+        """Run the batch sizes the service will use, so that cuDNN autotuning, compilation
+        and CUDA graph recording happen now and not on the first studies."""
+        on_cuda = self.runtime.device.type == "cuda"
+        sizes = self._buckets or (batch_buckets(max_size) if on_cuda else (1,))
+        passes = WARM_UP_PASSES_COMPILED if self._buckets else 1
         started = time.perf_counter()
         for size in sizes:
-            self.embed(np.zeros((size, CROP_TO, CROP_TO), dtype=np.uint8))
-        log.info("model.warm", batch_sizes=list(sizes),
+            for _ in range(passes):
+                self.embed(np.zeros((size, CROP_TO, CROP_TO), dtype=np.uint8))
+        log.info("model.warm", batch_sizes=list(sizes), passes=passes,
                  duration_s=round(time.perf_counter() - started, 2))
 
     def embed(self, images: U8Array) -> Tensor:
@@ -339,10 +360,13 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self._ready: concurrent.futures.Future[ModelInfo] = concurrent.futures.Future()
 
-    def start(self, timeout: float = 600.0) -> ModelInfo:
+    def start(self, timeout: float = 1800.0) -> ModelInfo:
         self._thread = threading.Thread(target=self._run, name="pxsgate-infer", daemon=True)
         self._thread.start()
-        return self._ready.result(timeout=timeout)
+        try:
+            return self._ready.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise ModelError(f"the model did not load and warm up in {timeout:.0f} s") from None
 
     def stop(self) -> None:
         if self._thread is not None:

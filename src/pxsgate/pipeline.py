@@ -215,9 +215,15 @@ class Pipeline:
                 image = await self._decoder.preprocess(paths[sop_uid])
                 return await self._worker.score(image)
 
-        values = await asyncio.gather(*(one(d.sop_instance_uid) for d in chosen))
-        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, v)
-                for d, v in zip(chosen, values, strict=True)]
+        # One failed image fails the study: its siblings are cancelled, so they give back
+        # their decoded-image slots instead of going through the model for nothing.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(d.sop_instance_uid)) for d in chosen]
+        except* PxsgateError as failed:
+            raise failed.exceptions[0] from None
+        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, t.result())
+                for d, t in zip(chosen, tasks, strict=True)]
 
     async def _store_outcome(self, status: str, identity: StudyIdentity,
                              decision: StudyDecision, stages: dict[str, str | None],

@@ -283,7 +283,7 @@ def preprocess_image_file(path: Path) -> U8Array:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            if mode not in ("L", "P", "RGB", "RGBA", "LA"):
                 raise PreprocessError(
                     f"{path}: {mode} image; image files must be 8-bit (give the DICOM instead)")
             if mode == "L":

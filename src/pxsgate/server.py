@@ -58,7 +58,10 @@ class Gateway:
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            try:
+                await self.stop()
+            except Exception as exc:  # keep the start-up error; log the clean-up's
+                log.error("gateway.stop_failed", error=repr(exc))
             raise
 
     async def _start(self) -> None:

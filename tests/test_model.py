@@ -257,6 +257,11 @@ def test_anchors_build_file_scores_as_the_folder(tmp_path: Path, anchor_folder: 
     assert from_file.info.anchors_sha256 == from_folder.info.anchors_sha256
     assert from_file.info.anchor_count == 4
     assert from_file.score_batch(model_images) == from_folder.score_batch(model_images)
+    # The file keeps the anchor images too, as real radiographs to check a precision on.
+    probe = from_file.anchors.probe_images()
+    assert [name for name, _ in probe] == list(from_file.anchors.sources)
+    np.testing.assert_array_equal(probe[3][1], preprocess_image_file(anchor_folder /
+                                                                     "normal9.png"))
 
 
 def test_anchors_file_of_other_weights_is_refused(tmp_path: Path, anchor_folder: Path) -> None:

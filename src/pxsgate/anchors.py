@@ -13,8 +13,9 @@ file that is then loaded in milliseconds.
   reads its CheXpert anchors: resize, crop, no equalisation); other files are logged and
   ignored;
 - an embeddings file written by ``pxsgate anchors build``. It records the sha256 of the
-  weights that made it, and is refused with any other weights: embeddings from one network
-  are meaningless to another.
+  weights that made it, and is refused with any other weights (embeddings from one network
+  are meaningless to another) or another ``preprocess.jpeg-roundtrip``. It also keeps up to
+  16 of the anchor model images, the probe set of the start-up precision check.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ DEMO_ANCHOR_SEED = 20200424
 DEMO_ANCHOR_COUNT = 8
 FILE_FORMAT = "pxsgate.anchors"
 FILE_VERSION = 1
+PROBE_IMAGES = 16  # anchor images kept in the file for the precision check
 
 Embedder = Callable[[U8Array], Tensor]
 log = structlog.get_logger("pxsgate.anchors")
@@ -62,6 +64,15 @@ class AnchorSet:
     sources: tuple[str, ...]
     weights_sha256: str
     jpeg_roundtrip: bool = False  # the preprocessing the anchor images had
+    # A few of the anchor model images themselves [k, 320, 320] uint8: real radiographs for
+    # the start-up precision check when the pool comes from a file.
+    probe: Tensor | None = None
+
+    def probe_images(self) -> list[tuple[str, U8Array]]:
+        if self.probe is None:
+            return []
+        return [(name, img.numpy()) for name, img in zip(self.sources, self.probe,
+                                                           strict=False)]
 
     @property
     def sha256(self) -> str:
@@ -118,8 +129,9 @@ def embed_anchors(images: Sequence[tuple[str, U8Array]], embed: Embedder, weight
     parts = [embed(np.stack([img for _, img in images[i : i + chunk]]))
              for i in range(0, len(images), chunk)]
     embeddings = torch.cat(parts).detach().to("cpu", torch.float32)
+    probe = torch.from_numpy(np.stack([img for _, img in images[:PROBE_IMAGES]]))
     return AnchorSet(embeddings, tuple(name for name, _ in images), weights_sha256,
-                     jpeg_roundtrip)
+                     jpeg_roundtrip, probe)
 
 
 def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
@@ -131,6 +143,7 @@ def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
         "embeddings": anchors.embeddings.contiguous(),
         "sources": list(anchors.sources),
         "jpeg_roundtrip": anchors.jpeg_roundtrip,
+        "probe_images": anchors.probe,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -178,4 +191,7 @@ def load_anchor_file(path: Path, weights_sha256: str, *, jpeg_roundtrip: bool = 
             f"but the service runs with {jpeg_roundtrip}; rebuild it (pxsgate anchors build)")
     sources = payload.get("sources", [])
     names = tuple(str(s) for s in sources) if isinstance(sources, list) else ()
-    return AnchorSet(embeddings.to(torch.float32), names, built_for, built_jpeg)
+    probe = payload.get("probe_images")
+    if not (isinstance(probe, Tensor) and probe.dtype == torch.uint8 and probe.ndim == 3):
+        probe = None
+    return AnchorSet(embeddings.to(torch.float32), names, built_for, built_jpeg, probe)

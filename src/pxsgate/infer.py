@@ -50,7 +50,7 @@ DEMO_NOTE = "demonstration weights, not for clinical use"
 # The demonstration weights have no file; their "creation" is this project's first release.
 DEMO_CREATED_AT = "2026-11-26T00:00:00+00:00"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PROBE_IMAGES = 16  # images scored in fp32 and in a reduced precision to compare them
+PROBE_IMAGES = anchor_pool.PROBE_IMAGES  # scored in fp32 and in a reduced precision
 MAX_COMPILED_SHAPES = 8  # torch._dynamo's default recompile limit per function
 WARM_UP_PASSES_COMPILED = 3  # CUDA graphs are recorded on a later call than the first
 
@@ -231,8 +231,8 @@ class PxsScorer:
                                              chunk=config.batch.max_size,
                                              jpeg_roundtrip=jpeg_roundtrip)
         scorer.anchors = pool
-        scorer.runtime = replace(runtime, precision=scorer._checked_precision(
-            config, images or anchor_pool.anchor_images("demo")))
+        probe = images or pool.probe_images() or anchor_pool.anchor_images("demo")
+        scorer.runtime = replace(runtime, precision=scorer._checked_precision(config, probe))
         if config.compile != "none":
             scorer._compile(config.compile, batch_buckets(config.batch.max_size))
         demo = config.weights == "demo" or config.anchors == "demo"

@@ -212,8 +212,8 @@ class PxsScorer:
         net, sha, created = load_weights(config, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
-        # channels_last: cuDNN's and oneDNN's fast convolution layout (measured on a 2-core
-        # CPU: 18 % faster per DenseNet-121 forward pass than NCHW).
+        # channels_last: cuDNN's and oneDNN's fast convolution layout (measured once, ad hoc,
+        # on a 2-core CPU: a batch-2 forward pass 0.25 s against 0.31 s in NCHW).
         # Module.to accepts memory_format (documented); its type stubs omit it.
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         runtime = Runtime(device, "fp32", channels_last=True)

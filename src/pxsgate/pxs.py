@@ -37,7 +37,6 @@ __all__ = [
     "DenseNet121",
     "PxsSiamese",
     "demo_embedding_net",
-    "embed",
     "file_sha256",
     "load_embedding_net",
     "pxs_scores",
@@ -351,21 +350,6 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 # --- scoring ----------------------------------------------------------------------------------
-
-
-def embed(net: nn.Module, batch: Tensor) -> Tensor:
-    """Embeddings [N, 1000] of a [N, 3, H, W] batch, on the network's device."""
-    try:
-        with torch.inference_mode():
-            out: Tensor = net(batch.to(_device_of(net)))
-    except RuntimeError as exc:  # out of memory, wrong input shape
-        raise ModelError(f"inference failed: {exc}") from exc
-    return out
-
-
-def _device_of(net: nn.Module) -> torch.device:
-    param = next(iter(net.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def pxs_scores(embeddings: Tensor, anchors: Tensor) -> Tensor:

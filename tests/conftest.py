@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -40,9 +41,17 @@ def pxsgate(*args: str | Path, check: bool = True, timeout: float = 120
                           capture_output=True, timeout=timeout, check=check)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for services whose 0 means "off", not "any")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0.3,
                  extra_scp: str = "", min_free_mb: float = 16, level: str = "info",
-                 ae_titles: tuple[str, ...] = ("PxsScore",)) -> Path:
+                 ae_titles: tuple[str, ...] = ("PxsScore",), http_port: int = 0,
+                 extra: str = "") -> Path:
     titles = "\n".join(f"      - ae-title: {t}" for t in ae_titles)
     path.write_text(
         f"""dicom:
@@ -57,10 +66,12 @@ storage:
   min-free-mb: {min_free_mb}
 assembly:
   settle-seconds: {settle}
+http:
+  port: {http_port}
 logging:
   format: json
   level: {level}
-""",
+{extra}""",
         encoding="utf-8",
     )
     return path

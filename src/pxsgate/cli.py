@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import json
 import signal
 import sys
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id")
     p.add_argument("--accession")
     p.add_argument("--status", choices=["SUCCEEDED", "FAILED", "SKIPPED"])
+    p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
+    p.add_argument("--since", metavar="WHEN",
+                   help="created at or after this ISO 8601 date or date-time (local time "
+                   "unless it has an offset), e.g. 2026-11-26 or 2026-11-26T08:00+01:00")
     p.add_argument("--flagged", action="store_true", help="only results with review flags")
     p.add_argument("--history", action="store_true",
                    help="every result, not only each study's current one")
@@ -60,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="a JSON array of result documents")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per result")
+
+    p = sub.add_parser("outbox", help="deliveries of results to the exporters")
+    outbox_sub = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    for action, text in (("list", "list deliveries (newest last)"),
+                         ("retry", "make deliveries due now with fresh tries: the dead ones "
+                          "by default, or those named by id (even delivered ones)")):
+        q = outbox_sub.add_parser(action, help=text)
+        _add_config(q)
+        q.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+        q.add_argument("--exporter", metavar="NAME")
+        q.add_argument("--state", choices=["pending", "delivered", "dead"],
+                       default=None if action == "list" else "dead")
+        if action == "list":
+            q.add_argument("--limit", type=int)
+            q.add_argument("--json", action="store_true")
+        else:
+            q.add_argument("ids", nargs="*", metavar="ID", help="delivery ids")
 
     p = sub.add_parser("rules", help="selection rules")
     rules_sub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
@@ -178,14 +200,27 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
 
 
-def cmd_results(args: argparse.Namespace, config: Config) -> int:
+def _store_path(args: argparse.Namespace, config: Config) -> Path:
     data_dir = args.data_dir or config.storage.data_dir
     db = data_dir / "pxsgate.sqlite3"
     if not db.exists():
         raise PxsgateError(f"no store at {db} (is storage.data-dir right?)")
+    return db
+
+
+def cmd_results(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.api import parse_since
+
+    db = _store_path(args, config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"pxsgate results: --{exc}", file=sys.stderr)
+        return EXIT_USAGE
     flt = ResultFilter(study_uid=args.study_uid, patient_id=args.patient_id,
-                       accession=args.accession, status=args.status, flagged=args.flagged,
-                       history=args.history, limit=args.limit)
+                       accession=args.accession, status=args.status, model=args.model,
+                       since=since, flagged=args.flagged, history=args.history,
+                       limit=args.limit)
     docs = _run(_query(db, flt))
     if args.json:
         json.dump(docs, sys.stdout, indent=2)
@@ -202,6 +237,53 @@ async def _query(db: Path, flt: ResultFilter) -> list[dict[str, Any]]:
     await store.open()
     try:
         return await store.results(flt)
+    finally:
+        await store.close()
+
+
+def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
+    db = _store_path(args, config)
+    if args.outbox_command == "retry":
+        state = None if args.ids else args.state
+        count = _run(_retry(db, state, args.exporter, args.ids))
+        print(f"{count} deliver{'y' if count == 1 else 'ies'} due now "
+              "(the running service picks them up within seconds)")
+        return EXIT_OK
+    rows = _run(_deliveries(db, args.state, args.exporter, args.limit))
+    if args.json:
+        json.dump([dataclasses.asdict(d) for d in rows], sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    table = [["delivery", "exporter", "state", "tries", "updated", "last error"]]
+    table += [[d.id, d.exporter, d.state, str(d.attempts), d.updated_at[:19], d.last_error]
+              for d in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    print(f"({len(rows)} deliver{'y' if len(rows) == 1 else 'ies'})")
+    return EXIT_OK
+
+
+async def _deliveries(db: Path, state: str | None, exporter: str | None,
+                      limit: int | None) -> list[Any]:
+    store = Store(db)
+    await store.open()
+    try:
+        return await store.deliveries(state=state, exporter=exporter, limit=limit)
+    finally:
+        await store.close()
+
+
+async def _retry(db: Path, state: str | None, exporter: str | None, ids: list[str]) -> int:
+    import time
+
+    from pxsgate.messages import now_iso
+
+    store = Store(db)
+    await store.open()
+    try:
+        return await store.retry_deliveries(now_iso(), time.time(), state=state,
+                                            exporter=exporter, ids=ids)
     finally:
         await store.close()
 
@@ -336,6 +418,7 @@ _COMMANDS = {
     "demo": cmd_demo,
     "check-config": cmd_check_config,
     "results": cmd_results,
+    "outbox": cmd_outbox,
     "score": cmd_score,
     "anchors": cmd_anchors,
 }

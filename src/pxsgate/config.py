@@ -17,6 +17,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,8 +286,61 @@ class ResultsConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
+    """The service's read-only HTTP port: /healthz and the results API. Results carry PHI,
+    so it listens on loopback unless told otherwise, and can require a bearer token."""
+
     host: str = "127.0.0.1"
-    port: int = field(default=8787, metadata=_check(_check_port))
+    port: int = field(default=8787, metadata=_check(_check_port))  # 0 = off
+    # A file holding the token that every request except /healthz must present as
+    # "Authorization: Bearer TOKEN" (a file, so the secret stays out of the config).
+    bearer_token_file: Path | None = None
+
+
+RESULT_STATUSES = ("SUCCEEDED", "FAILED", "SKIPPED")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def _check_name(value: Any) -> str | None:
+    if _NAME_RE.match(str(value)):
+        return None
+    return "must be 1-64 characters: lowercase letters, digits, '-' and '_'"
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    """One destination of the outbox. Every stored result whose status is in ``statuses``
+    gets one delivery row per exporter, in the same transaction as the result."""
+
+    name: str = field(metadata=_check(_check_name))
+    type: Literal["http", "dicom"]
+    # Which results go there. Default: every status for http (the paper's results
+    # communicator), SUCCEEDED for dicom (an SR reports a score).
+    statuses: tuple[Literal["SUCCEEDED", "FAILED", "SKIPPED"], ...] | None = None
+    # --- http: POST the result document as JSON
+    url: str | None = None
+    bearer_token_file: Path | None = None
+    client_certificate: Path | None = None  # PEM, for mutual TLS
+    client_key: Path | None = None
+    ca_certificates: Path | None = None  # PEM bundle to verify the server (default: system)
+    # --- dicom: a Comprehensive SR (TID 1500) by C-STORE
+    host: str | None = None
+    port: int | None = field(default=None, metadata=_check(_check_port))
+    ae_title: str | None = field(default=None, metadata=_check(_check_ae_title))  # called
+    calling_ae_title: str = field(default="PXSGATE", metadata=_check(_check_ae_title))
+    # --- both
+    timeout_seconds: float = field(default=30.0, metadata=_check(_check_positive))
+    rate_per_second: float = field(default=10.0, metadata=_check(_check_positive))
+    # Tries before a delivery is dead-lettered (`pxsgate outbox retry` revives it).
+    max_attempts: int = field(default=10, metadata=_check(_check_positive))
+    # Wait before try n+1: min(max, initial * 2^(n-1)), of which a random half is jitter.
+    backoff_initial_seconds: float = field(default=5.0, metadata=_check(_check_positive))
+    backoff_max_seconds: float = field(default=900.0, metadata=_check(_check_positive))
+
+    @property
+    def wanted_statuses(self) -> tuple[str, ...]:
+        if self.statuses is not None:
+            return self.statuses
+        return RESULT_STATUSES if self.type == "http" else ("SUCCEEDED",)
 
 
 @dataclass(frozen=True)
@@ -306,6 +360,7 @@ class Config:
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
     results: ResultsConfig = ResultsConfig()
+    exporters: tuple[ExporterConfig, ...] = ()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -430,8 +485,45 @@ def _cross_check_tls(tls: TlsConfig) -> None:
                           "is required to verify client certificates")
 
 
+def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
+    if e.type == "http":
+        if e.url is None:
+            raise ConfigError(f"{path}.url", "is required for an http exporter")
+        parsed = urllib.parse.urlsplit(e.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{path}.url", f"must be an http(s) URL; got {e.url!r}")
+        loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1")
+        if parsed.scheme == "http" and not loopback and (
+                e.bearer_token_file is not None or e.client_certificate is not None):
+            raise ConfigError(f"{path}.url", "credentials would cross the network in clear "
+                              "text: use https")
+        if (e.client_certificate is None) != (e.client_key is None):
+            raise ConfigError(f"{path}.client-key",
+                              "client-certificate and client-key go together")
+        for key in ("host", "port", "ae_title"):
+            if getattr(e, key) is not None:
+                raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                                  "applies to dicom exporters only")
+        return
+    for key in ("host", "port", "ae_title"):
+        if getattr(e, key) is None:
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              "is required for a dicom exporter")
+    if e.url is not None:
+        raise ConfigError(f"{path}.url", "applies to http exporters only")
+    if e.statuses is not None and set(e.statuses) != {"SUCCEEDED"}:
+        raise ConfigError(f"{path}.statuses",
+                          "a dicom exporter sends scores: only SUCCEEDED results")
+
+
 def _cross_check(config: Config) -> None:
     _cross_check_tls(config.dicom.scp.tls)
+    names: set[str] = set()
+    for i, exporter in enumerate(config.exporters):
+        if exporter.name in names:
+            raise ConfigError(f"exporters[{i}].name", f"{exporter.name!r} is used twice")
+        names.add(exporter.name)
+        _cross_check_exporter(exporter, f"exporters[{i}]")
     titles = {t.ae_title for t in config.dicom.scp.ae_titles}
     if not titles:
         raise ConfigError("dicom.scp.ae-titles", "at least one AE title is required")

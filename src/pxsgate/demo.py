@@ -26,7 +26,8 @@ from pxsgate.store import ResultFilter
 
 
 def demo_config(base: Config, data_dir: Path) -> Config:
-    """The embedded default: loopback, ephemeral port, a short settle time, demo model."""
+    """The embedded default: loopback, ephemeral port, a short settle time, demo model; no
+    HTTP port and no exporters (synthetic results never leave the machine)."""
     scp = replace(base.dicom.scp, host="127.0.0.1", port=0, reject_unknown_sources=False)
     return replace(
         base,
@@ -34,6 +35,8 @@ def demo_config(base: Config, data_dir: Path) -> Config:
         storage=replace(base.storage, data_dir=data_dir, min_free_mb=16),
         assembly=replace(base.assembly, settle_seconds=0.5),
         model=replace(base.model, weights="demo", anchors="demo", device="auto"),
+        http=replace(base.http, port=0),
+        exporters=(),
     )
 
 

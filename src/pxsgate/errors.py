@@ -7,7 +7,9 @@
     ├── DicomInputError    a DICOM object pxsgate cannot use (malformed, unsupported)
     │   └── PreprocessError   pixel data the model cannot take (multi-frame, colour)
     ├── ModelError         weights or anchors cannot be loaded, or inference failed
-    └── StoreError         the SQLite store is unusable
+    ├── StoreError         the SQLite store is unusable
+    └── ExportError        a delivery failed; tried again later
+        └── PermanentExportError  the destination refused it for good: dead-lettered now
 
 Errors are translated at the edges: DICOM status codes in receive.py, exit codes in cli.py.
 """
@@ -50,3 +52,12 @@ class ModelError(PxsgateError):
 
 class StoreError(PxsgateError):
     """The SQLite store is unusable."""
+
+
+class ExportError(PxsgateError):
+    """A delivery to an exporter's destination failed; the outbox tries again later."""
+
+
+class PermanentExportError(ExportError):
+    """The destination refused the delivery in a way a retry cannot fix (HTTP 4xx, a
+    result whose source images are gone): dead-lettered at once."""

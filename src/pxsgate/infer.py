@@ -368,6 +368,10 @@ class InferenceWorker:
         except concurrent.futures.TimeoutError:
             raise ModelError(f"the model did not load and warm up in {timeout:.0f} s") from None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._thread is not None:
             self._queue.put(_STOP)

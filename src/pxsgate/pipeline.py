@@ -29,7 +29,7 @@ from pxsgate.errors import ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import InferenceWorker
 from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
 from pxsgate.preprocess import U8Array, preprocess_file
-from pxsgate.results import ModelInfo, StudyIdentity, build_document
+from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
 from pxsgate.rules import Header
 from pxsgate.store import Store
 
@@ -56,7 +56,8 @@ def read_headers(instances: Sequence[StoredInstance]) -> list[Header]:
 def identity_of(study_uid: str, headers: Sequence[Header]) -> StudyIdentity:
     for h in headers:
         if h.dataset is not None:
-            return StudyIdentity(study_uid, h.text("PatientID"), h.text("AccessionNumber"))
+            return StudyIdentity(study_uid, h.text("PatientID"), h.text("AccessionNumber"),
+                                 dicom_datetime(h.text("StudyDate"), h.text("StudyTime")))
     return StudyIdentity(study_uid, "", "")
 
 
@@ -124,8 +125,10 @@ class DecodePool:
 
 class Pipeline:
     def __init__(self, config: Config, store: Store, worker: InferenceWorker, model: ModelInfo,
-                 executor: concurrent.futures.Executor, decoder: DecodePool) -> None:
+                 executor: concurrent.futures.Executor, decoder: DecodePool,
+                 on_deliveries: Callable[[], None] = lambda: None) -> None:
         self._config = config
+        self._on_deliveries = on_deliveries  # wakes the outbox
         self.selection: SelectionConfig = config.selection  # replaced on reload (SIGHUP)
         self._store = store
         self._worker = worker
@@ -177,9 +180,11 @@ class Pipeline:
         await self._store.record_decisions(study_uid, decision, now_iso())
         identity = identity_of(study_uid, headers)
         row = await self._store.study(study_uid)
-        stages = {"released": row.released_at if row else None, "ready": ready_at}
+        stages = {"received": row.received_at if row else None,
+                  "released": row.released_at if row else None, "ready": ready_at}
+        senders = row.senders if row else ()
         if not decision.candidate:
-            await self._store_outcome("SKIPPED", identity, decision, stages, ready_at,
+            await self._store_outcome("SKIPPED", identity, decision, stages, ready_at, senders,
                                       error=decision.reason)
             # The reason quotes tag values, which a site's rule may aim at PHI: logged only
             # with logging.include-phi; it is always in the stored result.
@@ -192,7 +197,7 @@ class Pipeline:
             scores = await self._score(instances, decision)
         except PxsgateError as exc:
             code = EXIT_MODEL if isinstance(exc, ModelError) else EXIT_PREPROCESS
-            await self._store_outcome("FAILED", identity, decision, stages, created_at,
+            await self._store_outcome("FAILED", identity, decision, stages, created_at, senders,
                                       error=str(exc), exit_code=code)
             log.error("study.failed", study=study_uid[-12:], error=str(exc), exit_code=code)
             return
@@ -200,7 +205,7 @@ class Pipeline:
         flags = decision.flags
         if await self._store.scored_before(study_uid):
             flags = tuple(sorted((*flags, rules.FLAG_RESCORED)))
-        await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at,
+        await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at, senders,
                                   scores=scores, flags=flags)
         log.info("result.stored", study=study_uid[-12:], images=len(scores),
                  flags=list(flags))
@@ -227,7 +232,8 @@ class Pipeline:
 
     async def _store_outcome(self, status: str, identity: StudyIdentity,
                              decision: StudyDecision, stages: dict[str, str | None],
-                             created_at: str, *, scores: Sequence[ScoredImage] = (),
+                             created_at: str, senders: Sequence[str], *,
+                             scores: Sequence[ScoredImage] = (),
                              error: str = "", exit_code: int = 0,
                              flags: Sequence[str] | None = None) -> None:
         stored_at = stages["stored"] = now_iso()
@@ -235,7 +241,10 @@ class Pipeline:
             status=status, identity=identity, site_id=self._config.results.site_id,
             model=self._model, created_at=created_at, updated_at=stored_at,
             scores=scores, decision=decision, exit_code=exit_code, error_message=error,
-            stages=stages, flags=decision.flags if flags is None else flags,
+            stages=stages, flags=decision.flags if flags is None else flags, senders=senders,
         )
         state = {"SUCCEEDED": "scored", "SKIPPED": "skipped"}.get(status, "failed")
-        await self._store.store_result(document, state, error)
+        exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
+        deliveries = await self._store.store_result(document, state, error, exporters)
+        if deliveries:
+            self._on_deliveries()

@@ -68,6 +68,22 @@ class StudyIdentity:
     study_instance_uid: str
     patient_id: str
     accession_number: str
+    # StudyDate/StudyTime as ISO 8601 local time (DICOM carries no offset), or None.
+    study_datetime: str | None = None
+
+
+def dicom_datetime(date: str, time: str) -> str | None:
+    """StudyDate (YYYYMMDD) and StudyTime (HHMMSS.FFFFFF, parts optional) as ISO 8601
+    without offset, or None when the date is not a valid DICOM DA."""
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    iso = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    digits = time.strip().split(".")[0].replace(":", "")
+    if not digits.isdigit() or len(digits) not in (2, 4, 6):
+        return iso
+    parts = [digits[i : i + 2] for i in range(0, len(digits), 2)] + ["00"] * (3 - len(digits) // 2)
+    return f"{iso}T{':'.join(parts)}"
 
 
 def format_score(score: float) -> str:
@@ -112,6 +128,7 @@ def build_document(
     error_message: str = "",
     stages: Mapping[str, str | None] | None = None,
     flags: Sequence[str] = (),
+    senders: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One Listing-3 document. ``createdAt`` is when inference started, ``updatedAt`` when it
     finished (the paper's definitions). ``scores`` come headline first (the latest acquired
@@ -149,5 +166,7 @@ def build_document(
                           "value": format_score(scores[0].score)} if scores else None),
             "selection": _selection(decision),
             "stages": dict(stages or {}),
+            "studyDateTime": identity.study_datetime,
+            "senders": list(senders),
         },
     }

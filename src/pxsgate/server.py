@@ -17,10 +17,13 @@ from typing import Any
 
 import structlog
 
+from pxsgate.api import Api
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
+from pxsgate.export import build_exporters, read_secret
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.outbox import Outbox
 from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
 from pxsgate.results import ModelInfo
@@ -48,8 +51,14 @@ class Gateway:
         self._pipeline: Pipeline | None = None
         self._assembler: Assembler | None = None
         self._receiver: Receiver | None = None
+        self.outbox = Outbox(self.store, build_exporters(config.exporters, self.store),
+                             {e.name: e for e in config.exporters})
+        self._outbox_started = False
+        self._api: Api | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started_at = time.time()
         self.port = 0
+        self.http_port = 0
 
     async def start(self) -> None:
         """Open the store, load the model, resume, then listen. If any step fails, what was
@@ -70,18 +79,30 @@ class Gateway:
         await self.store.open()
         self.spool.open()
         self.spool.remove_leftovers()
+        # Before the model: a missing token file fails the start in seconds, not minutes.
+        await self.outbox.start()
+        self._outbox_started = True
         self._decoder = DecodePool(self.config.preprocess)
         model_loading = asyncio.to_thread(self.worker.start)
         _, model = await asyncio.gather(self._decoder.start(), model_loading)
         self.model = model
         self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
-                                  self._executor, self._decoder)
+                                  self._executor, self._decoder, self.outbox.wake)
         self._assembler = Assembler(loop, self._study_ready)
         await self._resume()
+        http = self.config.http
+        if http.port:
+            token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
+                     if http.bearer_token_file else None)
+            if token is None and http.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("http.unprotected", host=http.host,
+                            note="results carry PHI: set http.bearer-token-file")
+            self._api = Api(http, self.store, self.health, token)
+            self.http_port = await self._api.start()
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed)
         self.port = await asyncio.to_thread(self._receiver.start)
-        log.info("gateway.started", port=self.port,
+        log.info("gateway.started", port=self.port, http_port=self.http_port,
                  ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
                  model=self.model.id, weights_sha256=self.model.weights_sha256[:16],
                  startup_s=round(time.perf_counter() - started, 2))
@@ -90,6 +111,9 @@ class Gateway:
         if self._receiver is not None:
             await asyncio.to_thread(self._receiver.stop)
             self._receiver = None
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         if self._assembler is not None:
             self._assembler.close()
         if self._pipeline is not None:
@@ -99,6 +123,9 @@ class Gateway:
                 log.warning("gateway.drain_timeout", studies=self._pipeline.busy)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._outbox_started:
+            await self.outbox.stop()
+            self._outbox_started = False
         await asyncio.to_thread(self.worker.stop)
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._decoder is not None:
@@ -126,6 +153,28 @@ class Gateway:
                  image_rules=len(applied.selection.image_rules),
                  changed_rules=old.selection != applied.selection,
                  restart_needed=restart)
+
+    async def health(self) -> dict[str, Any]:
+        """/healthz: the store answers, the model worker runs, and the outbox's backlog."""
+        try:
+            deliveries = await self.store.delivery_counts()
+            store_ok = True
+        except Exception as exc:
+            log.error("health.store_failed", error=repr(exc))
+            deliveries, store_ok = {}, False
+        worker_ok = self.worker.alive
+        return {
+            "ok": store_ok and worker_ok,
+            "store": store_ok,
+            "model": {"ok": worker_ok, "id": self.model.id if self.model else None},
+            "dicomPort": self.port,
+            "uptimeSeconds": round(time.time() - self._started_at, 1),
+            "studiesInProgress": self._pipeline.busy if self._pipeline else 0,
+            "inferenceQueue": self.worker.queued,
+            "deliveries": {"pending": deliveries.get("pending", 0),
+                           "dead": deliveries.get("dead", 0),
+                           "inFlight": self.outbox.in_flight},
+        }
 
     def idle(self) -> bool:
         """Nothing being received, assembled or processed."""

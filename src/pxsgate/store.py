@@ -12,8 +12,13 @@ PatientID and StudyInstanceUID).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +102,105 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE studies ADD COLUMN settle_seconds REAL;
     CREATE INDEX studies_state ON studies (state);
     """,
+    # 3: results for every audience, and the outbox (issue 6)
+    """
+    -- createdAt in UTC (YYYY-MM-DDTHH:MM:SS.SSSZ): sortable and comparable across offsets.
+    ALTER TABLE results ADD COLUMN created_utc TEXT NOT NULL DEFAULT '';
+    UPDATE results SET created_utc = strftime('%Y-%m-%dT%H:%M:%fZ', created_at);
+    CREATE INDEX results_created_utc ON results (created_utc);
+    -- Keyed hash of PatientID (HMAC-SHA256 with the store's own secret): researchers can
+    -- follow a patient over time without the MRN, which a plain hash would not hide.
+    ALTER TABLE results ADD COLUMN patient_key TEXT NOT NULL DEFAULT '';
+    CREATE INDEX results_patient_key ON results (patient_key);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+    -- The transactional outbox: rows written in the result's own transaction, one per
+    -- exporter; delivered at least once, under an id the receiver can de-duplicate on.
+    CREATE TABLE deliveries (
+        id              TEXT PRIMARY KEY,
+        result_id       TEXT NOT NULL REFERENCES results (id),
+        exporter        TEXT NOT NULL,
+        state           TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | dead
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,                    -- Unix time
+        last_error      TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        delivered_at    TEXT
+    );
+    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
+    CREATE INDEX deliveries_result ON deliveries (result_id);
+
+    -- Views per audience (the paper's SQL Server views), over each study's current result.
+    CREATE VIEW radiologist_view AS
+    SELECT r.patient_id AS patient_id,
+           r.accession_number AS accession_number,
+           json_extract(r.document, '$.pxsgate.studyDateTime') AS study_time,
+           r.study_instance_uid AS study_instance_uid,
+           r.status AS status,
+           CAST(json_extract(r.document, '$.pxsgate.headline.value') AS REAL) AS pxs_score,
+           r.flags AS flags,
+           r.created_at AS scored_at
+    FROM results r WHERE r.current = 1;
+
+    CREATE VIEW researcher_view AS
+    SELECT r.id AS result_id,
+           r.patient_key AS patient_hash,
+           substr(json_extract(r.document, '$.pxsgate.studyDateTime'), 1, 10) AS study_date,
+           r.status AS status,
+           CAST(json_extract(r.document, '$.pxsgate.headline.value') AS REAL) AS pxs_score,
+           (SELECT json_group_array(CAST(json_extract(e.value, '$.value') AS REAL))
+              FROM json_each(r.document, '$.results') e) AS image_scores,
+           r.model_id AS model_id,
+           json_extract(r.document, '$.model.version') AS model_version,
+           json_extract(r.document, '$.model.weightsSha256') AS weights_sha256,
+           json_extract(r.document, '$.model.anchorsSha256') AS anchors_sha256,
+           r.flags AS flags,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.ready'))) * 86400,
+                 3) AS ready_to_stored_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.inferred'))
+                  - julianday(r.created_at)) * 86400, 3) AS inference_s,
+           r.created_utc AS scored_at_utc
+    FROM results r WHERE r.current = 1;
+
+    CREATE VIEW support_view AS
+    SELECT r.id AS result_id,
+           r.study_instance_uid AS study_instance_uid,
+           r.status AS status,
+           json_extract(r.document, '$.exitCode') AS exit_code,
+           json_extract(r.document, '$.errorMessage') AS error_message,
+           r.flags AS flags,
+           json_extract(r.document, '$.pxsgate.stages.received') AS received_at,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.ready'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.received'))) * 86400,
+                 3) AS received_to_ready_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.ready'))) * 86400,
+                 3) AS ready_to_stored_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.received'))) * 86400,
+                 3) AS received_to_stored_s,
+           (SELECT group_concat(DISTINCT i.calling_ae) FROM instances i
+             WHERE i.study_instance_uid = r.study_instance_uid) AS senders,
+           json_extract(r.document, '$.pxsgate.selection.rule') AS study_rule,
+           json_extract(r.document, '$.pxsgate.selection.reason') AS study_reason,
+           (SELECT group_concat(d.rule || ': ' || d.reason, '; ') FROM decisions d
+             WHERE d.study_instance_uid = r.study_instance_uid
+               AND d.sop_instance_uid IS NOT NULL) AS image_reasons,
+           (SELECT count(*) FROM deliveries o WHERE o.result_id = r.id
+               AND o.state = 'pending') AS deliveries_pending,
+           (SELECT count(*) FROM deliveries o WHERE o.result_id = r.id
+               AND o.state = 'dead') AS deliveries_dead,
+           r.model_id AS model_id,
+           r.created_at AS created_at
+    FROM results r WHERE r.current = 1;
+    """,
 )
 
 InstanceOutcome = Literal["new", "changed", "duplicate"]
+DeliveryState = Literal["pending", "delivered", "dead"]
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%fZ"  # SQLite strftime: created_utc, comparable as text
 
 
 @dataclass(frozen=True)
@@ -108,9 +209,33 @@ class ResultFilter:
     patient_id: str | None = None
     accession: str | None = None
     status: str | None = None
+    model: str | None = None  # model id, e.g. PxsScore-0.1
+    since: str | None = None  # ISO 8601 with offset: results created at or after it
     flagged: bool = False
     history: bool = False  # every result, not only each study's current one
     limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One result bound for one exporter: an outbox row."""
+
+    id: str  # stable across retries and restarts: the receiver de-duplicates on it
+    result_id: str
+    exporter: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    created_at: str
+    updated_at: str
+    delivered_at: str | None
+
+
+def delivery_id(result_id: str, exporter: str) -> str:
+    """The delivery's id: derived, so the same result for the same exporter is always the
+    same delivery."""
+    return str(uuid.uuid5(uuid.UUID(result_id), exporter))
 
 
 @dataclass(frozen=True)
@@ -128,8 +253,10 @@ class StudyRow:
     study_instance_uid: str
     state: str
     reason: str
+    received_at: str  # the last instance's
     released_at: str | None
     ready_at: str | None
+    senders: tuple[str, ...]  # calling AE titles, sorted
 
 
 class Store:
@@ -138,6 +265,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._patient_secret = b""
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -154,6 +282,8 @@ class Store:
             await self._db.execute("PRAGMA synchronous=FULL")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._migrate()
+            self._patient_secret = await self._secret()
+            await self._backfill_patient_keys()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
 
@@ -175,6 +305,35 @@ class Store:
             await self.db.executescript(
                 f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;"
             )
+
+    async def _secret(self) -> bytes:
+        """The store's key for patient hashes, made once at its creation."""
+        await self.db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('patient-key-secret', ?)",
+            (secrets.token_hex(32),))
+        await self.db.commit()
+        async with self.db.execute(
+                "SELECT value FROM meta WHERE key = 'patient-key-secret'") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return bytes.fromhex(row[0])
+
+    def patient_key(self, patient_id: str) -> str:
+        """HMAC-SHA256 of a PatientID under this store's secret (hex, 32 digits)."""
+        if not patient_id:
+            return ""
+        digest = hmac.new(self._patient_secret, patient_id.encode(), hashlib.sha256)
+        return digest.hexdigest()[:32]
+
+    async def _backfill_patient_keys(self) -> None:
+        async with self.db.execute(
+                "SELECT id, patient_id FROM results WHERE patient_key = '' AND patient_id != ''"
+        ) as cur:
+            rows = await cur.fetchall()
+        if rows:
+            await self.db.executemany("UPDATE results SET patient_key = ? WHERE id = ?",
+                                      [(self.patient_key(r[1]), r[0]) for r in rows])
+            await self.db.commit()
 
     # --- instances (receive -> store) ----------------------------------------------------
 
@@ -287,12 +446,18 @@ class Store:
 
     async def study(self, study_uid: str) -> StudyRow | None:
         async with self.db.execute(
-            """SELECT study_instance_uid, state, reason, released_at, ready_at
-               FROM studies WHERE study_instance_uid = ?""",
+            """SELECT study_instance_uid, state, reason, last_received_at, released_at,
+                      ready_at,
+                      (SELECT group_concat(DISTINCT calling_ae) FROM instances
+                        WHERE study_instance_uid = s.study_instance_uid)
+               FROM studies s WHERE study_instance_uid = ?""",
             (study_uid,),
         ) as cur:
             row = await cur.fetchone()
-        return StudyRow(*row) if row else None
+        if row is None:
+            return None
+        senders = tuple(sorted(set((row[6] or "").split(",")) - {""}))
+        return StudyRow(row[0], row[1], row[2], row[3], row[4], row[5], senders)
 
     # --- selection decisions (select) ---------------------------------------------------------
 
@@ -311,23 +476,38 @@ class Store:
 
     # --- results (store) --------------------------------------------------------------------
 
-    async def store_result(self, document: dict[str, Any], state: str, reason: str = "") -> None:
+    async def store_result(self, document: dict[str, Any], state: str, reason: str = "",
+                           exporters: Sequence[str] = (), now: float | None = None
+                           ) -> list[str]:
         """Insert one result document as its study's current one (earlier ones stay, as
-        history) and move the study to ``state``, in one transaction."""
+        history), move the study to ``state``, and queue one delivery per exporter named,
+        all in one transaction: a result is never stored without its deliveries, nor a
+        delivery without its result. Returns the delivery ids."""
+        result_id = document["id"]
         await self.db.execute(
             "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
             (document["studyInstanceUid"],),
         )
         await self.db.execute(
-            """INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
-                   model_id, status, created_at, document, flags, current)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)""",
+            f"""INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
+                   model_id, status, created_at, document, flags, current, created_utc,
+                   patient_key)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, strftime('{UTC_FORMAT}', ?), ?)""",
             (
-                document["id"], document["studyInstanceUid"], document["patientId"],
+                result_id, document["studyInstanceUid"], document["patientId"],
                 document["accessionNumber"], document["model"]["id"], document["status"],
                 document["createdAt"], json.dumps(document, separators=(",", ":")),
-                " ".join(document["pxsgate"].get("flags", [])),
+                " ".join(document["pxsgate"].get("flags", [])), document["createdAt"],
+                self.patient_key(document["patientId"]),
             ),
+        )
+        ids = [delivery_id(result_id, name) for name in exporters]
+        due = time.time() if now is None else now
+        await self.db.executemany(
+            """INSERT INTO deliveries (id, result_id, exporter, next_attempt_at, created_at,
+                   updated_at) VALUES (?, ?, ?, ?, ?, ?)""",
+            [(i, result_id, name, due, document["updatedAt"], document["updatedAt"])
+             for i, name in zip(ids, exporters, strict=True)],
         )
         await self.db.execute(
             # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps
@@ -337,6 +517,7 @@ class Store:
             (state, reason, document["updatedAt"], document["studyInstanceUid"]),
         )
         await self.db.commit()
+        return ids
 
     async def scored_before(self, study_uid: str) -> bool:
         """Whether the study already has a SUCCEEDED result."""
@@ -349,12 +530,174 @@ class Store:
 
     async def results(self, flt: ResultFilter = ResultFilter()) -> list[dict[str, Any]]:
         where, params = _result_where(flt)
-        sql = f"SELECT document FROM results {where} ORDER BY created_at, rowid"
+        sql = f"SELECT document FROM results {where} ORDER BY created_utc, rowid"
         if flt.limit is not None:
             sql += f" LIMIT {int(flt.limit)}"
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
         return [json.loads(r[0]) for r in rows]
+
+
+    async def result(self, result_id: str) -> dict[str, Any] | None:
+        async with self.db.execute("SELECT document FROM results WHERE id = ?",
+                                   (result_id,)) as cur:
+            row = await cur.fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def instance_paths(self, sop_instance_uids: Iterable[str]) -> dict[str, Path]:
+        uids = list(sop_instance_uids)
+        marks = ",".join("?" * len(uids))
+        async with self.db.execute(
+                f"SELECT sop_instance_uid, path FROM instances "
+                f"WHERE sop_instance_uid IN ({marks})", uids) as cur:
+            rows = await cur.fetchall()
+        return {r[0]: Path(r[1]) for r in rows}
+
+    async def study_detail(self, study_uid: str) -> dict[str, Any] | None:
+        """Everything known about one study: its state, instances with their senders,
+        selection decisions, current result, earlier results and deliveries."""
+        row = await self._one_dict(
+            """SELECT study_instance_uid, state, reason, first_received_at, last_received_at,
+                      released_at, ready_at, updated_at FROM studies
+               WHERE study_instance_uid = ?""", (study_uid,))
+        if row is None:
+            return None
+        instances = await self._dicts(
+            """SELECT sop_instance_uid, series_instance_uid, sop_class_uid,
+                      transfer_syntax_uid, size, calling_ae, called_ae, peer_address,
+                      association_id, received_at, receive_count
+               FROM instances WHERE study_instance_uid = ? ORDER BY received_at""",
+            (study_uid,))
+        decisions = await self._dicts(
+            """SELECT sop_instance_uid, selected, rule, reason, decided_at FROM decisions
+               WHERE study_instance_uid = ? ORDER BY rowid""", (study_uid,))
+        for d in decisions:
+            d["selected"] = bool(d["selected"])
+        results = await self._dicts(
+            """SELECT id, status, created_at, current, flags FROM results
+               WHERE study_instance_uid = ? ORDER BY created_utc, rowid""", (study_uid,))
+        current = next((r["id"] for r in results if r["current"]), None)
+        deliveries = await self._dicts(
+            """SELECT o.id, o.result_id, o.exporter, o.state, o.attempts, o.last_error,
+                      o.created_at, o.updated_at, o.delivered_at
+               FROM deliveries o JOIN results r ON r.id = o.result_id
+               WHERE r.study_instance_uid = ? ORDER BY o.created_at, o.exporter""",
+            (study_uid,))
+        return {
+            "study": row,
+            "result": await self.result(current) if current else None,
+            "history": [{k: r[k] for k in ("id", "status", "created_at", "flags")}
+                        for r in results if not r["current"]],
+            "instances": instances,
+            "decisions": decisions,
+            "deliveries": deliveries,
+        }
+
+    async def _dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        async with self.db.execute(sql, params) as cur:
+            names = [c[0] for c in cur.description]
+            rows = await cur.fetchall()
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    async def _one_dict(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = await self._dicts(sql, params)
+        return rows[0] if rows else None
+
+    # --- the outbox (export) ----------------------------------------------------------------
+
+    async def due_deliveries(self, now: float, exporters: Sequence[str], limit: int,
+                             skip: Iterable[str] = ()) -> list[Delivery]:
+        """Pending deliveries for these exporters whose next attempt is due, oldest first."""
+        if not exporters:
+            return []
+        skipped = list(skip)
+        names = ",".join("?" * len(exporters))
+        not_in = f"AND id NOT IN ({','.join('?' * len(skipped))})" if skipped else ""
+        async with self.db.execute(
+            f"""SELECT {_DELIVERY_COLUMNS} FROM deliveries
+                WHERE state = 'pending' AND next_attempt_at <= ? AND exporter IN ({names})
+                {not_in} ORDER BY next_attempt_at, created_at LIMIT ?""",
+            (now, *exporters, *skipped, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Delivery(*r) for r in rows]
+
+    async def next_delivery_time(self, exporters: Sequence[str]) -> float | None:
+        if not exporters:
+            return None
+        names = ",".join("?" * len(exporters))
+        async with self.db.execute(
+            f"""SELECT min(next_attempt_at) FROM deliveries
+                WHERE state = 'pending' AND exporter IN ({names})""", exporters) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def delivery_done(self, delivery: str, at: str) -> None:
+        await self.db.execute(
+            """UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+                   last_error = '', updated_at = ?, delivered_at = ?
+               WHERE id = ? AND state = 'pending'""", (at, at, delivery))
+        await self.db.commit()
+
+    async def delivery_failed(self, delivery: str, error: str, at: str,
+                              next_attempt_at: float | None) -> None:
+        """Count a failed try: again at ``next_attempt_at``, or dead-lettered (None)."""
+        state = "pending" if next_attempt_at is not None else "dead"
+        await self.db.execute(
+            """UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?,
+                   updated_at = ?, next_attempt_at = coalesce(?, next_attempt_at)
+               WHERE id = ? AND state = 'pending'""",
+            (state, error[:500], at, next_attempt_at, delivery))
+        await self.db.commit()
+
+    async def deliveries(self, state: str | None = None, exporter: str | None = None,
+                         ids: Sequence[str] = (), limit: int | None = None) -> list[Delivery]:
+        clauses, params = _delivery_where(state, exporter, ids)
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries {clauses} ORDER BY created_at, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        async with self.db.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [Delivery(*r) for r in rows]
+
+    async def retry_deliveries(self, at: str, now: float, state: str | None = None,
+                               exporter: str | None = None, ids: Sequence[str] = ()) -> int:
+        """Make deliveries due now with a fresh count of tries (`pxsgate outbox retry`).
+        Delivered ones are sent again only when named by id."""
+        clauses, params = _delivery_where(state, exporter, ids)
+        if not ids:
+            clauses += (" AND " if clauses else "WHERE ") + "state != 'delivered'"
+        cur = await self.db.execute(
+            f"""UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,
+                    updated_at = ? {clauses}""", (now, at, *params))
+        await self.db.commit()
+        return int(cur.rowcount)
+
+    async def delivery_counts(self) -> dict[str, int]:
+        async with self.db.execute(
+                "SELECT state, count(*) FROM deliveries GROUP BY state") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+
+_DELIVERY_COLUMNS = """id, result_id, exporter, state, attempts, next_attempt_at, last_error,
+    created_at, updated_at, delivered_at"""
+
+
+def _delivery_where(state: str | None, exporter: str | None, ids: Sequence[str]
+                    ) -> tuple[str, list[str]]:
+    clauses: list[str] = []
+    params: list[str] = []
+    if state is not None:
+        clauses.append("state = ?")
+        params.append(state)
+    if exporter is not None:
+        clauses.append("exporter = ?")
+        params.append(exporter)
+    if ids:
+        clauses.append(f"id IN ({','.join('?' * len(ids))})")
+        params += list(ids)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def _decision_row(
@@ -371,10 +714,14 @@ def _result_where(flt: ResultFilter) -> tuple[str, Sequence[str]]:
         ("patient_id", flt.patient_id),
         ("accession_number", flt.accession),
         ("status", flt.status),
+        ("model_id", flt.model),
     ):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if flt.since is not None:
+        clauses.append(f"created_utc >= strftime('{UTC_FORMAT}', ?)")
+        params.append(flt.since)
     if flt.flagged:
         clauses.append("flags != ''")
     if not flt.history:

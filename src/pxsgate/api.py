@@ -1,0 +1,146 @@
+"""The read-only HTTP API on the service (aiohttp): results for scripts and dashboards.
+
+    GET /healthz                  liveness for monitors: 200 when the store answers and the
+                                  model worker is alive, else 503 (never needs a token)
+    GET /results?patient_id=&study_uid=&accession=&since=&status=&flagged=&model=&limit=
+                                  current result documents, oldest first (a JSON array)
+    GET /studies/{uid}            one study: its current result, earlier results, selection
+                                  decisions, instances with their senders, deliveries
+
+No write endpoints. Results carry PHI: it listens on loopback unless ``http.host`` says
+otherwise, and with ``http.bearer-token-file`` every request but /healthz needs the token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from pxsgate import __version__
+from pxsgate.config import RESULT_STATUSES, HttpConfig
+from pxsgate.store import ResultFilter, Store
+
+log = structlog.get_logger("pxsgate.api")
+
+MAX_LIMIT = 1000
+Health = Callable[[], Awaitable[dict[str, Any]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STORE_KEY = web.AppKey("store", Store)
+HEALTH_KEY: web.AppKey[Health] = web.AppKey("health")
+
+
+def parse_since(value: str) -> str:
+    """An ISO 8601 date or date-time; without an offset it is local time. Returns it with
+    its offset, as the store compares it."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"since: not an ISO 8601 date or date-time: {value!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.isoformat()
+
+
+def result_filter(query: Any, default_limit: int = 100) -> ResultFilter:
+    """The /results query string as a ResultFilter; ValueError names a bad parameter."""
+    known = {"patient_id", "study_uid", "accession", "since", "status", "flagged", "model",
+             "limit", "history"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+    status = query.get("status")
+    if status is not None and status not in RESULT_STATUSES:
+        raise ValueError(f"status: one of {', '.join(RESULT_STATUSES)}")
+    try:
+        limit = int(query.get("limit", default_limit))
+    except ValueError as exc:
+        raise ValueError("limit: an integer") from exc
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit: 1..{MAX_LIMIT}")
+    since = query.get("since")
+    return ResultFilter(
+        study_uid=query.get("study_uid"), patient_id=query.get("patient_id"),
+        accession=query.get("accession"), status=status, model=query.get("model"),
+        since=parse_since(since) if since else None,
+        flagged=query.get("flagged", "false").lower() in ("1", "true", "yes"),
+        history=query.get("history", "false").lower() in ("1", "true", "yes"),
+        limit=limit)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _results(request: web.Request) -> web.Response:
+    try:
+        flt = result_filter(request.query)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    return web.json_response(await request.app[STORE_KEY].results(flt))
+
+
+async def _study(request: web.Request) -> web.Response:
+    detail = await request.app[STORE_KEY].study_detail(request.match_info["uid"])
+    if detail is None:
+        return _error(404, "no such study")
+    return web.json_response(detail)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    report = await request.app[HEALTH_KEY]()
+    return web.json_response(report, status=200 if report.get("ok") else 503)
+
+
+def _auth(token: str | None) -> Middleware:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is not None and request.path != "/healthz":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "a valid bearer token is required"},
+                                         status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+        started = time.perf_counter()
+        response = await handler(request)
+        log.debug("http.request", path=request.path, status=response.status,
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return response
+    return check
+
+
+class Api:
+    """The HTTP server's lifecycle: start() binds, stop() closes."""
+
+    def __init__(self, config: HttpConfig, store: Store, health: Health,
+                 token: str | None = None) -> None:
+        self._config = config
+        app = web.Application(middlewares=[_auth(token)])
+        app[STORE_KEY] = store
+        app[HEALTH_KEY] = health
+        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/results", _results)
+        app.router.add_get("/studies/{uid}", _study)
+        self._runner = web.AppRunner(app, access_log=None,
+                                     handler_cancellation=True)
+        self.port = 0
+
+    async def start(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port,
+                           reuse_address=True)
+        await site.start()
+        self.port = self._config.port
+        log.info("http.started", host=self._config.host, port=self.port,
+                 version=__version__)
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

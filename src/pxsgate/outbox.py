@@ -1,0 +1,183 @@
+"""The outbox: deliver every stored result to the configured exporters, at least once.
+
+The delivery rows are written by :meth:`Store.store_result` in the result's own transaction,
+so a result is never committed without them and a crash never loses one. This task sends
+the pending ones: per exporter a bounded number at a time, under a rate limit
+(asyncio-throttle), and on failure again after an exponential backoff with jitter, until
+``max-attempts`` tries have failed and the row is dead-lettered (``pxsgate outbox retry``
+revives it). A delivery interrupted by a crash or a stop is still pending and is sent again
+on the next start: at least once, never silently dropped. Receivers de-duplicate on the
+delivery's stable id (HTTP) or on the SR's derived SOP Instance UID (DICOM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import structlog
+from asyncio_throttle.throttler import Throttler
+
+from pxsgate.config import ExporterConfig
+from pxsgate.errors import PermanentExportError
+from pxsgate.messages import now_iso
+from pxsgate.store import Delivery, Store
+
+log = structlog.get_logger("pxsgate.outbox")
+
+POLL_SECONDS = 5.0  # how soon a `pxsgate outbox retry` from another process is noticed
+BATCH = 64  # due deliveries fetched per round
+CONCURRENCY = 4  # deliveries in flight per exporter
+
+
+class Exporter(Protocol):
+    """One destination. ``deliver`` raises ExportError to be tried again later, and
+    PermanentExportError when no retry can help."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def deliver(self, delivery_id: str, document: Mapping[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def backoff_seconds(tries: int, config: ExporterConfig, rng: random.Random) -> float:
+    """Wait after ``tries`` failed tries: min(max, initial * 2^(tries-1)), half of it
+    random ("equal jitter"), so receivers coming back are not hit by every sender at once."""
+    base = min(config.backoff_max_seconds,
+               config.backoff_initial_seconds * 2.0 ** min(tries - 1, 62))
+    return base / 2 + rng.uniform(0, base / 2)
+
+
+def throttler(rate_per_second: float) -> Throttler:
+    """A Throttler letting ``rate_per_second`` deliveries start per second on average."""
+    burst = max(1, math.floor(rate_per_second))
+    return Throttler(rate_limit=burst, period=burst / rate_per_second)
+
+
+class Outbox:
+    def __init__(self, store: Store, exporters: Mapping[str, Exporter],
+                 configs: Mapping[str, ExporterConfig], rng: random.Random | None = None
+                 ) -> None:
+        self._store = store
+        self._exporters = dict(exporters)
+        self._configs = dict(configs)
+        self._names = sorted(self._exporters)
+        self._rng = rng or random.Random()
+        self._throttles = {n: throttler(self._configs[n].rate_per_second) for n in self._names}
+        self._slots = {n: asyncio.Semaphore(CONCURRENCY) for n in self._names}
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        started: list[Exporter] = []
+        try:
+            for name in self._names:
+                await self._exporters[name].start()
+                started.append(self._exporters[name])
+        except BaseException:
+            for exporter in started:
+                await exporter.close()
+            raise
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self._names:
+            log.info("outbox.started", exporters=self._names)
+
+    def wake(self) -> None:
+        """New deliveries were committed: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop taking new deliveries, give those in flight ``grace_seconds``, then cancel
+        them (they stay pending and are sent on the next start)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._in_flight:
+            _, late = await asyncio.wait(list(self._in_flight.values()), timeout=grace_seconds)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                log.warning("outbox.interrupted", deliveries=len(late),
+                            note="still pending; sent again on the next start")
+        for name in self._names:
+            await self._exporters[name].close()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._dispatch()
+                next_due = await self._store.next_delivery_time(self._names)
+            except Exception as exc:  # the store is busy or broken: keep trying, loudly
+                log.error("outbox.poll_failed", error=repr(exc))
+                next_due = None
+            wait = POLL_SECONDS
+            if next_due is not None:
+                wait = min(wait, max(0.0, next_due - time.time()))
+            if not self._names:
+                wait = math.inf
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), None if wait == math.inf else wait)
+
+    async def _dispatch(self) -> None:
+        due = await self._store.due_deliveries(time.time(), self._names, BATCH,
+                                               skip=self._in_flight.keys())
+        loop = asyncio.get_running_loop()
+        for delivery in due:
+            task = loop.create_task(self._deliver(delivery))
+            self._in_flight[delivery.id] = task
+            task.add_done_callback(functools.partial(self._done, delivery.id))
+
+    def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._wake.set()  # the slot is free: the next due delivery can go
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        config = self._configs[delivery.exporter]
+        exporter = self._exporters[delivery.exporter]
+        tries = delivery.attempts + 1
+        context = {"exporter": delivery.exporter, "delivery": delivery.id, "attempt": tries}
+        async with self._slots[delivery.exporter]:
+            # asyncio-throttle's methods carry no annotations.
+            await self._throttles[delivery.exporter].acquire()  # type: ignore[no-untyped-call]
+            started = time.perf_counter()
+            try:
+                document = await self._store.result(delivery.result_id)
+                if document is None:
+                    raise PermanentExportError("its result is not in the store")
+                await asyncio.wait_for(exporter.deliver(delivery.id, document),
+                                       config.timeout_seconds + 5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = str(exc) or repr(exc)
+                if isinstance(exc, PermanentExportError) or tries >= config.max_attempts:
+                    await self._store.delivery_failed(delivery.id, error, now_iso(), None)
+                    log.error("export.dead", error=error, **context)
+                    return
+                wait = backoff_seconds(tries, config, self._rng)
+                await self._store.delivery_failed(delivery.id, error, now_iso(),
+                                                  time.time() + wait)
+                log.warning("export.failed", error=error, retry_in_s=round(wait, 1),
+                            **context)
+                return
+        await self._store.delivery_done(delivery.id, now_iso())
+        log.info("export.delivered", ms=round((time.perf_counter() - started) * 1000, 1),
+                 **context)

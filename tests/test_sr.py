@@ -21,6 +21,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
+from pxsgate.errors import ExportError, PermanentExportError
 from pxsgate.sr import (
     PXS_SCORE,
     SendError,
@@ -174,6 +175,14 @@ def test_sr_round_trip_through_storescp(sources: list[Dataset], tmp_path: Path) 
                 for ref in series.ReferencedSOPSequence}
     assert evidence == {str(src.SOPInstanceUID) for src in sources}
 
+    # DCMTK's SR reader checks the Comprehensive SR relationship constraints and aborts on
+    # invalid content items.
+    dump = subprocess.run([dcmtk("dsrdump"), "+Pu", "+Pl", str(received[0])],
+                          capture_output=True, text=True, timeout=30)
+    assert dump.returncode == 0, dump.stderr
+    assert not re.search(r"^[EW]:", dump.stderr, re.MULTILINE), dump.stderr
+    assert all(str(src.SOPInstanceUID) in dump.stdout for src in sources)
+
     parsed = hd.sr.srread(received[0])
     assert isinstance(parsed, hd.sr.ComprehensiveSR)
     assert isinstance(parsed.content, hd.sr.MeasurementReport)
@@ -219,6 +228,19 @@ def test_rebuild_is_identical_and_leaves_sources_alone(sources: list[Dataset]) -
     assert sources == before
 
 
+@pytest.mark.filterwarnings("ignore:The value length")  # its hashed accession number
+def test_messy_real_header() -> None:
+    """966_fixed.dcm, a real DX header: hashed birth date (not a date), one-component name."""
+    source = _header("966_fixed.dcm")
+    del source.PatientSex
+    sr = _build(_document([source], ("1.25",)), [source])
+    assert sr.PatientID == source.PatientID
+    assert sr.PatientName == source.PatientName
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert not sr.PatientBirthDate  # not a date: left empty rather than copied
+    assert "PatientSex" not in source
+
+
 @pytest.mark.parametrize("change", ["failed", "no-results", "missing-source", "other-study",
                                     "bad-value"])
 def test_unusable_document_raises(sources: list[Dataset], change: str) -> None:
@@ -236,6 +258,7 @@ def test_unusable_document_raises(sources: list[Dataset], change: str) -> None:
         document["results"][1]["value"] = "n/a"
     with pytest.raises(SrError) as raised:
         _build(document, given)
+    assert isinstance(raised.value, PermanentExportError)  # a retry builds the same nothing
     message = str(raised.value)
     assert str(sources[0].PatientID) not in message
     assert str(sources[0].PatientName) not in message
@@ -258,10 +281,14 @@ def test_send_to_closed_port_raises_promptly(sources: list[Dataset]) -> None:
     sr = _build(_document(sources), sources)
     port = _free_port()  # closed again: nothing listens there
     started = time.monotonic()
-    with pytest.raises(SendError, match=f"PACS@127.0.0.1:{port}"):
+    with pytest.raises(SendError, match=f"PACS@127.0.0.1:{port}") as raised:
         send_dataset(sr, host="127.0.0.1", port=port, called_ae="PACS", calling_ae="PXSGATE",
                      timeout=5)
     assert time.monotonic() - started < 5
+    # Retryable, and a ConnectionError to code that knows nothing of pxsgate.
+    assert isinstance(raised.value, ExportError)
+    assert not isinstance(raised.value, PermanentExportError)
+    assert isinstance(raised.value, ConnectionError)
 
 
 @pytest.mark.dcmtk

@@ -45,12 +45,12 @@ from pydicom.valuerep import DA, DT, TM
 from pynetdicom import AE
 
 from pxsgate import __version__
-from pxsgate.errors import PxsgateError
+from pxsgate.errors import ExportError, PermanentExportError
 from pxsgate.results import PXS_CODE
 
 # There is no standard (DCM, SCT, LOINC) concept for the PXS score, so it gets a code in a
-# private coding scheme; "99" designators are reserved for local use (PS3.16 section 8.2) and
-# the scheme is declared in the Coding Scheme Identification Sequence.
+# private coding scheme: designators starting "99" are the ones DICOM leaves to local schemes
+# (PS3.16, Coding Schemes), and the SR declares it in its Coding Scheme Identification Sequence.
 PRIVATE_SCHEME = "99PXSGATE"
 PXS_SCORE = hd.sr.CodedConcept(value="PXS", scheme_designator=PRIVATE_SCHEME,
                                meaning="PXS score")
@@ -77,14 +77,15 @@ _TYPE2_STUDY_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "Pati
                            "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
 
 
-class SrError(PxsgateError, ValueError):
+class SrError(PermanentExportError, ValueError):
     """A result document that cannot be rendered as an SR (not SUCCEEDED, no results, a source
-    image missing). The message names what is missing, never patient data."""
+    image missing): permanent, a retry builds the same nothing. The message names what is
+    missing, never patient data."""
 
 
-class SendError(PxsgateError, ConnectionError):
-    """The SR could not be delivered: association refused, rejected or aborted, or no
-    C-STORE response. The message names the peer (AE title, host:port)."""
+class SendError(ExportError, ConnectionError):
+    """The SR could not be delivered (association refused, rejected or aborted, or no C-STORE
+    response): a later try may succeed. The message names the peer (AE title, host:port)."""
 
 
 def uid_from_id(text: str) -> str:

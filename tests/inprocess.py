@@ -1,0 +1,80 @@
+"""An in-process Gateway with a fast stand-in model, for tests about what happens after
+scoring (store, views, API, outbox): real DICOM reception, real SQLite file, real exporters;
+only the DenseNet is replaced, by a model whose score is the image's mean brightness and
+which fails on request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pxsgate.config import load_config
+from pxsgate.errors import ModelError
+from pxsgate.results import ModelInfo
+from pxsgate.scu import send_datasets
+from pxsgate.server import Gateway
+from pxsgate.store import ResultFilter
+
+from .conftest import write_config
+
+
+class FastModel:
+    info = ModelInfo("Fast", "2", "tests", "mean brightness, for tests",
+                     "2026-01-01T00:00:00+00:00", "0" * 64)
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def score_batch(self, batch: np.ndarray) -> list[float]:
+        if self.fail:
+            raise ModelError("inference failed: the stand-in model was told to fail")
+        return [float(img.mean()) / 255 for img in batch]
+
+
+@asynccontextmanager
+async def gateway(tmp: Path, extra: str = "", http_port: int = 0
+                  ) -> AsyncIterator[tuple[Gateway, FastModel]]:
+    path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=0.2, http_port=http_port,
+                        extra=extra)
+    path.write_text(path.read_text() + "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n",
+                    encoding="utf-8")
+    model = FastModel()
+    gw = Gateway(load_config(path), scorer_factory=lambda: model)
+    await gw.start()
+    try:
+        yield gw, model
+    finally:
+        await gw.stop()
+
+
+async def send(gw: Gateway, datasets: list[Any], calling_ae: str = "TESTSCU") -> None:
+    result = await asyncio.to_thread(send_datasets, "127.0.0.1", gw.port, datasets,
+                                     calling_ae=calling_ae)
+    assert result.ok, result
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], limit_s: float = 60,
+                     what: str = "") -> Any:
+    """Poll ``check`` until it returns something truthy; return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def result_of(gw: Gateway, study_uid: str, limit_s: float = 60) -> dict[str, Any]:
+    async def find() -> dict[str, Any] | None:
+        docs = await gw.store.results(ResultFilter(study_uid=study_uid))
+        return docs[0] if docs else None
+    doc: dict[str, Any] = await eventually(find, limit_s, f"the result of {study_uid[-8:]}")
+    return doc

@@ -1,0 +1,221 @@
+"""The outbox: every stored result reaches every configured exporter at least once, under a
+stable id, with retries, backoff, dead-lettering and `pxsgate outbox retry`; pending
+deliveries survive a stop and a SIGKILL. Real HTTP(S) receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pxsgate.store import Delivery, delivery_id
+
+from .conftest import pxsgate, write_config
+from .http_receiver import http_receiver, server_tls
+from .inprocess import eventually, gateway, result_of, send
+from .test_lifecycle import ap_study, wait_until
+from .test_tls import make_pki
+
+
+def http_exporter(url: str, name: str = "results-db", **settings: Any) -> str:
+    lines = [f"  - name: {name}", "    type: http", f"    url: {url}",
+             "    backoff-initial-seconds: 0.05", "    backoff-max-seconds: 0.2"]
+    lines += [f"    {k.replace('_', '-')}: {v}" for k, v in settings.items()]
+    return "exporters:\n" + "\n".join(lines) + "\n"
+
+
+async def deliveries(gw: Any) -> list[Delivery]:
+    found: list[Delivery] = await gw.store.deliveries()
+    return found
+
+
+async def settled(gw: Any, count: int = 1) -> list[Delivery]:
+    """Wait until ``count`` deliveries exist and none is pending."""
+    async def check() -> list[Delivery] | None:
+        rows = await deliveries(gw)
+        done = len(rows) >= count and all(d.state != "pending" for d in rows)
+        return rows if done else None
+    found: list[Delivery] = await eventually(check, 30, "the deliveries to settle")
+    return found
+
+
+async def test_retried_with_backoff_until_delivered_once_under_a_stable_id(
+        tmp_path: Path) -> None:
+    with http_receiver() as receiver:
+        receiver.answers = [503, 502]  # down for two tries, then back
+        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
+            study = ap_study(61, "OUTBOX")
+            await send(gw, study)
+            doc = await result_of(gw, str(study[0].StudyInstanceUID))
+            [row] = await settled(gw)
+    assert (row.state, row.attempts, row.last_error) == ("delivered", 3, "")
+    assert row.id == delivery_id(doc["id"], "results-db")
+    assert [r.status for r in receiver.requests] == [503, 502, 200]
+    # The same delivery id on every try: the receiver de-duplicates on it.
+    assert {r.headers["Idempotency-Key"] for r in receiver.requests} == {row.id}
+    assert receiver.requests[-1].headers["X-Pxsgate-Result-Id"] == doc["id"]
+    assert receiver.requests[-1].document == doc
+
+
+async def test_every_status_goes_to_http_but_only_selected_statuses_are_queued(
+        tmp_path: Path) -> None:
+    extra = http_exporter("http://127.0.0.1:9/unused", name="scores-only",
+                          statuses="[SUCCEEDED]")
+    with http_receiver() as receiver:
+        extra += http_exporter(receiver.url).removeprefix("exporters:\n")
+        async with gateway(tmp_path, extra) as (gw, model):
+            model.fail = True
+            failed = ap_study(62, "FAILS")
+            await send(gw, failed)
+            doc = await result_of(gw, str(failed[0].StudyInstanceUID))
+            assert (doc["status"], doc["exitCode"]) == ("FAILED", 2)
+            [row] = await settled(gw)
+    # The FAILED result went to the exporter that takes every status, not to scores-only.
+    assert (row.exporter, row.state) == ("results-db", "delivered")
+    assert receiver.accepted()[0].document["status"] == "FAILED"
+
+
+async def test_dead_letter_after_max_attempts_then_outbox_retry_revives(
+        tmp_path: Path) -> None:
+    with http_receiver() as receiver:
+        receiver.answers = [500] * 3
+        async with gateway(tmp_path, http_exporter(receiver.url, max_attempts=3)) as (gw, _):
+            study = ap_study(63, "DEAD")
+            await send(gw, study)
+            [row] = await settled(gw)
+            assert (row.state, row.attempts) == ("dead", 3)
+            assert "HTTP 500" in row.last_error
+            config = str(tmp_path / "pxsgate.yaml")
+            listed = await asyncio.to_thread(pxsgate, "outbox", "list", "--config", config,
+                                             "--state", "dead", "--json")
+            assert [d["id"] for d in json.loads(listed.stdout)] == [row.id]
+            # The endpoint is fixed; an operator retries the dead ones from another process.
+            out = await asyncio.to_thread(pxsgate, "outbox", "retry", "--config", config)
+            assert out.stdout.startswith("1 delivery due now")
+
+            async def delivered() -> bool:
+                return [d.state for d in await deliveries(gw)] == ["delivered"]
+            await eventually(delivered, 20, "the revived delivery")
+    assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
+
+
+async def test_a_refusal_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    with http_receiver() as receiver:
+        receiver.answers = [422]
+        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
+            await send(gw, ap_study(64, "REFUSED"))
+            [row] = await settled(gw)
+    assert (row.state, row.attempts) == ("dead", 1)
+    assert "HTTP 422" in row.last_error
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs openssl")
+async def test_https_with_client_certificate_and_bearer_token(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    with http_receiver(server_tls(pki)) as receiver:
+        receiver.token = "s3cret-token"
+        extra = http_exporter(receiver.url, ca_certificates=pki / "ca.pem",
+                              client_certificate=pki / "client.pem",
+                              client_key=pki / "client.key",
+                              bearer_token_file=tmp_path / "token")
+        async with gateway(tmp_path, extra) as (gw, _):
+            await send(gw, ap_study(65, "TLS"))
+            [row] = await settled(gw)
+    assert row.state == "delivered"
+    [request] = receiver.requests
+    assert (request.status, request.client_cn) == (200, "client")
+
+
+async def test_without_the_ca_the_server_is_not_trusted(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    with http_receiver(server_tls(pki, require_client=False)) as receiver:
+        async with gateway(tmp_path, http_exporter(receiver.url, max_attempts=1)) as (gw, _):
+            await send(gw, ap_study(66, "UNTRUSTED"))
+            [row] = await settled(gw)
+    assert row.state == "dead"
+    assert "certificate" in row.last_error.lower()
+    assert receiver.requests == []
+
+
+async def test_pending_deliveries_survive_a_stop(tmp_path: Path) -> None:
+    with http_receiver() as receiver:
+        receiver.answers = [503] * 1000
+        extra = http_exporter(receiver.url, backoff_initial_seconds=30)
+        async with gateway(tmp_path, extra) as (gw, _):
+            await send(gw, ap_study(67, "STOPPED"))
+
+            async def tried() -> bool:
+                return any(d.attempts for d in await deliveries(gw))
+            await eventually(tried, 30, "a first try")
+        receiver.answers.clear()
+        async with gateway(tmp_path, extra.replace("30", "0.05")) as (gw, _):
+            # Due in 30 s by the old backoff; a retry makes it due now.
+            await gw.store.retry_deliveries("2026-01-01T00:00:00+00:00", time.time(),
+                                            state="pending")
+            gw.outbox.wake()
+            [row] = await settled(gw)
+    assert row.state == "delivered"
+    assert len(receiver.accepted()) == 1
+
+
+def test_sigkill_mid_delivery_resends_the_same_delivery(tmp_path: Path) -> None:
+    """A delivery in flight when the process dies is sent again after the restart, under the
+    same id: at least once, and the receiver can tell it is the same one."""
+    from .conftest import Service, start_service, stop_service
+
+    with http_receiver() as receiver:
+        receiver.hold.set()  # the endpoint takes the request and never answers
+        svc: Service = start_service(tmp_path, extra=http_exporter(receiver.url))
+        study = ap_study(68, "KILLED")
+        try:
+            from pxsgate.scu import send_datasets
+            assert send_datasets("127.0.0.1", svc.port, study).ok
+            wait_until(lambda: receiver.arrived > 0, what="the POST to arrive")
+        finally:
+            os.kill(svc.process.pid, signal.SIGKILL)
+            svc.process.wait(30)
+        receiver.hold.clear()
+        receiver.release.set()  # the held request is answered, to a dead peer
+        svc = start_service(tmp_path, extra=http_exporter(receiver.url))
+        try:
+            wait_until(lambda: len(receiver.accepted()) >= 2, what="the re-sent delivery")
+            # The re-sent delivery is committed right after the receiver answers it.
+            time.sleep(0.5)
+            rows = json.loads(pxsgate("outbox", "list", "--config", svc.config,
+                                      "--json").stdout)
+        finally:
+            assert stop_service(svc) == 0
+    assert [r["state"] for r in rows] == ["delivered"]
+    keys = {r.headers["Idempotency-Key"] for r in receiver.requests}
+    assert keys == {rows[0]["id"]}
+
+
+def test_check_config_refuses_a_broken_exporter(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", tmp_path / "d",
+                        extra="exporters:\n  - name: pacs\n    type: dicom\n    host: h\n")
+    out = pxsgate("check-config", "--config", path, check=False)
+    assert out.returncode == 2
+    assert "exporters[0].port: is required for a dicom exporter" in out.stderr
+
+
+def test_serve_exits_when_the_token_file_is_missing(tmp_path: Path) -> None:
+    extra = http_exporter("https://localhost:9/x", bearer_token_file=tmp_path / "nope")
+    path = write_config(tmp_path / "c.yaml", tmp_path / "d", extra=extra)
+    out = subprocess.run([sys.executable, "-m", "pxsgate", "serve", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "exporters[0].bearer-token-file: cannot read" in out.stderr
+

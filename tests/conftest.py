@@ -51,7 +51,7 @@ def free_port() -> int:
 def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0.3,
                  extra_scp: str = "", min_free_mb: float = 16, level: str = "info",
                  ae_titles: tuple[str, ...] = ("PxsScore",), http_port: int = 0,
-                 extra: str = "") -> Path:
+                 http_token_file: Path | None = None, extra: str = "") -> Path:
     titles = "\n".join(f"      - ae-title: {t}" for t in ae_titles)
     path.write_text(
         f"""dicom:
@@ -68,6 +68,7 @@ assembly:
   settle-seconds: {settle}
 http:
   port: {http_port}
+  bearer-token-file: {http_token_file or "null"}
 logging:
   format: json
   level: {level}

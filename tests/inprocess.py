@@ -37,10 +37,11 @@ class FastModel:
 
 
 @asynccontextmanager
-async def gateway(tmp: Path, extra: str = "", http_port: int = 0
+async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
+                  http_token_file: Path | None = None
                   ) -> AsyncIterator[tuple[Gateway, FastModel]]:
     path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=0.2, http_port=http_port,
-                        extra=extra)
+                        http_token_file=http_token_file, extra=extra)
     path.write_text(path.read_text() + "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n",
                     encoding="utf-8")
     model = FastModel()

@@ -219,3 +219,53 @@ def test_serve_exits_when_the_token_file_is_missing(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "exporters[0].bearer-token-file: cannot read" in out.stderr
 
+
+
+def dicom_exporter(port: int, **settings: Any) -> str:
+    lines = ["exporters:", "  - name: pacs", "    type: dicom", "    host: 127.0.0.1",
+             f"    port: {port}", "    ae-title: PACS", "    calling-ae-title: PXSGATE",
+             "    timeout-seconds: 5", "    backoff-initial-seconds: 0.2",
+             "    backoff-max-seconds: 0.5"]
+    lines += [f"    {k.replace('_', '-')}: {v}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.dcmtk
+async def test_sr_reaches_the_pacs_once_it_listens(tmp_path: Path) -> None:
+    """The DICOM exporter's SR, through the outbox to DCMTK's storescp: refused while the PACS
+    is down, delivered once it is up; the received SR measures the stored score on the
+    source image, in the source's study."""
+    import highdicom as hd
+    import pydicom
+
+    from pxsgate.sr import uid_from_id
+
+    from .conftest import free_port
+    from .test_sr import PXS_SCORE, _storescp
+
+    port = free_port()
+    async with gateway(tmp_path, dicom_exporter(port)) as (gw, _):
+        study = ap_study(69, "SR")
+        await send(gw, study)
+        doc = await result_of(gw, str(study[0].StudyInstanceUID))
+
+        async def failed_once() -> bool:
+            return any(d.attempts for d in await deliveries(gw))
+        await eventually(failed_once, 30, "a refused try")
+        [row] = await deliveries(gw)
+        assert row.state == "pending"
+        assert "127.0.0.1" in row.last_error
+        pacs_dir = tmp_path / "pacs"
+        with _storescp(pacs_dir, port=port):
+            [row] = await settled(gw)
+    assert row.state == "delivered"
+    [path] = list(pacs_dir.iterdir())
+    raw = pydicom.dcmread(path)
+    assert raw.StudyInstanceUID == doc["studyInstanceUid"]
+    assert raw.SOPInstanceUID == uid_from_id(f"{doc['id']}/sr")
+    assert "not for clinical use" not in raw.SeriesDescription  # the stand-in model
+    [group] = hd.sr.srread(path).content.get_image_measurement_groups()
+    [measurement] = group.get_measurements(name=PXS_SCORE)
+    assert measurement.value == pytest.approx(float(doc["results"][0]["value"]))
+    [image] = measurement.referenced_images
+    assert image.referenced_sop_instance_uid == study[0].SOPInstanceUID

@@ -112,11 +112,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _storescp(out: Path, *extra: str) -> Iterator[int]:
-    """DCMTK's storescp (by absolute path: pynetdicom ships a namesake) on a free port, AE
-    title PACS, writing what it receives into ``out``; killed on exit."""
+def _storescp(out: Path, *extra: str, port: int | None = None) -> Iterator[int]:
+    """DCMTK's storescp (by absolute path: pynetdicom ships a namesake) on ``port`` or a free
+    one, AE title PACS, writing what it receives into ``out``; killed on exit."""
     out.mkdir()
-    port = _free_port()
+    port = port or _free_port()
     proc = subprocess.Popen(
         [dcmtk("storescp"), "-aet", "PACS", "-od", str(out), "-dhl", "-ta", "10", "-td", "10",
          *extra, str(port)],

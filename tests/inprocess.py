@@ -15,6 +15,7 @@ import numpy as np
 
 from pxsgate.config import load_config
 from pxsgate.errors import ModelError
+from pxsgate.log import configure_logging
 from pxsgate.results import ModelInfo
 from pxsgate.scu import send_datasets
 from pxsgate.server import Gateway
@@ -44,6 +45,9 @@ async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
                         http_token_file=http_token_file, extra=extra)
     path.write_text(path.read_text() + "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n",
                     encoding="utf-8")
+    # structlog prints to the sys.stderr of the moment it was configured; under pytest that
+    # is a capture file closed after its test, so each in-process gateway configures anew.
+    configure_logging("json", "info")
     model = FastModel()
     gw = Gateway(load_config(path), scorer_factory=lambda: model)
     await gw.start()

@@ -403,7 +403,12 @@ class InferenceWorker:
         while True:
             batch, stop = self._gather()
             if batch:
-                self._run_batch(scorer, batch)
+                try:
+                    self._run_batch(scorer, batch)
+                except Exception as exc:  # never let the worker die with images waiting
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(ModelError(f"inference failed: {exc}"))
             if stop:
                 return
 
@@ -433,11 +438,11 @@ class InferenceWorker:
         try:
             scores = scorer.score_batch(np.stack([job.image for job in batch]))
         except Exception as exc:  # a model failure fails these images, not the worker
-            log.error("inference.failed", batch_size=len(batch), error=str(exc))
             for job in batch:
                 job.future.set_exception(ModelError(f"inference failed: {exc}"))
+            log.error("inference.failed", batch_size=len(batch), error=str(exc))
             return
-        log.info("inference.batch", batch_size=len(batch),
-                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
         for job, score in zip(batch, scores, strict=True):
             job.future.set_result(score)
+        log.info("inference.batch", batch_size=len(batch),
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1))

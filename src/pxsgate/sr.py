@@ -19,7 +19,7 @@ Patient and study attributes are copied from the source image headers (highdicom
 so the SR files under the same study as the images; the images are listed as evidence.
 
 The SR's SOP Instance UID and Series Instance UID are the caller's, derived with
-``uid_from_id`` from stable ids (delivery id, result id), and the dates come from the result
+``uid_from_id`` from the result id (``export.py``), and the dates come from the result
 document: a retried delivery sends the same instance again and the PACS de-duplicates it
 instead of showing the score twice.
 

@@ -269,3 +269,30 @@ async def test_sr_reaches_the_pacs_once_it_listens(tmp_path: Path) -> None:
     assert measurement.value == pytest.approx(float(doc["results"][0]["value"]))
     [image] = measurement.referenced_images
     assert image.referenced_sop_instance_uid == study[0].SOPInstanceUID
+
+
+def test_backoff_doubles_up_to_the_cap_with_half_of_it_jitter() -> None:
+    import random
+
+    from pxsgate.config import ExporterConfig
+    from pxsgate.outbox import backoff_seconds
+
+    config = ExporterConfig(name="x", type="http", url="https://x", backoff_initial_seconds=2,
+                            backoff_max_seconds=60)
+    rng = random.Random(7)
+    for tries, base in [(1, 2), (2, 4), (3, 8), (5, 32), (6, 60), (40, 60)]:
+        waits = [backoff_seconds(tries, config, rng) for _ in range(200)]
+        assert base / 2 <= min(waits) < max(waits) <= base
+        assert max(waits) - min(waits) > base / 4  # spread: senders do not retry in step
+
+
+async def test_rate_limit_spaces_deliveries() -> None:
+    from pxsgate.outbox import throttler
+
+    limiter = throttler(20.0)  # 20 per second, in bursts of at most 20
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(40):
+        await limiter.acquire()
+    assert loop.time() - started >= 0.9  # the second 20 wait out the first second
+    assert (throttler(0.5).rate_limit, throttler(0.5).period) == (1, 2.0)

@@ -199,6 +199,8 @@ async def test_http_api_answers_read_only_queries(site: Site) -> None:
     assert [d["id"] for d in body] == [scored["id"]]
     status, body = await _get(site, "/results?status=FAILED&since=2000-01-01")
     assert [d["id"] for d in body] == [site.docs["failed"]["id"]]
+    status, body = await _get(site, "/results?limit=2")  # the latest two, oldest first
+    assert [d["id"] for d in body] == [site.docs["skipped"]["id"], site.docs["failed"]["id"]]
 
     status, body = await _get(site, f"/studies/{scored['studyInstanceUid']}")
     assert status == 200

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flagged", action="store_true", help="only results with review flags")
     p.add_argument("--history", action="store_true",
                    help="every result, not only each study's current one")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="only the latest N results (still oldest first)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="a JSON array of result documents")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per result")

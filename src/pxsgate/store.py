@@ -531,8 +531,10 @@ class Store:
     async def results(self, flt: ResultFilter = ResultFilter()) -> list[dict[str, Any]]:
         where, params = _result_where(flt)
         sql = f"SELECT document FROM results {where} ORDER BY created_utc, rowid"
-        if flt.limit is not None:
-            sql += f" LIMIT {int(flt.limit)}"
+        if flt.limit is not None:  # the latest ``limit``, still oldest first
+            sql = (f"SELECT document FROM (SELECT document, created_utc, rowid AS r "
+                   f"FROM results {where} ORDER BY created_utc DESC, rowid DESC "
+                   f"LIMIT {int(flt.limit)}) ORDER BY created_utc, r")
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
         return [json.loads(r[0]) for r in rows]

@@ -31,7 +31,7 @@ from pxsgate.sr import (
     uid_from_id,
 )
 
-from .conftest import SAMPLES, dcmtk
+from .conftest import SAMPLES, dcmtk, free_port
 
 UID_SYNTAX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 DEMO_DESCRIPTION = "PXS score model on chest x-rays (demonstration weights, not for clinical use)"
@@ -104,19 +104,12 @@ def _comments(sr: Dataset) -> list[str]:
 # --- a real storage SCP ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def _storescp(out: Path, *extra: str, port: int | None = None) -> Iterator[int]:
     """DCMTK's storescp (by absolute path: pynetdicom ships a namesake) on ``port`` or a free
     one, AE title PACS, writing what it receives into ``out``; killed on exit."""
     out.mkdir()
-    port = port or _free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [dcmtk("storescp"), "-aet", "PACS", "-od", str(out), "-dhl", "-ta", "10", "-td", "10",
          *extra, str(port)],
@@ -279,7 +272,7 @@ def test_uid_from_id() -> None:
 
 def test_send_to_closed_port_raises_promptly(sources: list[Dataset]) -> None:
     sr = _build(_document(sources), sources)
-    port = _free_port()  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     started = time.monotonic()
     with pytest.raises(SendError, match=f"PACS@127.0.0.1:{port}") as raised:
         send_dataset(sr, host="127.0.0.1", port=port, called_ae="PACS", calling_ae="PXSGATE",

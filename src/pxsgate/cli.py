@@ -13,15 +13,19 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pxsgate import __version__
 from pxsgate.config import Config, load_config, resolve_config_path
 from pxsgate.errors import ConfigError, PxsgateError
 from pxsgate.log import configure_logging
+from pxsgate.messages import now_iso
 from pxsgate.store import ResultFilter, Store
+
+R = TypeVar("R")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -221,7 +225,7 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
                        accession=args.accession, status=args.status, model=args.model,
                        since=since, flagged=args.flagged, history=args.history,
                        limit=args.limit)
-    docs = _run(_query(db, flt))
+    docs = _run(_with_store(db, lambda store: store.results(flt)))
     if args.json:
         json.dump(docs, sys.stdout, indent=2)
         print()
@@ -232,11 +236,12 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _query(db: Path, flt: ResultFilter) -> list[dict[str, Any]]:
+async def _with_store(db: Path, use: Callable[[Store], Awaitable[R]]) -> R:
+    """Open the store, ``use`` it, close it: the one-shot commands' access."""
     store = Store(db)
     await store.open()
     try:
-        return await store.results(flt)
+        return await use(store)
     finally:
         await store.close()
 
@@ -245,11 +250,13 @@ def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
     db = _store_path(args, config)
     if args.outbox_command == "retry":
         state = None if args.ids else args.state
-        count = _run(_retry(db, state, args.exporter, args.ids))
+        count = _run(_with_store(db, lambda store: store.retry_deliveries(
+            now_iso(), time.time(), state=state, exporter=args.exporter, ids=args.ids)))
         print(f"{count} deliver{'y' if count == 1 else 'ies'} due now "
               "(the running service picks them up within seconds)")
         return EXIT_OK
-    rows = _run(_deliveries(db, args.state, args.exporter, args.limit))
+    rows = _run(_with_store(db, lambda store: store.deliveries(
+        state=args.state, exporter=args.exporter, limit=args.limit)))
     if args.json:
         json.dump([dataclasses.asdict(d) for d in rows], sys.stdout, indent=2)
         print()
@@ -262,30 +269,6 @@ def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     print(f"({len(rows)} deliver{'y' if len(rows) == 1 else 'ies'})")
     return EXIT_OK
-
-
-async def _deliveries(db: Path, state: str | None, exporter: str | None,
-                      limit: int | None) -> list[Any]:
-    store = Store(db)
-    await store.open()
-    try:
-        return await store.deliveries(state=state, exporter=exporter, limit=limit)
-    finally:
-        await store.close()
-
-
-async def _retry(db: Path, state: str | None, exporter: str | None, ids: list[str]) -> int:
-    import time
-
-    from pxsgate.messages import now_iso
-
-    store = Store(db)
-    await store.open()
-    try:
-        return await store.retry_deliveries(now_iso(), time.time(), state=state,
-                                            exporter=exporter, ids=ids)
-    finally:
-        await store.close()
 
 
 def _row(doc: dict[str, Any]) -> list[str]:

@@ -92,8 +92,8 @@ class Outbox:
             for exporter in started:
                 await exporter.close()
             raise
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
         if self._names:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
             log.info("outbox.started", exporters=self._names)
 
     def wake(self) -> None:
@@ -131,10 +131,8 @@ class Outbox:
             wait = POLL_SECONDS
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due - time.time()))
-            if not self._names:
-                wait = math.inf
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), None if wait == math.inf else wait)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _dispatch(self) -> None:
         due = await self._store.due_deliveries(time.time(), self._names, BATCH,

@@ -82,6 +82,9 @@ class Gateway:
         # Before the model: a missing token file fails the start in seconds, not minutes.
         await self.outbox.start()
         self._outbox_started = True
+        http = self.config.http
+        token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
+                 if http.bearer_token_file else None)
         self._decoder = DecodePool(self.config.preprocess)
         model_loading = asyncio.to_thread(self.worker.start)
         _, model = await asyncio.gather(self._decoder.start(), model_loading)
@@ -90,10 +93,7 @@ class Gateway:
                                   self._executor, self._decoder, self.outbox.wake)
         self._assembler = Assembler(loop, self._study_ready)
         await self._resume()
-        http = self.config.http
         if http.port:
-            token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
-                     if http.bearer_token_file else None)
             if token is None and http.host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("http.unprotected", host=http.host,
                             note="results carry PHI: set http.bearer-token-file")

@@ -26,8 +26,8 @@ from .test_tls import make_pki
 
 
 def http_exporter(url: str, name: str = "results-db", **settings: Any) -> str:
-    lines = [f"  - name: {name}", "    type: http", f"    url: {url}",
-             "    backoff-initial-seconds: 0.05", "    backoff-max-seconds: 0.2"]
+    settings = {"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2, **settings}
+    lines = [f"  - name: {name}", "    type: http", f"    url: {url}"]
     lines += [f"    {k.replace('_', '-')}: {v}" for k, v in settings.items()]
     return "exporters:\n" + "\n".join(lines) + "\n"
 
@@ -153,7 +153,7 @@ async def test_without_the_ca_the_server_is_not_trusted(tmp_path: Path) -> None:
 async def test_pending_deliveries_survive_a_stop(tmp_path: Path) -> None:
     with http_receiver() as receiver:
         receiver.answers = [503] * 1000
-        extra = http_exporter(receiver.url, backoff_initial_seconds=30)
+        extra = http_exporter(receiver.url, backoff_initial_seconds=30, backoff_max_seconds=60)
         async with gateway(tmp_path, extra) as (gw, _):
             await send(gw, ap_study(67, "STOPPED"))
 
@@ -161,7 +161,7 @@ async def test_pending_deliveries_survive_a_stop(tmp_path: Path) -> None:
                 return any(d.attempts for d in await deliveries(gw))
             await eventually(tried, 30, "a first try")
         receiver.answers.clear()
-        async with gateway(tmp_path, extra.replace("30", "0.05")) as (gw, _):
+        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
             # Due in 30 s by the old backoff; a retry makes it due now.
             await gw.store.retry_deliveries("2026-01-01T00:00:00+00:00", time.time(),
                                             state="pending")

@@ -43,8 +43,10 @@ async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
                   ) -> AsyncIterator[tuple[Gateway, FastModel]]:
     path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=0.2, http_port=http_port,
                         http_token_file=http_token_file, extra=extra)
-    path.write_text(path.read_text() + "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n",
-                    encoding="utf-8")
+    text = path.read_text() + "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n"
+    if "\njobs:" not in text:  # a failing model's retries, quickly
+        text += "jobs:\n  retry-backoff-seconds: 0.05\n"
+    path.write_text(text, encoding="utf-8")
     # structlog prints to the sys.stderr of the moment it was configured; under pytest that
     # is a capture file closed after its test, so each in-process gateway configures anew.
     configure_logging("json", "info")

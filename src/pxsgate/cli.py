@@ -11,6 +11,7 @@ import asyncio
 import csv
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -155,13 +156,29 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _serve(config: Config, path: Path) -> int:
+    """Run until SIGTERM or SIGINT (graceful: see server.Gateway.stop; a second SIGINT exits
+    at once, which loses nothing acknowledged: it is all on disk), or until the service
+    finds itself unable to go on (exit 1, so that systemd restarts it)."""
+    import structlog
+
+    from pxsgate.failpoints import Failpoints
+    from pxsgate.sdnotify import Notifier
     from pxsgate.server import Gateway  # torch loads here, not for check-config/results
 
+    log = structlog.get_logger("pxsgate.cli")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and sig == signal.SIGINT:
+            log.warning("gateway.forced_exit", signal=sig.name)
+            os._exit(130)
+        log.info("gateway.stopping", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config)
+        loop.add_signal_handler(sig, on_signal, sig)
+    gateway = Gateway(config, notifier=Notifier(), failpoints=Failpoints.from_env())
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
@@ -172,10 +189,17 @@ async def _serve(config: Config, path: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await gateway.start()
     try:
-        await stop.wait()
+        waits = [loop.create_task(stop.wait()), loop.create_task(gateway.fatal.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         await gateway.stop()
+    if gateway.fatal.is_set():
+        print(f"pxsgate: {gateway.fatal_reason}; stopped so that it is restarted",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -194,7 +218,9 @@ async def _reload(gateway: Any, path: Path) -> None:
         log.error("config.reload_failed", path=str(path), key="", reason=repr(exc),
                   kept="the rules and timings already running")
         return
+    gateway.notifier.reloading()
     gateway.reload(new)
+    gateway.notifier.ready()
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:

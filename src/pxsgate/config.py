@@ -205,6 +205,48 @@ class StorageConfig:
     # Below this much free space on the spool's file system, C-STORE answers 0xA700
     # (Out of Resources) and writes nothing; the sender retries later.
     min_free_mb: float = field(default=1024.0, metadata=_check(_check_non_negative))
+    # Spooled images are deleted this long after their study's result is stored and every
+    # delivery of it is done (delivered or dead-lettered). 0: as soon as that is so.
+    retention_hours: float = field(default=24.0, metadata=_check(_check_non_negative))
+    # A ceiling on the spool's size (0 = none). Above it, finished studies are deleted
+    # before their retention is up, oldest first; when only studies still being worked on
+    # are left, C-STORE answers 0xA700 until there is room again.
+    max_spool_gb: float = field(default=0.0, metadata=_check(_check_non_negative))
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Each study's job: retries, limits and shutdown."""
+
+    # Tries to score a study before it is stored as FAILED (a model or decoding error on
+    # any of its images). A try interrupted by a crash or a stop counts too, so an image
+    # that brings the service down cannot do so forever.
+    max_attempts: int = field(default=3, metadata=_check(_check_positive))
+    # Wait before try n+1: retry-backoff-seconds x 2^(n-1).
+    retry_backoff_seconds: float = field(default=2.0, metadata=_check(_check_non_negative))
+    # A batch that has not come back from the model in this time fails its images (they are
+    # retried); the model worker is then reported unhealthy and systemd's watchdog, no
+    # longer fed, restarts the service.
+    batch_time_limit_seconds: float = field(default=120.0, metadata=_check(_check_positive))
+    # Studies processed at once; further ready studies queue (as UIDs, their images stay
+    # files in the spool).
+    max_studies_in_progress: int = field(default=16, metadata=_check(_check_positive))
+    # SIGTERM: associations in progress get this long to finish, then studies in progress
+    # get it again; what is left resumes at the next start.
+    shutdown_grace_seconds: float = field(default=30.0, metadata=_check(_check_non_negative))
+
+
+@dataclass(frozen=True)
+class BackpressureConfig:
+    """When studies arrive faster than they are scored, reception slows down rather than
+    letting the backlog grow without bound: from ``delay-above-studies`` studies waiting,
+    each C-STORE answer is delayed (up to ``max-delay-seconds``, growing with the backlog);
+    from ``refuse-above-studies`` C-STORE answers 0xA700 (Out of Resources) and the sender
+    retries later."""
+
+    delay_above_studies: int = field(default=200, metadata=_check(_check_positive))
+    refuse_above_studies: int = field(default=1000, metadata=_check(_check_positive))
+    max_delay_seconds: float = field(default=2.0, metadata=_check(_check_non_negative))
 
 
 @dataclass(frozen=True)
@@ -356,6 +398,8 @@ class Config:
     dicom: DicomConfig = DicomConfig()
     storage: StorageConfig = StorageConfig()
     assembly: AssemblyConfig = AssemblyConfig()
+    jobs: JobsConfig = JobsConfig()
+    backpressure: BackpressureConfig = BackpressureConfig()
     selection: SelectionConfig = SelectionConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
@@ -524,6 +568,10 @@ def _cross_check(config: Config) -> None:
             raise ConfigError(f"exporters[{i}].name", f"{exporter.name!r} is used twice")
         names.add(exporter.name)
         _cross_check_exporter(exporter, f"exporters[{i}]")
+    bp = config.backpressure
+    if bp.refuse_above_studies < bp.delay_above_studies:
+        raise ConfigError("backpressure.refuse-above-studies",
+                          "must not be below backpressure.delay-above-studies")
     titles = {t.ae_title for t in config.dicom.scp.ae_titles}
     if not titles:
         raise ConfigError("dicom.scp.ae-titles", "at least one AE title is required")
@@ -549,6 +597,21 @@ def resolve_config_path(explicit: str | Path | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping: YAML would silently keep
+    the last, so a pasted second ``port:`` would win unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file; raise ConfigError on any problem."""
     p = Path(path)
@@ -557,7 +620,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {p}: {exc.strerror or exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{p} is not valid YAML: {exc}") from exc
     return config_from_mapping(data)

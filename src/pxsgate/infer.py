@@ -41,6 +41,7 @@ from pxsgate import anchors as anchor_pool
 from pxsgate import pxs
 from pxsgate.config import BatchConfig, ModelConfig
 from pxsgate.errors import ModelError, PxsgateError
+from pxsgate.failpoints import Failpoints
 from pxsgate.preprocess import CROP_TO, U8Array
 from pxsgate.results import ModelInfo
 
@@ -351,9 +352,16 @@ class InferenceWorker:
     """
 
     def __init__(self, factory: Callable[[], Scorer], batch: BatchConfig, *,
-                 nice: bool = False) -> None:
+                 nice: bool = False, time_limit: float = 120.0,
+                 failpoints: Failpoints | None = None) -> None:
         self._factory = factory
         self._nice = nice
+        self._time_limit = time_limit
+        self._failpoints = failpoints or Failpoints()
+        # The batch on the model and since when (monotonic); written by the worker thread,
+        # read by the loop's watchdog (:meth:`check_time_limit`).
+        self._current: tuple[float, list[_Job]] | None = None
+        self._stuck = False
         self._max_size = batch.max_size
         self._max_delay = batch.max_delay_ms / 1000.0
         self._queue: queue.Queue[object] = queue.Queue()
@@ -370,7 +378,26 @@ class InferenceWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The worker thread runs and its last batch came back within the time limit."""
+        return self._thread is not None and self._thread.is_alive() and not self._stuck
+
+    def check_time_limit(self) -> bool:
+        """Called periodically from the loop. A batch on the model for longer than
+        ``jobs.batch-time-limit-seconds`` fails its images now (their studies retry) and
+        marks the worker stuck: a hung GPU call cannot be interrupted from Python, so the
+        service reports itself unhealthy and is restarted. True while not stuck."""
+        current = self._current
+        if current is None or self._stuck:
+            return not self._stuck
+        since, batch = current
+        if time.monotonic() - since <= self._time_limit:
+            return True
+        self._stuck = True
+        log.error("inference.stuck", batch_size=len(batch), time_limit_s=self._time_limit)
+        for job in batch:
+            _settle(job.future, ModelError(
+                f"inference did not finish within {self._time_limit:g} s"))
+        return False
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -407,8 +434,7 @@ class InferenceWorker:
                     self._run_batch(scorer, batch)
                 except Exception as exc:  # never let the worker die with images waiting
                     for job in batch:
-                        if not job.future.done():
-                            job.future.set_exception(ModelError(f"inference failed: {exc}"))
+                        _settle(job.future, ModelError(f"inference failed: {exc}"))
             if stop:
                 return
 
@@ -435,14 +461,36 @@ class InferenceWorker:
 
     def _run_batch(self, scorer: Scorer, batch: list[_Job]) -> None:
         started = time.perf_counter()
+        self._current = (time.monotonic(), batch)
         try:
+            self._failpoints.hit("during-inference")
             scores = scorer.score_batch(np.stack([job.image for job in batch]))
         except Exception as exc:  # a model failure fails these images, not the worker
-            for job in batch:
-                job.future.set_exception(ModelError(f"inference failed: {exc}"))
-            log.error("inference.failed", batch_size=len(batch), error=str(exc))
+            if len(batch) > 1:
+                # One poison image must not fail the studies it shares a batch with: each
+                # image alone, so only the guilty ones fail.
+                log.warning("inference.isolating", batch_size=len(batch), error=str(exc))
+                for job in batch:
+                    self._run_batch(scorer, [job])
+                return
+            _settle(batch[0].future, ModelError(f"inference failed: {exc}"))
+            log.error("inference.failed", batch_size=1, error=str(exc))
             return
+        finally:
+            self._current = None
         for job, score in zip(batch, scores, strict=True):
-            job.future.set_result(score)
+            _settle(job.future, score)
         log.info("inference.batch", batch_size=len(batch),
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def _settle(future: concurrent.futures.Future[float], outcome: float | Exception) -> None:
+    """Answer a job unless the time limit already answered it (then the late score is
+    dropped: its study was told to retry)."""
+    try:
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass

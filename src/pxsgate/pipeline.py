@@ -10,6 +10,7 @@ the newest instances always get a result.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -137,6 +138,12 @@ class Pipeline:
         self._decoder = decoder
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        # Ready studies beyond jobs.max-studies-in-progress wait here, first come first
+        # served, as UIDs: their images stay files in the spool.
+        self._waiting: collections.deque[str] = collections.deque()
+        self._crashes: dict[str, int] = {}  # unexpected errors per study, for the retry delay
+        self._retry_timers: dict[str, asyncio.TimerHandle] = {}
+        self._closing = False
         # Decoded images held at once, from decode start to score: a batch being scored, the
         # next one filling, and one image per decode process. However many studies arrive
         # together, memory stays bounded; the rest wait as files in the spool.
@@ -145,12 +152,26 @@ class Pipeline:
 
     @property
     def busy(self) -> int:
+        """Studies being processed now."""
         return len(self._running)
+
+    @property
+    def backlog(self) -> int:
+        """Studies ready and not yet finished: being processed, or waiting their turn.
+        Read from association threads for backpressure (an int read is atomic)."""
+        return len(self._running) + len(self._waiting)
 
     def submit(self, study_uid: str) -> None:
         """Process a ready study (called on the loop by the assembler)."""
         if study_uid in self._running:
             self._again.add(study_uid)
+            return
+        if study_uid in self._waiting:
+            return
+        if self._closing:
+            return  # stays unfinished in the store; the next start resumes it
+        if len(self._running) >= self._config.jobs.max_studies_in_progress:
+            self._waiting.append(study_uid)
             return
         task = asyncio.get_running_loop().create_task(self._process(study_uid))
         self._running[study_uid] = task
@@ -159,14 +180,48 @@ class Pipeline:
     def _finished(self, study_uid: str, task: asyncio.Task[None]) -> None:
         del self._running[study_uid]
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("study.crashed", study=study_uid[-12:], error=repr(exc))
+            # Not a study's own failure (those are stored as FAILED) but the store or a bug:
+            # the study is still unfinished in the store, so it is tried again, later and
+            # later, never dropped.
+            crashes = self._crashes[study_uid] = self._crashes.get(study_uid, 0) + 1
+            delay = min(300.0, 5.0 * 2 ** (crashes - 1))
+            log.error("study.crashed", study=study_uid[-12:], error=repr(exc),
+                      retry_in_s=delay)
+            if not self._closing:
+                self._retry_timers[study_uid] = asyncio.get_running_loop().call_later(
+                    delay, self._retry, study_uid)
+        else:
+            self._crashes.pop(study_uid, None)
         if study_uid in self._again:
             self._again.discard(study_uid)
             self.submit(study_uid)
+        while (self._waiting and not self._closing
+               and len(self._running) < self._config.jobs.max_studies_in_progress):
+            self.submit(self._waiting.popleft())
+
+    def _retry(self, study_uid: str) -> None:
+        self._retry_timers.pop(study_uid, None)
+        self.submit(study_uid)
+
+    def close(self) -> None:
+        """Start no more studies: the waiting ones stay unfinished in the store, where
+        the next start finds them."""
+        self._closing = True
+        self._waiting.clear()
+        for timer in self._retry_timers.values():
+            timer.cancel()
+        self._retry_timers.clear()
 
     async def drain(self) -> None:
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Stop the studies still in progress (after the drain time ran out); they stay
+        ``inferring`` in the store and resume at the next start, the try counted."""
+        for task in self._running.values():
+            task.cancel()
+        await self.drain()
 
     async def _in_executor(self, fn: Callable[..., R], *args: object) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -192,14 +247,15 @@ class Pipeline:
             log.info("study.skipped", study=study_uid[-12:], rule=decision.rule,
                      flags=list(decision.flags), **detail)
             return
+        await self._store.mark_study(study_uid, "selected", now_iso())
         created_at = now_iso()
-        try:
-            scores = await self._score(instances, decision)
-        except PxsgateError as exc:
-            code = EXIT_MODEL if isinstance(exc, ModelError) else EXIT_PREPROCESS
+        scores = await self._score_with_retries(study_uid, instances, decision,
+                                                row.attempts if row else 0)
+        if isinstance(scores, PxsgateError):
+            code = EXIT_MODEL if isinstance(scores, ModelError) else EXIT_PREPROCESS
             await self._store_outcome("FAILED", identity, decision, stages, created_at, senders,
-                                      error=str(exc), exit_code=code)
-            log.error("study.failed", study=study_uid[-12:], error=str(exc), exit_code=code)
+                                      error=str(scores), exit_code=code)
+            log.error("study.failed", study=study_uid[-12:], error=str(scores), exit_code=code)
             return
         stages["inferred"] = now_iso()
         flags = decision.flags
@@ -209,6 +265,29 @@ class Pipeline:
                                   scores=scores, flags=flags)
         log.info("result.stored", study=study_uid[-12:], images=len(scores),
                  flags=list(flags))
+
+    async def _score_with_retries(self, study_uid: str, instances: Sequence[StoredInstance],
+                                  decision: StudyDecision, attempts: int
+                                  ) -> list[ScoredImage] | PxsgateError:
+        """Score the study, trying again with backoff after a failure; after
+        jobs.max-attempts tries (``attempts`` were made before, interrupted by a stop or a
+        crash) the last error. Each try is counted in the store before it starts."""
+        jobs = self._config.jobs
+        error: PxsgateError | None = None
+        while attempts < jobs.max_attempts:
+            if error is not None:
+                delay = jobs.retry_backoff_seconds * 2 ** (attempts - 1)
+                log.warning("study.retry", study=study_uid[-12:], attempt=attempts,
+                            error=str(error), retry_in_s=delay)
+                await asyncio.sleep(delay)
+            attempts = await self._store.begin_attempt(study_uid, now_iso())
+            try:
+                return await self._score(instances, decision)
+            except PxsgateError as exc:
+                error = exc
+        return error or ModelError(
+            f"scoring was interrupted {attempts} times (the service stopped or crashed "
+            f"while this study was on the model)")
 
     async def _score(self, instances: Sequence[StoredInstance],
                      decision: StudyDecision) -> list[ScoredImage]:
@@ -243,7 +322,7 @@ class Pipeline:
             scores=scores, decision=decision, exit_code=exit_code, error_message=error,
             stages=stages, flags=decision.flags if flags is None else flags, senders=senders,
         )
-        state = {"SUCCEEDED": "scored", "SKIPPED": "skipped"}.get(status, "failed")
+        state = "failed" if status == "FAILED" else "stored"
         exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
         deliveries = await self._store.store_result(document, state, error, exporters)
         if deliveries:

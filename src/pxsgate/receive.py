@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # g
 
 from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
+from pxsgate.failpoints import Failpoints
 from pxsgate.messages import ReceivedInstance, now_iso
 from pxsgate.spool import Spool, is_valid_uid
 
@@ -57,6 +59,9 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
 InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
 ClosedHandler = Callable[[str], None]
+# Asked before an instance is written, with its size: seconds to delay the answer (0: none),
+# or the reason to refuse it with 0xA700 (backpressure, the spool ceiling).
+Admission = Callable[[int], "float | str"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,13 @@ class Receiver:
         loop: asyncio.AbstractEventLoop,
         on_instance: InstanceHandler,
         on_closed: ClosedHandler,
+        admit: Admission = lambda size: 0.0,
+        failpoints: Failpoints | None = None,
     ) -> None:
         config = dicom.scp
         self._config = config
+        self._admit = admit
+        self._failpoints = failpoints or Failpoints()
         self._spool = spool
         self._loop = loop
         self._on_instance = on_instance
@@ -133,10 +142,27 @@ class Receiver:
         port: int = self._server.server_address[1]
         return port
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace: float = 0.0) -> int:
+        """Close the port (no new associations), give the associations in progress up to
+        ``grace`` seconds to finish, then abort the rest (their last unanswered instance is
+        not acknowledged, so the sender sends it again). Returns how many were aborted."""
+        server, self._server = self._server, None
+        if server is None:
+            return 0
+        server.shutdown()  # closes the listening socket; running associations go on
+        deadline = time.monotonic() + grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = list(server.active_associations)
+        for assoc in left:
+            assoc.abort()
+        return len(left)
+
+    @property
+    def active(self) -> int:
+        """Associations in progress."""
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
 
     # --- association events (association threads) ----------------------------------------
 
@@ -186,13 +212,20 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc_id = self._association_id(event.assoc)
         try:
-            instance = self._receive(event, assoc_id)
+            instance, delay = self._receive(event, assoc_id)
         except _Refusal as refusal:
             log.warning("instance.refused", association_id=assoc_id,
                         status=f"0x{refusal.status:04X}", reason=refusal.comment)
             return _status(refusal.status, refusal.comment)
+        except Exception as exc:  # nothing a peer sends may take the association down
+            log.error("instance.error", association_id=assoc_id, error=repr(exc))
+            return _status(STATUS_OUT_OF_RESOURCES, "internal error")
         log.info("instance.stored", association_id=assoc_id, size=instance.size,
                  sop_class=UID(instance.sop_class_uid).name)
+        if delay > 0:
+            # Backpressure: the sender waits for this answer before its next C-STORE.
+            log.info("instance.delayed", association_id=assoc_id, delay_s=round(delay, 3))
+            time.sleep(delay)
         if self._config.log_dimse_datasets:
             # Listing 1's switch, for troubleshooting: the whole header, PHI included, at
             # debug level. Off by default, so datasets never reach the logs unasked.
@@ -201,7 +234,7 @@ class Receiver:
             log.debug("instance.dataset", association_id=assoc_id, dataset=str(header))
         return STATUS_SUCCESS
 
-    def _receive(self, event: evt.Event, assoc_id: str) -> ReceivedInstance:
+    def _receive(self, event: evt.Event, assoc_id: str) -> tuple[ReceivedInstance, float]:
         request = cast(C_STORE, event.request)
         received = cast(BytesIO, request.DataSet)
         # The bytes as received, without copying 10+ MB images around: a Part-10 header
@@ -211,11 +244,15 @@ class Receiver:
             return self._store_parts(event, assoc_id, request, received, header, stream)
 
     def _store_parts(self, event: evt.Event, assoc_id: str, request: C_STORE,
-                     received: BytesIO, header: bytes, stream: memoryview) -> ReceivedInstance:
+                     received: BytesIO, header: bytes, stream: memoryview
+                     ) -> tuple[ReceivedInstance, float]:
         size = len(header) + len(stream)
         if size > self._max_dataset:
             raise _Refusal(STATUS_OUT_OF_RESOURCES,
                            f"data set larger than {self._config.max_dataset_mb:g} MB")
+        verdict = self._admit(size)
+        if isinstance(verdict, str):
+            raise _Refusal(STATUS_OUT_OF_RESOURCES, verdict)
         try:
             ds = self._identifying_elements(event, received)
             sop_uid = str(ds.SOPInstanceUID)
@@ -234,6 +271,7 @@ class Receiver:
             path = self._spool.write(study_uid, sop_uid, (header, stream))
         except SpoolError as exc:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+        self._failpoints.hit("after-spool-write")
         digest = hashlib.sha256(header)
         digest.update(stream)
         instance = ReceivedInstance(
@@ -252,7 +290,8 @@ class Receiver:
             received_at=now_iso(),
         )
         self._index(instance)
-        return instance
+        self._failpoints.hit("after-index")
+        return instance, verdict
 
     @staticmethod
     def _identifying_elements(event: evt.Event, received: BytesIO) -> Dataset:

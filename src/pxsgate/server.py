@@ -1,48 +1,110 @@
 """The Gateway: one object that owns every stage and their lifecycle.
 
-Start-up order: store -> spool -> model (worker thread, anchors embedded) -> pipeline ->
-assembler -> receiver (the port opens last, once everything behind it can take work).
-Shutdown runs in reverse: the port closes first, in-flight studies drain (bounded), the
-worker stops, the store closes.
+Start-up order: store -> spool (files a crash left unindexed are indexed) -> outbox ->
+model (worker thread, anchors embedded) -> pipeline -> assembler -> resume every unfinished
+job -> HTTP -> receiver (the port opens last, once everything behind it can take work) ->
+READY=1 to systemd. A supervisor task then feeds systemd's watchdog while the model worker
+is healthy, updates STATUS=, enforces the batch time limit and runs retention.
+
+Shutdown (SIGTERM) runs in reverse: STOPPING=1; the port closes and associations in
+progress get ``jobs.shutdown-grace-seconds`` to finish; studies in progress get as long
+again to finish, and what is left (studies waiting, or cut short) stays unfinished in the
+store, where the next start resumes it; the worker stops, the store closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import dcmread
 
 from pxsgate.api import Api
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
+from pxsgate.errors import StoreError
 from pxsgate.export import build_exporters, read_secret
+from pxsgate.failpoints import Failpoints
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.messages import ReceivedInstance, now_iso
 from pxsgate.outbox import Outbox
 from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
 from pxsgate.results import ModelInfo
+from pxsgate.retention import Retention
+from pxsgate.sdnotify import Notifier
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 
 log = structlog.get_logger("pxsgate.server")
 
+MODEL_LOAD_TIMEOUT_S = 1800.0  # EXTEND_TIMEOUT_USEC while the model loads and warms up
+STATUS_EVERY_S = 10.0
+RETENTION_EVERY_S = 60.0
+
+
+def check_writable(data_dir: Path) -> None:
+    """Fail the start with a clear message when the data directory cannot be written (a
+    read-only mount, wrong owner): better than accepting associations and answering every
+    C-STORE with an error."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"storage.data-dir {data_dir} is not writable: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def recovered_instance(path: Path) -> ReceivedInstance | None:
+    """An instance rebuilt from its spool file alone (sender unknown); None if unreadable."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        return ReceivedInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path,
+            size=len(data), sha256=hashlib.sha256(data).hexdigest(), calling_ae="",
+            called_ae="", peer_address="", association_id="recovered",
+            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            .astimezone().isoformat(timespec="milliseconds"))
+    except Exception:  # a file the receiver wrote is readable; anything else is not ours
+        return None
+
 
 class Gateway:
     def __init__(self, config: Config,
-                 scorer_factory: Callable[[], Scorer] | None = None) -> None:
+                 scorer_factory: Callable[[], Scorer] | None = None,
+                 notifier: Notifier | None = None,
+                 failpoints: Failpoints | None = None) -> None:
         self.config = config
-        self.store = Store(config.db_path)
+        self.failpoints = failpoints or Failpoints()
+        self.notifier = notifier or Notifier({})  # systemd: the CLI passes the real one
+        self.store = Store(config.db_path, self.failpoints)
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
+        self.retention = Retention(config.storage, self.store)
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
             config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
-                                      nice=runs_on_cpu(config.model.device))
+                                      nice=runs_on_cpu(config.model.device),
+                                      time_limit=config.jobs.batch_time_limit_seconds,
+                                      failpoints=self.failpoints)
+        # Set when the service cannot go on (the model worker is stuck): the CLI stops it
+        # and exits non-zero, so that systemd restarts it and the unfinished jobs resume.
+        self.fatal = asyncio.Event()
+        self.fatal_reason = ""
         # Header reads (small, I/O-bound); pixel work goes to the decode processes.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="pxsgate-io")
@@ -55,6 +117,8 @@ class Gateway:
                              {e.name: e for e in config.exporters})
         self._outbox_started = False
         self._api: Api | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
         self.port = 0
@@ -74,11 +138,17 @@ class Gateway:
             raise
 
     async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if self.failpoints.armed:
+            log.warning("failpoints.armed", points=self.failpoints.armed,
+                        note="this process will kill itself: crash tests only")
+        self.notifier.status("opening the store")
+        check_writable(self.config.storage.data_dir)
         await self.store.open()
         self.spool.open()
         self.spool.remove_leftovers()
+        await self.retention.start()
         # Before the model: a missing token file fails the start in seconds, not minutes.
         await self.outbox.start()
         self._outbox_started = True
@@ -86,12 +156,15 @@ class Gateway:
         token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
                  if http.bearer_token_file else None)
         self._decoder = DecodePool(self.config.preprocess)
+        self.notifier.status("loading the model")
+        self.notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)  # torch.compile can take minutes
         model_loading = asyncio.to_thread(self.worker.start)
         _, model = await asyncio.gather(self._decoder.start(), model_loading)
         self.model = model
         self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
                                   self._executor, self._decoder, self.outbox.wake)
         self._assembler = Assembler(loop, self._study_ready)
+        await self._recover_spool()
         await self._resume()
         if http.port:
             if token is None and http.host not in ("127.0.0.1", "localhost", "::1"):
@@ -100,27 +173,45 @@ class Gateway:
             self._api = Api(http, self.store, self.health, token)
             self.http_port = await self._api.start()
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
-                                  self._instance_received, self._association_closed)
+                                  self._instance_received, self._association_closed,
+                                  admit=self._admit, failpoints=self.failpoints)
         self.port = await asyncio.to_thread(self._receiver.start)
+        self._supervisor = loop.create_task(self._supervise())
         log.info("gateway.started", port=self.port, http_port=self.http_port,
                  ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
                  model=self.model.id, weights_sha256=self.model.weights_sha256[:16],
                  startup_s=round(time.perf_counter() - started, 2))
+        self.notifier.ready(self._status_line())
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully (see the module docstring); ``grace`` defaults to
+        jobs.shutdown-grace-seconds, for the associations and again for the studies."""
+        grace = self.config.jobs.shutdown_grace_seconds if grace is None else grace
+        self.notifier.stopping("stopping: finishing the associations and studies in progress")
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         if self._receiver is not None:
-            await asyncio.to_thread(self._receiver.stop)
-            self._receiver = None
+            receiver, self._receiver = self._receiver, None
+            aborted = await asyncio.to_thread(receiver.stop, grace)
+            if aborted:
+                log.warning("gateway.associations_aborted", associations=aborted,
+                            grace_s=grace)
         if self._api is not None:
             await self._api.stop()
             self._api = None
         if self._assembler is not None:
             self._assembler.close()
         if self._pipeline is not None:
+            self._pipeline.close()
             try:
-                await asyncio.wait_for(self._pipeline.drain(), drain_timeout)
+                await asyncio.wait_for(self._pipeline.drain(), grace)
             except TimeoutError:
-                log.warning("gateway.drain_timeout", studies=self._pipeline.busy)
+                log.warning("gateway.drain_timeout", studies=self._pipeline.busy,
+                            note="resumed at the next start")
+                await self._pipeline.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._outbox_started:
@@ -170,7 +261,10 @@ class Gateway:
             "dicomPort": self.port,
             "uptimeSeconds": round(time.time() - self._started_at, 1),
             "studiesInProgress": self._pipeline.busy if self._pipeline else 0,
+            "studiesWaiting": self.backlog,
+            "associations": self._receiver.active if self._receiver else 0,
             "inferenceQueue": self.worker.queued,
+            "spoolBytes": self.retention.spool_bytes,
             "deliveries": {"pending": deliveries.get("pending", 0),
                            "dead": deliveries.get("dead", 0),
                            "inFlight": self.outbox.in_flight},
@@ -190,6 +284,100 @@ class Gateway:
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not become idle in time")
             await asyncio.sleep(poll)
+
+    @property
+    def backlog(self) -> int:
+        """Studies whose images are all here and that wait for, or are in, processing."""
+        return self._pipeline.backlog if self._pipeline else 0
+
+    def _status_line(self) -> str:
+        return (f"port {self.port}; {self.backlog} studies in progress or waiting; "
+                f"{self.worker.queued} images queued for the model; spool "
+                f"{self.retention.spool_bytes / 2**30:.2f} GiB")
+
+    # --- supervision (on the loop) --------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Every second: the batch time limit and systemd's watchdog; every 10 s a STATUS=
+        line; every minute retention. The watchdog is fed only while the model worker is
+        alive and not stuck, and only from here: a blocked loop stops feeding it too."""
+        interval = self.notifier.watchdog_interval()
+        tick = min(1.0, interval) if interval else 1.0
+        last_status = last_retention = 0.0
+        while True:
+            now = time.monotonic()
+            healthy = self.worker.check_time_limit() and self.worker.alive
+            if healthy:
+                self.notifier.watchdog()
+            elif not self.fatal.is_set():
+                self.fatal_reason = "the model worker is stuck or died"
+                log.error("gateway.unhealthy", reason=self.fatal_reason)
+                self.notifier.status(f"unhealthy: {self.fatal_reason}")
+                self.fatal.set()
+            if now - last_status >= STATUS_EVERY_S:
+                last_status = now
+                self.notifier.status(self._status_line())
+            if now - last_retention >= RETENTION_EVERY_S:
+                last_retention = now
+                try:
+                    await self.retention.run()
+                except Exception as exc:  # retention must never take reception down
+                    log.error("retention.failed", error=repr(exc))
+            await asyncio.sleep(tick)
+
+    def _admit(self, size: int) -> float | str:
+        """Backpressure, asked by association threads before an instance is written:
+        a delay that grows with the backlog beyond delay-above-studies, then a refusal
+        (0xA700) beyond refuse-above-studies or over the spool ceiling."""
+        bp = self.config.backpressure
+        backlog = self.backlog
+        if backlog >= bp.refuse_above_studies:
+            return f"busy: {backlog} studies waiting"
+        if self.retention.over_ceiling(size):
+            self._spawn_threadsafe(self.retention.run)
+            return "the spool is at its ceiling"
+        if backlog < bp.delay_above_studies:
+            return 0.0
+        span = max(1, bp.refuse_above_studies - bp.delay_above_studies)
+        return bp.max_delay_seconds * min(1.0, (backlog - bp.delay_above_studies + 1) / span)
+
+    def _spawn_threadsafe(self, make: Callable[[], Coroutine[Any, Any, int]]) -> None:
+        async def run() -> None:
+            try:
+                await make()
+            except Exception as exc:
+                log.error("retention.failed", error=repr(exc))
+
+        def spawn() -> None:
+            self._spawn(run())
+
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the service stopped
+                self._loop.call_soon_threadsafe(spawn)
+
+    # --- recovery (on the loop, at start-up) ----------------------------------------------
+
+    async def _recover_spool(self) -> None:
+        """Index the instances a crash left in the spool unindexed: written and fsynced,
+        killed before SQLite committed them (so never acknowledged either; the sender will
+        likely send them again, which is then a duplicate). The spool is the source of
+        truth: what is in it is not forgotten."""
+        files = await asyncio.to_thread(self.spool.instance_files)
+        missing = await self.store.unindexed(files)
+        if not missing:
+            return
+        settle, _ = self.config.timings("")
+        recovered = 0
+        for path in missing:
+            instance = await asyncio.get_running_loop().run_in_executor(
+                self._executor, recovered_instance, path)
+            if instance is None:
+                log.warning("spool.unreadable", file=path.name)
+                continue
+            await self.store.record_instance(instance, time.time() + settle, settle)
+            self.retention.added(instance.size)
+            recovered += 1
+        log.info("spool.recovered", instances=recovered, files=len(missing))
 
     # --- stage glue (on the loop) ---------------------------------------------------------
 
@@ -218,6 +406,7 @@ class Gateway:
         settle, quiet = self.config.timings(instance.called_ae)
         # While its association is open, the study is ready after the quiet timeout.
         outcome = await self.store.record_instance(instance, time.time() + quiet, settle)
+        self.retention.added(instance.size)
         if outcome == "duplicate":
             # Stored once; the same bytes again do not re-open the study.
             log.info("instance.duplicate", association_id=instance.association_id)

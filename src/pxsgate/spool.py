@@ -93,6 +93,10 @@ class Spool:
                 f"floor {self.min_free_bytes // 2**20} MiB)"
             )
 
+    def instance_files(self) -> list[Path]:
+        """Every instance file in the spool (``<study>/<sop>.dcm``)."""
+        return [p for p in self.root.glob("*/*.dcm") if not p.name.startswith(".")]
+
     def remove_leftovers(self) -> int:
         """Delete temporary files a crash left behind; return how many."""
         count = 0

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from pxsgate.errors import StoreError
+from pxsgate.failpoints import Failpoints
 from pxsgate.messages import ImageDecision, ReceivedInstance, StoredInstance, StudyDecision
 
 MIGRATIONS: tuple[str, ...] = (
@@ -196,7 +197,29 @@ MIGRATIONS: tuple[str, ...] = (
            r.created_at AS created_at
     FROM results r WHERE r.current = 1;
     """,
+    # 4: each study's job state machine, and retention (issue 7)
+    """
+    -- state: receiving -> ready -> selected -> inferring -> stored -> exported, or failed
+    -- (a study that is not a candidate goes from ready to stored with a SKIPPED result).
+    ALTER TABLE studies ADD COLUMN outcome TEXT NOT NULL DEFAULT '';  -- the result's status
+    ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;  -- tries this round
+    -- Unix time the study last finished: its result stored, or its last delivery settled.
+    ALTER TABLE studies ADD COLUMN finished_at REAL;
+    ALTER TABLE studies ADD COLUMN purged_at TEXT;  -- its spooled images were deleted
+    ALTER TABLE instances ADD COLUMN removed_at TEXT;  -- its spool file was deleted
+    UPDATE studies SET
+        outcome = CASE state WHEN 'scored' THEN 'SUCCEEDED' WHEN 'skipped' THEN 'SKIPPED'
+                             ELSE 'FAILED' END,
+        state = CASE state WHEN 'failed' THEN 'failed' ELSE 'stored' END,
+        finished_at = (julianday(updated_at) - 2440587.5) * 86400
+    WHERE state IN ('scored', 'skipped', 'failed');
+    CREATE INDEX studies_finished ON studies (finished_at) WHERE purged_at IS NULL;
+    """,
 )
+
+# Job states; the first four are unfinished work that a start-up resumes.
+UNFINISHED_STATES = ("receiving", "ready", "selected", "inferring")
+DONE_STATES = ("stored", "exported", "failed")
 
 InstanceOutcome = Literal["new", "changed", "duplicate"]
 DeliveryState = Literal["pending", "delivered", "dead"]
@@ -240,12 +263,14 @@ def delivery_id(result_id: str, exporter: str) -> str:
 
 @dataclass(frozen=True)
 class PendingStudy:
-    """A study not yet handed on when the service stopped, and when it should be."""
+    """A study whose job was unfinished when the service stopped, and when it should be
+    ready if it was still receiving."""
 
     study_instance_uid: str
-    state: str  # receiving | ready
+    state: str  # one of UNFINISHED_STATES
     deadline: float | None  # Unix time
     settle_seconds: float | None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,13 +282,15 @@ class StudyRow:
     released_at: str | None
     ready_at: str | None
     senders: tuple[str, ...]  # calling AE titles, sorted
+    attempts: int = 0
 
 
 class Store:
     """Async access to the SQLite file. One connection; aiosqlite serialises its use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, failpoints: Failpoints | None = None) -> None:
         self.path = path
+        self._failpoints = failpoints or Failpoints()
         self._db: aiosqlite.Connection | None = None
         self._patient_secret = b""
 
@@ -373,7 +400,7 @@ class Store:
                 calling_ae = excluded.calling_ae, called_ae = excluded.called_ae,
                 peer_address = excluded.peer_address,
                 association_id = excluded.association_id, received_at = excluded.received_at,
-                receive_count = receive_count + 1
+                receive_count = receive_count + 1, removed_at = NULL
             """,
             (
                 inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
@@ -390,7 +417,7 @@ class Store:
             ON CONFLICT (study_instance_uid) DO UPDATE SET
                 state = 'receiving', reason = '', last_received_at = excluded.last_received_at,
                 updated_at = excluded.updated_at, deadline = excluded.deadline,
-                settle_seconds = excluded.settle_seconds
+                settle_seconds = excluded.settle_seconds, attempts = 0, purged_at = NULL
             """,
             (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at,
              deadline, settle_seconds),
@@ -401,7 +428,8 @@ class Store:
     async def instances_for_study(self, study_uid: str) -> list[StoredInstance]:
         async with self.db.execute(
             """SELECT sop_instance_uid, series_instance_uid, sop_class_uid, path
-               FROM instances WHERE study_instance_uid = ? ORDER BY received_at""",
+               FROM instances WHERE study_instance_uid = ? AND removed_at IS NULL
+               ORDER BY received_at""",
             (study_uid,),
         ) as cur:
             rows = await cur.fetchall()
@@ -436,20 +464,95 @@ class Store:
         await self.db.commit()
 
     async def pending_studies(self) -> list[PendingStudy]:
-        """Studies still receiving or ready-but-unfinished: what a restart must resume."""
+        """Studies whose job is unfinished (receiving, ready, selected, inferring): what a
+        start-up resumes. Oldest first."""
+        marks = ",".join("?" * len(UNFINISHED_STATES))
         async with self.db.execute(
-            """SELECT study_instance_uid, state, deadline, settle_seconds FROM studies
-               WHERE state IN ('receiving', 'ready') ORDER BY deadline"""
+            f"""SELECT study_instance_uid, state, deadline, settle_seconds, attempts
+                FROM studies WHERE state IN ({marks}) ORDER BY last_received_at""",
+            UNFINISHED_STATES,
         ) as cur:
             rows = await cur.fetchall()
-        return [PendingStudy(r[0], r[1], r[2], r[3]) for r in rows]
+        return [PendingStudy(*r) for r in rows]
+
+    async def begin_attempt(self, study_uid: str, at: str) -> int:
+        """Move a study to ``inferring`` and count the try (committed before the model is
+        asked, so a crash during inference counts); return the tries so far this round."""
+        await self.db.execute(
+            """UPDATE studies SET state = 'inferring', attempts = attempts + 1, updated_at = ?
+               WHERE study_instance_uid = ?""", (at, study_uid))
+        await self.db.commit()
+        async with self.db.execute("SELECT attempts FROM studies WHERE study_instance_uid = ?",
+                                   (study_uid,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def unindexed(self, paths: Iterable[Path]) -> list[Path]:
+        """Those of ``paths`` (spool files) that no indexed instance points to."""
+        found = [str(p) for p in paths]
+        known: set[str] = set()
+        for i in range(0, len(found), 500):
+            chunk = found[i : i + 500]
+            async with self.db.execute(
+                    f"SELECT path FROM instances WHERE path IN ({','.join('?' * len(chunk))})",
+                    chunk) as cur:
+                known.update(r[0] for r in await cur.fetchall())
+        return [Path(p) for p in found if p not in known]
+
+    # --- retention ----------------------------------------------------------------------------
+
+    async def spool_bytes(self) -> int:
+        """Bytes of the instances still in the spool."""
+        async with self.db.execute(
+                "SELECT coalesce(sum(size), 0) FROM instances WHERE removed_at IS NULL") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def purgeable_studies(self, finished_before: float | None, limit: int
+                                ) -> list[tuple[str, list[Path], int]]:
+        """Finished studies (result stored, no delivery pending) whose images are still
+        spooled, oldest first: (study UID, files, bytes). ``finished_before``: only those
+        finished before this Unix time (None: any, for the spool ceiling)."""
+        done = ",".join(f"'{s}'" for s in DONE_STATES)
+        cutoff = "AND s.finished_at <= ?" if finished_before is not None else ""
+        params: list[Any] = [finished_before] if finished_before is not None else []
+        async with self.db.execute(
+            f"""SELECT s.study_instance_uid FROM studies s
+                WHERE s.purged_at IS NULL AND s.finished_at IS NOT NULL
+                  AND s.state IN ({done}) {cutoff}
+                  AND NOT EXISTS (SELECT 1 FROM deliveries o JOIN results r
+                                    ON r.id = o.result_id
+                                  WHERE r.study_instance_uid = s.study_instance_uid
+                                    AND o.state = 'pending')
+                ORDER BY s.finished_at LIMIT ?""", (*params, limit)) as cur:
+            studies = [r[0] for r in await cur.fetchall()]
+        out = []
+        for uid in studies:
+            async with self.db.execute(
+                    """SELECT path, size FROM instances
+                       WHERE study_instance_uid = ? AND removed_at IS NULL""", (uid,)) as cur:
+                rows = await cur.fetchall()
+            out.append((uid, [Path(r[0]) for r in rows], sum(int(r[1]) for r in rows)))
+        return out
+
+    async def mark_purged(self, study_uid: str, paths: Sequence[Path], at: str) -> bool:
+        """Record that these files of a finished study were deleted; False when the study
+        was re-opened meanwhile by a late instance (it is then not marked purged)."""
+        cur = await self.db.execute(
+            f"""UPDATE studies SET purged_at = ? WHERE study_instance_uid = ?
+                AND state IN ({",".join(f"'{s}'" for s in DONE_STATES)})""", (at, study_uid))
+        await self.db.executemany(
+            "UPDATE instances SET removed_at = ? WHERE path = ? AND removed_at IS NULL",
+            [(at, str(p)) for p in paths])
+        await self.db.commit()
+        return bool(cur.rowcount)
 
     async def study(self, study_uid: str) -> StudyRow | None:
         async with self.db.execute(
             """SELECT study_instance_uid, state, reason, last_received_at, released_at,
                       ready_at,
                       (SELECT group_concat(DISTINCT calling_ae) FROM instances
-                        WHERE study_instance_uid = s.study_instance_uid)
+                        WHERE study_instance_uid = s.study_instance_uid), attempts
                FROM studies s WHERE study_instance_uid = ?""",
             (study_uid,),
         ) as cur:
@@ -457,7 +560,7 @@ class Store:
         if row is None:
             return None
         senders = tuple(sorted(set((row[6] or "").split(",")) - {""}))
-        return StudyRow(row[0], row[1], row[2], row[3], row[4], row[5], senders)
+        return StudyRow(row[0], row[1], row[2], row[3], row[4], row[5], senders, row[7])
 
     # --- selection decisions (select) ---------------------------------------------------------
 
@@ -512,11 +615,15 @@ class Store:
         await self.db.execute(
             # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps
             # its deadline): it is processed again.
-            """UPDATE studies SET state = ?, reason = ?, updated_at = ?, deadline = NULL
-               WHERE study_instance_uid = ? AND state = 'ready'""",
-            (state, reason, document["updatedAt"], document["studyInstanceUid"]),
+            """UPDATE studies SET state = ?, outcome = ?, reason = ?, updated_at = ?,
+                   deadline = NULL, finished_at = ?
+               WHERE study_instance_uid = ? AND state IN ('ready', 'selected', 'inferring')""",
+            (state, document["status"], reason, document["updatedAt"], due,
+             document["studyInstanceUid"]),
         )
+        self._failpoints.hit("before-result-commit")
         await self.db.commit()
+        self._failpoints.hit("after-result-commit")
         return ids
 
     async def scored_before(self, study_uid: str) -> bool:
@@ -559,15 +666,15 @@ class Store:
         """Everything known about one study: its state, instances with their senders,
         selection decisions, current result, earlier results and deliveries."""
         row = await self._one_dict(
-            """SELECT study_instance_uid, state, reason, first_received_at, last_received_at,
-                      released_at, ready_at, updated_at FROM studies
-               WHERE study_instance_uid = ?""", (study_uid,))
+            """SELECT study_instance_uid, state, outcome, reason, attempts, first_received_at,
+                      last_received_at, released_at, ready_at, updated_at, purged_at
+               FROM studies WHERE study_instance_uid = ?""", (study_uid,))
         if row is None:
             return None
         instances = await self._dicts(
             """SELECT sop_instance_uid, series_instance_uid, sop_class_uid,
                       transfer_syntax_uid, size, calling_ae, called_ae, peer_address,
-                      association_id, received_at, receive_count
+                      association_id, received_at, receive_count, removed_at
                FROM instances WHERE study_instance_uid = ? ORDER BY received_at""",
             (study_uid,))
         decisions = await self._dicts(
@@ -639,7 +746,28 @@ class Store:
             """UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
                    last_error = '', updated_at = ?, delivered_at = ?
                WHERE id = ? AND state = 'pending'""", (at, at, delivery))
+        await self._settle_study(delivery)
         await self.db.commit()
+
+    async def _settle_study(self, delivery: str) -> None:
+        """When a study's last pending delivery settles: ``exported`` if every delivery of
+        its current result arrived (a FAILED study stays ``failed``), and its retention
+        starts counting now."""
+        await self.db.execute(
+            """UPDATE studies SET finished_at = ?,
+                   state = CASE WHEN state = 'stored' AND NOT EXISTS (
+                       SELECT 1 FROM deliveries o JOIN results r ON r.id = o.result_id
+                        WHERE r.study_instance_uid = studies.study_instance_uid
+                          AND r.current = 1 AND o.state != 'delivered')
+                       THEN 'exported' ELSE state END
+               WHERE study_instance_uid = (SELECT r.study_instance_uid FROM deliveries o
+                                           JOIN results r ON r.id = o.result_id
+                                           WHERE o.id = ? AND r.current = 1)
+                 AND state IN ('stored', 'failed')
+                 AND NOT EXISTS (SELECT 1 FROM deliveries o JOIN results r
+                                   ON r.id = o.result_id
+                                 WHERE r.study_instance_uid = studies.study_instance_uid
+                                   AND o.state = 'pending')""", (time.time(), delivery))
 
     async def delivery_failed(self, delivery: str, error: str, at: str,
                               next_attempt_at: float | None) -> None:
@@ -650,6 +778,8 @@ class Store:
                    updated_at = ?, next_attempt_at = coalesce(?, next_attempt_at)
                WHERE id = ? AND state = 'pending'""",
             (state, error[:500], at, next_attempt_at, delivery))
+        if next_attempt_at is None:
+            await self._settle_study(delivery)
         await self.db.commit()
 
     async def deliveries(self, state: str | None = None, exporter: str | None = None,

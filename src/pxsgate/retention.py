@@ -1,0 +1,104 @@
+"""Retention: spooled images are deleted once their study is finished, and the spool is
+kept under its ceiling.
+
+A study is finished when its result is stored and none of its deliveries is pending
+(delivered, or dead-lettered after its tries). Its images are deleted ``retention-hours``
+after that; sooner, oldest finished first, when the spool is above ``max-spool-gb``.
+Nothing is deleted that an unfinished job still needs: studies being received, waiting,
+being scored, or with a delivery pending (the SR exporter reads the source images) are
+never candidates. The instances' rows, decisions and results stay: ``pxsgate results`` and
+the study's story are kept; only the pixels go.
+
+The byte count of the spool is kept here, on the loop, so that reception (association
+threads) can check the ceiling without a query per image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from pxsgate.config import StorageConfig
+from pxsgate.messages import now_iso
+from pxsgate.store import Store
+
+log = structlog.get_logger("pxsgate.retention")
+
+BATCH = 100  # studies looked at per query
+
+
+class Retention:
+    def __init__(self, storage: StorageConfig, store: Store) -> None:
+        self._retention_s = storage.retention_hours * 3600.0
+        self.ceiling = int(storage.max_spool_gb * 2**30)  # 0: none
+        self._store = store
+        self.spool_bytes = 0  # written on the loop; read by association threads
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.spool_bytes = await self._store.spool_bytes()
+
+    def added(self, size: int) -> None:
+        self.spool_bytes += size
+
+    def over_ceiling(self, incoming: int = 0) -> bool:
+        return bool(self.ceiling) and self.spool_bytes + incoming > self.ceiling
+
+    async def run(self, now: float | None = None) -> int:
+        """Delete what retention allows, then what the ceiling needs; return studies
+        purged."""
+        async with self._lock:  # one pass at a time (the timer and a full spool)
+            now = time.time() if now is None else now
+            purged = await self._purge(now - self._retention_s, lambda: True)
+            if self.over_ceiling():
+                purged += await self._purge(None, self.over_ceiling)
+                if self.over_ceiling():
+                    log.warning("spool.ceiling", spool_mb=self.spool_bytes // 2**20,
+                                ceiling_mb=self.ceiling // 2**20,
+                                note="only unfinished studies left: reception refuses")
+            return purged
+
+    async def _purge(self, finished_before: float | None, wanted: Callable[[], bool]) -> int:
+        purged = 0
+        while wanted():
+            batch = await self._store.purgeable_studies(finished_before, BATCH)
+            if not batch:
+                break
+            for study_uid, paths, size in batch:
+                if not wanted():
+                    break
+                gone = await asyncio.to_thread(_delete, paths)
+                if await self._store.mark_purged(study_uid, gone, now_iso()):
+                    purged += 1
+                    log.info("study.purged", study=study_uid[-12:], files=len(gone),
+                             bytes=size)
+                self.spool_bytes -= size
+            if len(batch) < BATCH:
+                break
+        return purged
+
+
+def _delete(paths: Sequence[Path]) -> list[Path]:
+    """Delete the files; return those that are gone afterwards (a late re-send of the same
+    instance may have written its file again meanwhile: that one stays)."""
+    directories = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        directories.add(path.parent)
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not empty: a late instance arrived meanwhile
+            directory.rmdir()
+        with contextlib.suppress(OSError):
+            fd = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return [p for p in paths if not p.exists()]

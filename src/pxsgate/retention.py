@@ -50,15 +50,15 @@ class Retention:
     def over_ceiling(self, incoming: int = 0) -> bool:
         return bool(self.ceiling) and self.spool_bytes + incoming > self.ceiling
 
-    async def run(self, now: float | None = None) -> int:
-        """Delete what retention allows, then what the ceiling needs; return studies
-        purged."""
+    async def run(self, incoming: int = 0, now: float | None = None) -> int:
+        """Delete what retention allows, then what the ceiling needs to take ``incoming``
+        more bytes; return studies purged."""
         async with self._lock:  # one pass at a time (the timer and a full spool)
             now = time.time() if now is None else now
             purged = await self._purge(now - self._retention_s, lambda: True)
-            if self.over_ceiling():
-                purged += await self._purge(None, self.over_ceiling)
-                if self.over_ceiling():
+            if self.over_ceiling(incoming):
+                purged += await self._purge(None, lambda: self.over_ceiling(incoming))
+                if self.over_ceiling(incoming):
                     log.warning("spool.ceiling", spool_mb=self.spool_bytes // 2**20,
                                 ceiling_mb=self.ceiling // 2**20,
                                 note="only unfinished studies left: reception refuses")

@@ -51,6 +51,7 @@ log = structlog.get_logger("pxsgate.server")
 MODEL_LOAD_TIMEOUT_S = 1800.0  # EXTEND_TIMEOUT_USEC while the model loads and warms up
 STATUS_EVERY_S = 10.0
 RETENTION_EVERY_S = 60.0
+ROOM_TIMEOUT_S = 10.0  # an association thread waits this long for retention to make room
 
 
 def check_writable(data_dir: Path) -> None:
@@ -333,27 +334,25 @@ class Gateway:
         backlog = self.backlog
         if backlog >= bp.refuse_above_studies:
             return f"busy: {backlog} studies waiting"
-        if self.retention.over_ceiling(size):
-            self._spawn_threadsafe(self.retention.run)
+        if self.retention.over_ceiling(size) and not self._make_room(size):
             return "the spool is at its ceiling"
         if backlog < bp.delay_above_studies:
             return 0.0
         span = max(1, bp.refuse_above_studies - bp.delay_above_studies)
         return bp.max_delay_seconds * min(1.0, (backlog - bp.delay_above_studies + 1) / span)
 
-    def _spawn_threadsafe(self, make: Callable[[], Coroutine[Any, Any, int]]) -> None:
-        async def run() -> None:
-            try:
-                await make()
-            except Exception as exc:
-                log.error("retention.failed", error=repr(exc))
-
-        def spawn() -> None:
-            self._spawn(run())
-
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the service stopped
-                self._loop.call_soon_threadsafe(spawn)
+    def _make_room(self, size: int) -> bool:
+        """On an association thread: run retention now (early deletion of finished
+        studies, oldest first) and say whether the spool is under its ceiling again."""
+        if self._loop is None:
+            return False
+        try:
+            asyncio.run_coroutine_threadsafe(self.retention.run(size), self._loop).result(
+                timeout=ROOM_TIMEOUT_S)
+        except Exception as exc:  # the loop is closing, or deleting failed: refuse
+            log.error("retention.failed", error=repr(exc))
+            return False
+        return not self.retention.over_ceiling(size)
 
     # --- recovery (on the loop, at start-up) ----------------------------------------------
 

@@ -12,6 +12,8 @@ PatientID and StudyInstanceUID).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -19,10 +21,10 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
@@ -285,6 +287,27 @@ class StudyRow:
     attempts: int = 0
 
 
+F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _rollback_on_error(method: F) -> F:
+    """A write that fails (the database locked by another process past the busy timeout,
+    a full disk) leaves no transaction open behind it: its partial work is rolled back,
+    and the next statement does not run inside a stale transaction."""
+
+    @functools.wraps(method)
+    async def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except BaseException:
+            if self._db is not None and self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.rollback()
+            raise
+
+    return cast(F, guarded)
+
+
 class Store:
     """Async access to the SQLite file. One connection; aiosqlite serialises its use."""
 
@@ -364,6 +387,7 @@ class Store:
 
     # --- instances (receive -> store) ----------------------------------------------------
 
+    @_rollback_on_error
     async def record_instance(self, inst: ReceivedInstance, deadline: float,
                               settle_seconds: float) -> InstanceOutcome:
         """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
@@ -437,6 +461,7 @@ class Store:
 
     # --- studies (assemble) -----------------------------------------------------------------
 
+    @_rollback_on_error
     async def mark_study(self, study_uid: str, state: str, at: str, reason: str = "",
                          column: str | None = None) -> None:
         """Set a study's state; ``column`` (released_at or ready_at) also gets ``at``."""
@@ -454,6 +479,7 @@ class Store:
         )
         await self.db.commit()
 
+    @_rollback_on_error
     async def set_released(self, deadlines: Iterable[tuple[str, float]], at: str) -> None:
         """Note the association release of studies, each with its new deadline."""
         await self.db.executemany(
@@ -475,6 +501,7 @@ class Store:
             rows = await cur.fetchall()
         return [PendingStudy(*r) for r in rows]
 
+    @_rollback_on_error
     async def begin_attempt(self, study_uid: str, at: str) -> int:
         """Move a study to ``inferring`` and count the try (committed before the model is
         asked, so a crash during inference counts); return the tries so far this round."""
@@ -535,6 +562,7 @@ class Store:
             out.append((uid, [Path(r[0]) for r in rows], sum(int(r[1]) for r in rows)))
         return out
 
+    @_rollback_on_error
     async def mark_purged(self, study_uid: str, paths: Sequence[Path], at: str) -> bool:
         """Record that these files of a finished study were deleted; False when the study
         was re-opened meanwhile by a late instance (it is then not marked purged)."""
@@ -564,6 +592,7 @@ class Store:
 
     # --- selection decisions (select) ---------------------------------------------------------
 
+    @_rollback_on_error
     async def record_decisions(self, study_uid: str, decision: StudyDecision, at: str) -> None:
         rows: list[tuple[str, str | None, int, str, str, str]] = [
             (study_uid, None, int(decision.candidate), decision.rule, decision.reason, at)
@@ -579,6 +608,7 @@ class Store:
 
     # --- results (store) --------------------------------------------------------------------
 
+    @_rollback_on_error
     async def store_result(self, document: dict[str, Any], state: str, reason: str = "",
                            exporters: Sequence[str] = (), now: float | None = None
                            ) -> list[str]:
@@ -741,6 +771,7 @@ class Store:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    @_rollback_on_error
     async def delivery_done(self, delivery: str, at: str) -> None:
         await self.db.execute(
             """UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
@@ -769,6 +800,7 @@ class Store:
                                  WHERE r.study_instance_uid = studies.study_instance_uid
                                    AND o.state = 'pending')""", (time.time(), delivery))
 
+    @_rollback_on_error
     async def delivery_failed(self, delivery: str, error: str, at: str,
                               next_attempt_at: float | None) -> None:
         """Count a failed try: again at ``next_attempt_at``, or dead-lettered (None)."""
@@ -792,6 +824,7 @@ class Store:
             rows = await cur.fetchall()
         return [Delivery(*r) for r in rows]
 
+    @_rollback_on_error
     async def retry_deliveries(self, at: str, now: float, state: str | None = None,
                                exporter: str | None = None, ids: Sequence[str] = ()) -> int:
         """Make deliveries due now with a fresh count of tries (`pxsgate outbox retry`).

@@ -6,7 +6,9 @@ received to the spool (fsynced, :mod:`pxsgate.spool`), have the loop index the i
 SQLite, and only then answer Success. It never decodes pixel data.
 
 Errors become DICOM status codes here (PS3.4 Annex B.2.3 and PS3.7 Annex C):
-  0xA700  Refused: Out of Resources     (disk full, the store did not answer in time)
+  0xA700  Refused: Out of Resources     (disk below its floor, spool at its ceiling, too
+                                         many studies waiting, the store failed or did
+                                         not answer in time: the sender retries later)
   0xA900  Error: Data Set does not match SOP Class (identifiers differ from the request)
   0xC210  Error: Cannot understand       (unparseable data set, missing or invalid UIDs;
                                          the code pynetdicom's own storage SCP uses)

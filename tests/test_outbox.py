@@ -56,7 +56,10 @@ async def test_retried_with_backoff_until_delivered_once_under_a_stable_id(
             await send(gw, study)
             doc = await result_of(gw, str(study[0].StudyInstanceUID))
             [row] = await settled(gw)
+            detail = await gw.store.study_detail(str(study[0].StudyInstanceUID))
     assert (row.state, row.attempts, row.last_error) == ("delivered", 3, "")
+    assert detail is not None
+    assert detail["study"]["state"] == "exported", "the job's last state"
     assert row.id == delivery_id(doc["id"], "results-db")
     assert [r.status for r in receiver.requests] == [503, 502, 200]
     # The same delivery id on every try: the receiver de-duplicates on it.

@@ -131,6 +131,7 @@ async def test_views_per_audience(site: Site) -> None:
     support = {r["result_id"]: dict(r) for r in db.execute("SELECT * FROM support_view")}
     failed = support[site.docs["failed"]["id"]]
     assert (failed["status"], failed["exit_code"]) == ("FAILED", 2)
+    assert (failed["job_state"], failed["attempts"]) == ("failed", 3), "tried 3 times"
     assert failed["error_message"].startswith("inference failed")
     skipped = support[site.docs["skipped"]["id"]]
     assert skipped["senders"] == "ROUTER-B"

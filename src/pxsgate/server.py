@@ -405,11 +405,11 @@ class Gateway:
         settle, quiet = self.config.timings(instance.called_ae)
         # While its association is open, the study is ready after the quiet timeout.
         outcome = await self.store.record_instance(instance, time.time() + quiet, settle)
-        self.retention.added(instance.size)
         if outcome == "duplicate":
             # Stored once; the same bytes again do not re-open the study.
             log.info("instance.duplicate", association_id=instance.association_id)
             return
+        self.retention.added(instance.size)
         assert self._assembler is not None
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
                                          settle, quiet)

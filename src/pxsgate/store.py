@@ -216,6 +216,44 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at = (julianday(updated_at) - 2440587.5) * 86400
     WHERE state IN ('scored', 'skipped', 'failed');
     CREATE INDEX studies_finished ON studies (finished_at) WHERE purged_at IS NULL;
+
+    -- support_view gains the job: its state, tries, and whether its images are still kept.
+    DROP VIEW support_view;
+    CREATE VIEW support_view AS
+    SELECT r.id AS result_id,
+           r.study_instance_uid AS study_instance_uid,
+           r.status AS status,
+           s.state AS job_state,
+           s.attempts AS attempts,
+           json_extract(r.document, '$.exitCode') AS exit_code,
+           json_extract(r.document, '$.errorMessage') AS error_message,
+           r.flags AS flags,
+           json_extract(r.document, '$.pxsgate.stages.received') AS received_at,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.ready'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.received'))) * 86400,
+                 3) AS received_to_ready_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.ready'))) * 86400,
+                 3) AS ready_to_stored_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.received'))) * 86400,
+                 3) AS received_to_stored_s,
+           (SELECT group_concat(DISTINCT i.calling_ae) FROM instances i
+             WHERE i.study_instance_uid = r.study_instance_uid) AS senders,
+           json_extract(r.document, '$.pxsgate.selection.rule') AS study_rule,
+           json_extract(r.document, '$.pxsgate.selection.reason') AS study_reason,
+           (SELECT group_concat(d.rule || ': ' || d.reason, '; ') FROM decisions d
+             WHERE d.study_instance_uid = r.study_instance_uid
+               AND d.sop_instance_uid IS NOT NULL) AS image_reasons,
+           (SELECT count(*) FROM deliveries o WHERE o.result_id = r.id
+               AND o.state = 'pending') AS deliveries_pending,
+           (SELECT count(*) FROM deliveries o WHERE o.result_id = r.id
+               AND o.state = 'dead') AS deliveries_dead,
+           s.purged_at AS images_deleted_at,
+           r.model_id AS model_id,
+           r.created_at AS created_at
+    FROM results r LEFT JOIN studies s ON s.study_instance_uid = r.study_instance_uid
+    WHERE r.current = 1;
     """,
 )
 

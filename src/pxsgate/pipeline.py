@@ -39,6 +39,7 @@ R = TypeVar("R")
 
 EXIT_PREPROCESS = 1  # the image could not be decoded or prepared
 EXIT_MODEL = 2  # the model failed
+EXIT_INTERNAL = 3  # pxsgate itself failed on this study, again and again (a bug)
 
 
 def read_headers(instances: Sequence[StoredInstance]) -> list[Header]:
@@ -142,6 +143,7 @@ class Pipeline:
         # served, as UIDs: their images stay files in the spool.
         self._waiting: collections.deque[str] = collections.deque()
         self._crashes: dict[str, int] = {}  # unexpected errors per study, for the retry delay
+        self._give_up: dict[str, str] = {}  # studies to store as FAILED, with the error
         self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
         # Decoded images held at once, from decode start to score: a batch being scored, the
@@ -187,6 +189,11 @@ class Pipeline:
             delay = min(300.0, 5.0 * 2 ** (crashes - 1))
             log.error("study.crashed", study=study_uid[-12:], error=repr(exc),
                       retry_in_s=delay)
+            if crashes >= self._config.jobs.max_attempts:
+                # The same study keeps failing in pxsgate's own code: give it a FAILED
+                # result rather than try for ever (if the store is what fails, storing
+                # that fails too, and the study is simply tried again later).
+                self._give_up[study_uid] = f"pxsgate failed on this study: {exc!r}"[:500]
             if not self._closing:
                 self._retry_timers[study_uid] = asyncio.get_running_loop().call_later(
                     delay, self._retry, study_uid)
@@ -227,6 +234,9 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _process(self, study_uid: str) -> None:
+        if (error := self._give_up.get(study_uid)) is not None:
+            await self._store_internal_failure(study_uid, error)
+            return
         ready_at = now_iso()
         await self._store.mark_study(study_uid, "ready", ready_at, column="ready_at")
         instances = await self._store.instances_for_study(study_uid)
@@ -265,6 +275,19 @@ class Pipeline:
                                   scores=scores, flags=flags)
         log.info("result.stored", study=study_uid[-12:], images=len(scores),
                  flags=list(flags))
+
+    async def _store_internal_failure(self, study_uid: str, error: str) -> None:
+        """FAILED with exitCode 3, from what the store alone knows of the study."""
+        await self._store.mark_study(study_uid, "ready", now_iso(), column="ready_at")
+        row = await self._store.study(study_uid)
+        decision = StudyDecision(False, "internal-error", error, ())
+        stages = {"received": row.received_at if row else None,
+                  "released": row.released_at if row else None, "ready": now_iso()}
+        await self._store_outcome("FAILED", StudyIdentity(study_uid, "", ""), decision, stages,
+                                  now_iso(), row.senders if row else (), error=error,
+                                  exit_code=EXIT_INTERNAL)
+        self._give_up.pop(study_uid, None)
+        log.error("study.failed", study=study_uid[-12:], error=error, exit_code=EXIT_INTERNAL)
 
     async def _score_with_retries(self, study_uid: str, instances: Sequence[StoredInstance],
                                   decision: StudyDecision, attempts: int

@@ -267,7 +267,12 @@ def preprocess_file(path: Path, *, jpeg_roundtrip: bool = False) -> U8Array:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # dcmread raises many types on malformed input; translate here
         raise PreprocessError(f"{path}: not a readable DICOM file: {exc}") from exc
-    return preprocess_dataset(ds, jpeg_roundtrip=jpeg_roundtrip)
+    try:
+        return preprocess_dataset(ds, jpeg_roundtrip=jpeg_roundtrip)
+    except PreprocessError:
+        raise
+    except Exception as exc:  # a malformed pixel-module element (pydicom converts lazily)
+        raise PreprocessError(f"{path.name}: cannot prepare the image: {exc}") from exc
 
 
 def preprocess_image_file(path: Path) -> U8Array:

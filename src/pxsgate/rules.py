@@ -46,10 +46,15 @@ class Header:
     error: str = ""
 
     def text(self, keyword: str) -> str:
+        """The element's value as text; "" when absent or when its bytes cannot be read as
+        its VR (a peer's malformed element must not stop the study's decision)."""
         if self.dataset is None:
             return ""
-        value = self.dataset.get(keyword, "")
-        return "" if value is None else str(value).strip()
+        try:
+            value = self.dataset.get(keyword, "")
+            return "" if value is None else str(value).strip()
+        except Exception:  # pydicom converts lazily: any malformed value fails here
+            return ""
 
     def acquired(self) -> str:
         """Acquisition time as sortable text, from the most specific tags present."""

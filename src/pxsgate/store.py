@@ -12,6 +12,7 @@ PatientID and StudyInstanceUID).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -328,20 +329,22 @@ class StudyRow:
 F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
-def _rollback_on_error(method: F) -> F:
-    """A write that fails (the database locked by another process past the busy timeout,
-    a full disk) leaves no transaction open behind it: its partial work is rolled back,
-    and the next statement does not run inside a stale transaction."""
+def _transaction(method: F) -> F:
+    """A write method is one transaction. Writers take turns (the service's coroutines
+    share one connection: without this, one's COMMIT would commit another's half-done
+    statements), and a write that fails (the database locked by another process past the
+    busy timeout, a full disk) is rolled back, leaving no transaction open behind it."""
 
     @functools.wraps(method)
     async def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await method(self, *args, **kwargs)
-        except BaseException:
-            if self._db is not None and self._db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.rollback()
-            raise
+        async with self._write_lock:
+            try:
+                return await method(self, *args, **kwargs)
+            except BaseException:
+                if self._db is not None and self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.rollback()
+                raise
 
     return cast(F, guarded)
 
@@ -352,6 +355,7 @@ class Store:
     def __init__(self, path: Path, failpoints: Failpoints | None = None) -> None:
         self.path = path
         self._failpoints = failpoints or Failpoints()
+        self._write_lock = asyncio.Lock()
         self._db: aiosqlite.Connection | None = None
         self._patient_secret = b""
 
@@ -425,7 +429,7 @@ class Store:
 
     # --- instances (receive -> store) ----------------------------------------------------
 
-    @_rollback_on_error
+    @_transaction
     async def record_instance(self, inst: ReceivedInstance, deadline: float,
                               settle_seconds: float) -> InstanceOutcome:
         """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
@@ -499,7 +503,7 @@ class Store:
 
     # --- studies (assemble) -----------------------------------------------------------------
 
-    @_rollback_on_error
+    @_transaction
     async def mark_study(self, study_uid: str, state: str, at: str, reason: str = "",
                          column: str | None = None) -> None:
         """Set a study's state; ``column`` (released_at or ready_at) also gets ``at``."""
@@ -517,7 +521,7 @@ class Store:
         )
         await self.db.commit()
 
-    @_rollback_on_error
+    @_transaction
     async def set_released(self, deadlines: Iterable[tuple[str, float]], at: str) -> None:
         """Note the association release of studies, each with its new deadline."""
         await self.db.executemany(
@@ -539,7 +543,7 @@ class Store:
             rows = await cur.fetchall()
         return [PendingStudy(*r) for r in rows]
 
-    @_rollback_on_error
+    @_transaction
     async def begin_attempt(self, study_uid: str, at: str) -> int:
         """Move a study to ``inferring`` and count the try (committed before the model is
         asked, so a crash during inference counts); return the tries so far this round."""
@@ -600,7 +604,7 @@ class Store:
             out.append((uid, [Path(r[0]) for r in rows], sum(int(r[1]) for r in rows)))
         return out
 
-    @_rollback_on_error
+    @_transaction
     async def mark_purged(self, study_uid: str, paths: Sequence[Path], at: str) -> bool:
         """Record that these files of a finished study were deleted; False when the study
         was re-opened meanwhile by a late instance (it is then not marked purged)."""
@@ -630,7 +634,7 @@ class Store:
 
     # --- selection decisions (select) ---------------------------------------------------------
 
-    @_rollback_on_error
+    @_transaction
     async def record_decisions(self, study_uid: str, decision: StudyDecision, at: str) -> None:
         rows: list[tuple[str, str | None, int, str, str, str]] = [
             (study_uid, None, int(decision.candidate), decision.rule, decision.reason, at)
@@ -646,7 +650,7 @@ class Store:
 
     # --- results (store) --------------------------------------------------------------------
 
-    @_rollback_on_error
+    @_transaction
     async def store_result(self, document: dict[str, Any], state: str, reason: str = "",
                            exporters: Sequence[str] = (), now: float | None = None
                            ) -> list[str]:
@@ -809,7 +813,7 @@ class Store:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    @_rollback_on_error
+    @_transaction
     async def delivery_done(self, delivery: str, at: str) -> None:
         await self.db.execute(
             """UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
@@ -838,7 +842,7 @@ class Store:
                                  WHERE r.study_instance_uid = studies.study_instance_uid
                                    AND o.state = 'pending')""", (time.time(), delivery))
 
-    @_rollback_on_error
+    @_transaction
     async def delivery_failed(self, delivery: str, error: str, at: str,
                               next_attempt_at: float | None) -> None:
         """Count a failed try: again at ``next_attempt_at``, or dead-lettered (None)."""
@@ -862,7 +866,7 @@ class Store:
             rows = await cur.fetchall()
         return [Delivery(*r) for r in rows]
 
-    @_rollback_on_error
+    @_transaction
     async def retry_deliveries(self, at: str, now: float, state: str | None = None,
                                exporter: str | None = None, ids: Sequence[str] = ()) -> int:
         """Make deliveries due now with a fresh count of tries (`pxsgate outbox retry`).

@@ -151,6 +151,46 @@ async def test_a_hung_model_makes_the_service_unhealthy_and_the_study_resumes(
         assert (await state_of(gw, uid))["attempts"] == 2
 
 
+async def test_a_late_instance_during_scoring_survives_a_restart(tmp_path: Path) -> None:
+    """An instance that arrives while its study is on a hung model re-opens the study;
+    the retries of the first round must not close it again. After a restart the study is
+    scored with both images."""
+    hung = Model()
+    hung.hang.set()
+    extra = "jobs:\n  batch-time-limit-seconds: 1\n  retry-backoff-seconds: 0.05\n"
+    first, late = ap_study(507, "LATEHUNG", images=2)
+    uid = str(first.StudyInstanceUID)
+    async with running(tmp_path, hung, extra, data=tmp_path / "data") as gw:
+        await send(gw, [first])
+        await eventually(lambda: _state_is(gw, uid, "inferring"), 30, "scoring to start")
+        await send(gw, [late])
+        await asyncio.wait_for(gw.fatal.wait(), 30)  # the hung batch: retried, in vain
+        await asyncio.sleep(0.5)
+        assert (await state_of(gw, uid))["state"] in ("receiving", "ready", "selected",
+                                                       "inferring")
+    async with running(tmp_path, Model(), extra, data=tmp_path / "data") as gw:
+        doc = await result_of(gw, uid)
+        assert doc["status"] == "SUCCEEDED"
+        assert len(doc["results"]) == 2, "the late instance is scored too"
+
+
+async def _state_is(gw: Gateway, uid: str, state: str) -> bool:
+    row = await gw.store.study(uid)
+    return row is not None and row.state == state
+
+
+async def test_a_decode_past_its_time_limit_fails_the_image_not_the_service(
+        tmp_path: Path) -> None:
+    extra = JOBS + "  decode-time-limit-seconds: 0.001\n"
+    async with running(tmp_path, Model(), extra) as gw:
+        study = ap_study(508, "SLOWDECODE")
+        await send(gw, study)
+        doc = await result_of(gw, str(study[0].StudyInstanceUID))
+        assert (doc["status"], doc["exitCode"]) == ("FAILED", 1)
+        assert "decoding took longer than 0.001 s" in doc["errorMessage"]
+        assert (await gw.health())["ok"]
+
+
 LOCKER = """
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -282,6 +322,18 @@ async def test_retention_deletes_finished_images_and_keeps_what_is_needed(
         assert detail["study"]["purged_at"] is not None
         assert all(i["removed_at"] for i in detail["instances"])
         assert detail["result"]["status"] == "SUCCEEDED", "the result stays"
+
+        # The router sends the same image again: its file is kept again (and counted), for
+        # retention to delete later; the study is not scored again.
+        after = gw.retention.spool_bytes
+        await send(gw, gone)
+        assert (spool / str(gone[0].StudyInstanceUID)).exists()
+        assert gw.retention.spool_bytes > after
+        assert await gw.retention.run() == 1
+        assert not (spool / str(gone[0].StudyInstanceUID)).exists()
+        history = await gw.store.study_detail(str(gone[0].StudyInstanceUID))
+        assert history is not None
+        assert history["history"] == [], "not re-scored"
     finally:
         await gw.stop(grace=5)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -187,7 +188,18 @@ async def _serve(config: Config, path: Path) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await gateway.start()
+    # A SIGTERM while the model loads (minutes, with torch.compile) stops the start-up.
+    starting = loop.create_task(gateway.start())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # Gateway.start stops what it had started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        loop.remove_signal_handler(signal.SIGHUP)
+        return EXIT_OK
+    stopping.cancel()
+    starting.result()  # a start-up error goes up from here
     try:
         waits = [loop.create_task(stop.wait()), loop.create_task(gateway.fatal.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

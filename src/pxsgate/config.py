@@ -228,6 +228,9 @@ class JobsConfig:
     # retried); the model worker is then reported unhealthy and systemd's watchdog, no
     # longer fed, restarts the service.
     batch_time_limit_seconds: float = field(default=120.0, metadata=_check(_check_positive))
+    # Decoding one image (a codec looping on a malformed file): past this, the decode
+    # processes are replaced and the image fails (its study retries).
+    decode_time_limit_seconds: float = field(default=120.0, metadata=_check(_check_positive))
     # Studies processed at once; further ready studies queue (as UIDs, their images stay
     # files in the spool).
     max_studies_in_progress: int = field(default=16, metadata=_check(_check_positive))

@@ -16,23 +16,25 @@ import contextlib
 import functools
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from pydicom import dcmread
 
 from pxsgate import rules
 from pxsgate.config import Config, PreprocessConfig, SelectionConfig
-from pxsgate.errors import ModelError, PreprocessError, PxsgateError
+from pxsgate.errors import ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import InferenceWorker
 from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
 from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
 from pxsgate.rules import Header
-from pxsgate.store import Store
+from pxsgate.store import UNFINISHED_STATES, Store
 
 log = structlog.get_logger("pxsgate.pipeline")
 R = TypeVar("R")
@@ -94,9 +96,10 @@ class DecodePool:
     image) fails that image's study with a clear error and the pool is replaced.
     """
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(self, config: PreprocessConfig, time_limit: float = 120.0) -> None:
         self.workers = config.workers or auto_workers(os.cpu_count() or 1)
         self._jpeg = config.jpeg_roundtrip
+        self._time_limit = time_limit
         self._pool = self._new()
 
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -114,15 +117,89 @@ class DecodePool:
         pool = self._pool
         call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, call)
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(pool, call), self._time_limit)
+        except TimeoutError:
+            # A codec looping on a malformed image: its process cannot be interrupted, so
+            # the pool is replaced (images decoding beside it fail too, and are retried).
+            if pool is self._pool:
+                log.error("decode.timeout", file=path.name, time_limit_s=self._time_limit)
+                self._pool = self._new()
+                _terminate(pool)
+            raise PreprocessError(
+                f"decoding took longer than {self._time_limit:g} s") from None
         except BrokenProcessPool as exc:
             if pool is self._pool:
                 log.error("decode.worker_died", file=path.name)
                 self._pool = self._new()
             raise PreprocessError("the decoder process died on this image") from exc
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the processes; one still busy after ``timeout`` seconds is terminated."""
+        pool = self._pool
+        processes = _processes(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+
+def _processes(pool: concurrent.futures.ProcessPoolExecutor) -> list[Any]:
+    """A pool's worker processes (ProcessPoolExecutor keeps them private; None once shut
+    down)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes (ProcessPoolExecutor has no public way to)."""
+    processes = _processes(pool)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
+class ModelGate:
+    """Shared use of the model by studies, or one study alone (a readers-writer lock; a
+    study waiting for the model alone goes before new shared users)."""
+
+    def __init__(self) -> None:
+        self._turn = asyncio.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._turn:
+            await self._turn.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self._shared -= 1
+                self._turn.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._turn:
+            self._waiting_alone += 1
+            try:
+                await self._turn.wait_for(lambda: not self._alone and not self._shared)
+            finally:
+                self._waiting_alone -= 1
+                self._turn.notify_all()
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self._alone = False
+                self._turn.notify_all()
 
 
 class Pipeline:
@@ -146,6 +223,7 @@ class Pipeline:
         self._give_up: dict[str, str] = {}  # studies to store as FAILED, with the error
         self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
+        self._gate = ModelGate()
         # Decoded images held at once, from decode start to score: a batch being scored, the
         # next one filling, and one image per decode process. However many studies arrive
         # together, memory stays bounded; the rest wait as files in the spool.
@@ -165,6 +243,8 @@ class Pipeline:
 
     def submit(self, study_uid: str) -> None:
         """Process a ready study (called on the loop by the assembler)."""
+        if (timer := self._retry_timers.pop(study_uid, None)) is not None:
+            timer.cancel()  # ready again meanwhile: processed now, once
         if study_uid in self._running:
             self._again.add(study_uid)
             return
@@ -189,10 +269,11 @@ class Pipeline:
             delay = min(300.0, 5.0 * 2 ** (crashes - 1))
             log.error("study.crashed", study=study_uid[-12:], error=repr(exc),
                       retry_in_s=delay)
-            if crashes >= self._config.jobs.max_attempts:
+            ours = not isinstance(exc, sqlite3.Error | OSError | StoreError)
+            if ours and crashes >= self._config.jobs.max_attempts:
                 # The same study keeps failing in pxsgate's own code: give it a FAILED
-                # result rather than try for ever (if the store is what fails, storing
-                # that fails too, and the study is simply tried again later).
+                # result rather than try for ever. Not for the store or the disk failing
+                # (locked, full): those pass, and the study is tried again until then.
                 self._give_up[study_uid] = f"pxsgate failed on this study: {exc!r}"[:500]
             if not self._closing:
                 self._retry_timers[study_uid] = asyncio.get_running_loop().call_later(
@@ -205,6 +286,11 @@ class Pipeline:
         while (self._waiting and not self._closing
                and len(self._running) < self._config.jobs.max_studies_in_progress):
             self.submit(self._waiting.popleft())
+
+    def reopened(self, study_uid: str) -> None:
+        """A new instance arrived for the study: a fresh round, with fresh chances."""
+        self._give_up.pop(study_uid, None)
+        self._crashes.pop(study_uid, None)
 
     def _retry(self, study_uid: str) -> None:
         self._retry_timers.pop(study_uid, None)
@@ -238,13 +324,16 @@ class Pipeline:
             await self._store_internal_failure(study_uid, error)
             return
         ready_at = now_iso()
-        await self._store.mark_study(study_uid, "ready", ready_at, column="ready_at")
+        await self._store.mark_study(study_uid, "ready", ready_at, column="ready_at",
+                                     only_from=UNFINISHED_STATES)
+        row = await self._store.study(study_uid)
+        if row is None or row.state != "ready":
+            return  # finished already (a retry that came late): nothing to do
         instances = await self._store.instances_for_study(study_uid)
         headers = await self._in_executor(read_headers, instances)
         decision = rules.select(headers, self.selection)
         await self._store.record_decisions(study_uid, decision, now_iso())
         identity = identity_of(study_uid, headers)
-        row = await self._store.study(study_uid)
         stages = {"received": row.received_at if row else None,
                   "released": row.released_at if row else None, "ready": ready_at}
         senders = row.senders if row else ()
@@ -257,10 +346,9 @@ class Pipeline:
             log.info("study.skipped", study=study_uid[-12:], rule=decision.rule,
                      flags=list(decision.flags), **detail)
             return
-        await self._store.mark_study(study_uid, "selected", now_iso())
+        await self._store.mark_study(study_uid, "selected", now_iso(), only_from=("ready",))
         created_at = now_iso()
-        scores = await self._score_with_retries(study_uid, instances, decision,
-                                                row.attempts if row else 0)
+        scores = await self._score_with_retries(study_uid, instances, decision, row.attempts)
         if isinstance(scores, PxsgateError):
             code = EXIT_MODEL if isinstance(scores, ModelError) else EXIT_PREPROCESS
             await self._store_outcome("FAILED", identity, decision, stages, created_at, senders,
@@ -278,8 +366,12 @@ class Pipeline:
 
     async def _store_internal_failure(self, study_uid: str, error: str) -> None:
         """FAILED with exitCode 3, from what the store alone knows of the study."""
-        await self._store.mark_study(study_uid, "ready", now_iso(), column="ready_at")
+        await self._store.mark_study(study_uid, "ready", now_iso(), column="ready_at",
+                                     only_from=UNFINISHED_STATES)
         row = await self._store.study(study_uid)
+        if row is None or row.state != "ready":
+            self._give_up.pop(study_uid, None)
+            return
         decision = StudyDecision(False, "internal-error", error, ())
         stages = {"received": row.received_at if row else None,
                   "released": row.released_at if row else None, "ready": now_iso()}
@@ -297,17 +389,25 @@ class Pipeline:
         crash) the last error. Each try is counted in the store before it starts."""
         jobs = self._config.jobs
         error: PxsgateError | None = None
-        while attempts < jobs.max_attempts:
+        # A study whose try was cut short by a crash may be the one that crashed the
+        # service: its next try has the model to itself, so that if it crashes the service
+        # again, the other studies' tries are not counted against them.
+        suspect = attempts > 0
+        tries = 0  # this run's (the store's count stays put while a late instance re-opens)
+        while max(attempts, tries) < jobs.max_attempts:
             if error is not None:
-                delay = jobs.retry_backoff_seconds * 2 ** (attempts - 1)
-                log.warning("study.retry", study=study_uid[-12:], attempt=attempts,
+                delay = jobs.retry_backoff_seconds * 2 ** (max(attempts, tries) - 1)
+                log.warning("study.retry", study=study_uid[-12:], attempt=max(attempts, tries),
                             error=str(error), retry_in_s=delay)
                 await asyncio.sleep(delay)
-            attempts = await self._store.begin_attempt(study_uid, now_iso())
-            try:
-                return await self._score(instances, decision)
-            except PxsgateError as exc:
-                error = exc
+            async with self._gate.exclusive() if suspect else self._gate.shared():
+                attempts = await self._store.begin_attempt(study_uid, now_iso())
+                tries += 1
+                try:
+                    return await self._score(instances, decision)
+                except PxsgateError as exc:
+                    error = exc
+            suspect = False
         return error or ModelError(
             f"scoring was interrupted {attempts} times (the service stopped or crashed "
             f"while this study was on the model)")

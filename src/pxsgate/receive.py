@@ -269,29 +269,31 @@ class Receiver:
                           ("SOPInstanceUID", sop_uid)):
             if not is_valid_uid(uid):
                 raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
-        try:
-            path = self._spool.write(study_uid, sop_uid, (header, stream))
-        except SpoolError as exc:
-            raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
-        self._failpoints.hit("after-spool-write")
-        digest = hashlib.sha256(header)
-        digest.update(stream)
-        instance = ReceivedInstance(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            path=path,
-            size=size,
-            sha256=digest.hexdigest(),
-            calling_ae=event.assoc.requestor.ae_title.strip(),
-            called_ae=_called_ae(event),
-            peer_address=str(event.assoc.requestor.address),
-            association_id=assoc_id,
-            received_at=now_iso(),
-        )
-        self._index(instance)
+        # Retention leaves a study alone from its file's write until it is indexed.
+        with self._spool.writing(study_uid):
+            try:
+                path = self._spool.write(study_uid, sop_uid, (header, stream))
+            except SpoolError as exc:
+                raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+            self._failpoints.hit("after-spool-write")
+            digest = hashlib.sha256(header)
+            digest.update(stream)
+            instance = ReceivedInstance(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                path=path,
+                size=size,
+                sha256=digest.hexdigest(),
+                calling_ae=event.assoc.requestor.ae_title.strip(),
+                called_ae=_called_ae(event),
+                peer_address=str(event.assoc.requestor.address),
+                association_id=assoc_id,
+                received_at=now_iso(),
+            )
+            self._index(instance)
         self._failpoints.hit("after-index")
         return instance, verdict
 

@@ -26,6 +26,7 @@ import structlog
 
 from pxsgate.config import StorageConfig
 from pxsgate.messages import now_iso
+from pxsgate.spool import Spool
 from pxsgate.store import Store
 
 log = structlog.get_logger("pxsgate.retention")
@@ -34,10 +35,11 @@ BATCH = 100  # studies looked at per query
 
 
 class Retention:
-    def __init__(self, storage: StorageConfig, store: Store) -> None:
+    def __init__(self, storage: StorageConfig, store: Store, spool: Spool) -> None:
         self._retention_s = storage.retention_hours * 3600.0
         self.ceiling = int(storage.max_spool_gb * 2**30)  # 0: none
         self._store = store
+        self._spool = spool
         self.spool_bytes = 0  # written on the loop; read by association threads
         self._lock = asyncio.Lock()
 
@@ -54,6 +56,8 @@ class Retention:
         """Delete what retention allows, then what the ceiling needs to take ``incoming``
         more bytes; return studies purged."""
         async with self._lock:  # one pass at a time (the timer and a full spool)
+            # Re-counted each pass, so small drifts of the running count do not last.
+            self.spool_bytes = await self._store.spool_bytes()
             now = time.time() if now is None else now
             purged = await self._purge(now - self._retention_s, lambda: True)
             if self.over_ceiling(incoming):
@@ -70,16 +74,23 @@ class Retention:
             batch = await self._store.purgeable_studies(finished_before, BATCH)
             if not batch:
                 break
+            progress = False
             for study_uid, paths, size in batch:
                 if not wanted():
                     break
-                gone = await asyncio.to_thread(_delete, paths)
-                if await self._store.mark_purged(study_uid, gone, now_iso()):
-                    purged += 1
-                    log.info("study.purged", study=study_uid[-12:], files=len(gone),
-                             bytes=size)
-                self.spool_bytes -= size
-            if len(batch) < BATCH:
+                if not self._spool.begin_purge(study_uid):
+                    continue  # an instance of it is arriving: it is being re-opened
+                try:
+                    gone = await asyncio.to_thread(_delete, paths)
+                    if await self._store.mark_purged(study_uid, gone, now_iso()):
+                        purged += 1
+                        progress = True
+                        log.info("study.purged", study=study_uid[-12:], files=len(gone),
+                                 bytes=size)
+                        self.spool_bytes -= size
+                finally:
+                    self._spool.end_purge(study_uid)
+            if len(batch) < BATCH or not progress:
                 break
         return purged
 

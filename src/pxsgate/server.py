@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import hashlib
 import tempfile
 import time
@@ -95,7 +94,7 @@ class Gateway:
         self.notifier = notifier or Notifier({})  # systemd: the CLI passes the real one
         self.store = Store(config.db_path, self.failpoints)
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
-        self.retention = Retention(config.storage, self.store)
+        self.retention = Retention(config.storage, self.store, self.spool)
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
             config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
@@ -156,7 +155,8 @@ class Gateway:
         http = self.config.http
         token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
                  if http.bearer_token_file else None)
-        self._decoder = DecodePool(self.config.preprocess)
+        self._decoder = DecodePool(self.config.preprocess,
+                                   self.config.jobs.decode_time_limit_seconds)
         self.notifier.status("loading the model")
         self.notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)  # torch.compile can take minutes
         model_loading = asyncio.to_thread(self.worker.start)
@@ -191,8 +191,12 @@ class Gateway:
         self.notifier.stopping("stopping: finishing the associations and studies in progress")
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._supervisor
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # whatever it was, the stop goes on
+                log.error("gateway.supervisor_failed", error=repr(exc))
             self._supervisor = None
         if self._receiver is not None:
             receiver, self._receiver = self._receiver, None
@@ -218,11 +222,15 @@ class Gateway:
         if self._outbox_started:
             await self.outbox.stop()
             self._outbox_started = False
-        await asyncio.to_thread(self.worker.stop)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._decoder is not None:
-            await asyncio.to_thread(self._decoder.shutdown)
-        await self.store.close()
+        try:
+            await asyncio.to_thread(self.worker.stop)
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            if self._decoder is not None:
+                await asyncio.to_thread(self._decoder.shutdown)
+        finally:
+            # Whatever failed above, the store is closed: its committed state is all a
+            # restart needs.
+            await self.store.close()
         log.info("gateway.stopped")
 
     def reload(self, new: Config) -> None:
@@ -373,6 +381,12 @@ class Gateway:
             if instance is None:
                 log.warning("spool.unreadable", file=path.name)
                 continue
+            known = await self.store.instance_paths([instance.sop_instance_uid])
+            if instance.sop_instance_uid in known:
+                # Indexed under another study: this file is a version the index moved
+                # away from (or one never acknowledged); the index is what was promised.
+                await asyncio.to_thread(path.unlink, True)
+                continue
             await self.store.record_instance(instance, time.time() + settle, settle)
             self.retention.added(instance.size)
             recovered += 1
@@ -404,12 +418,21 @@ class Gateway:
     async def _instance_received(self, instance: ReceivedInstance) -> None:
         settle, quiet = self.config.timings(instance.called_ae)
         # While its association is open, the study is ready after the quiet timeout.
-        outcome = await self.store.record_instance(instance, time.time() + quiet, settle)
-        if outcome == "duplicate":
-            # Stored once; the same bytes again do not re-open the study.
-            log.info("instance.duplicate", association_id=instance.association_id)
+        indexed = await self.store.record_instance(instance, time.time() + quiet, settle)
+        if indexed.outcome in ("duplicate", "revived"):
+            # Stored once; the same bytes again do not re-open the study (a file retention
+            # had deleted is kept again, for retention to delete later).
+            log.info("instance.duplicate", association_id=instance.association_id,
+                     revived=indexed.outcome == "revived")
+            if indexed.outcome == "revived":
+                self.retention.added(instance.size)
             return
         self.retention.added(instance.size)
+        if indexed.replaced is not None:
+            # The instance moved to another study: its old file is no longer its own.
+            await asyncio.to_thread(indexed.replaced.unlink, True)
+        assert self._pipeline is not None
+        self._pipeline.reopened(instance.study_instance_uid)
         assert self._assembler is not None
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
                                          settle, quiet)

@@ -13,11 +13,14 @@ a half-written instance under its real name.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import re
 import shutil
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pxsgate.errors import DiskFloorError, SpoolError
@@ -45,6 +48,41 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        # Reception (association threads) and retention (the loop) never touch one study's
+        # files at once: a study being written is not purged, and a write to a study being
+        # purged waits until the purge is recorded.
+        self._turns = threading.Condition()
+        self._writing: collections.Counter[str] = collections.Counter()
+        self._purging: set[str] = set()
+
+    @contextlib.contextmanager
+    def writing(self, study_uid: str) -> Iterator[None]:
+        """Held by an association thread from writing an instance of the study until it is
+        indexed."""
+        with self._turns:
+            self._turns.wait_for(lambda: study_uid not in self._purging)
+            self._writing[study_uid] += 1
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._writing[study_uid] -= 1
+                if not self._writing[study_uid]:
+                    del self._writing[study_uid]
+
+    def begin_purge(self, study_uid: str) -> bool:
+        """Claim a study for deleting its files; False while an instance of it is being
+        written (it is about to be re-opened: not finished after all)."""
+        with self._turns:
+            if self._writing[study_uid]:
+                return False
+            self._purging.add(study_uid)
+            return True
+
+    def end_purge(self, study_uid: str) -> None:
+        with self._turns:
+            self._purging.discard(study_uid)
+            self._turns.notify_all()
 
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -64,10 +102,11 @@ class Spool:
         directory = final.parent
         tmp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
-            new_dir = not directory.exists()
-            directory.mkdir(parents=True, exist_ok=True)
-            if new_dir:
-                _fsync_dir(self.root)
+            try:
+                directory.mkdir(parents=True)
+                _fsync_dir(self.root)  # the new directory's entry must be durable too
+            except FileExistsError:
+                pass
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for part in parts:

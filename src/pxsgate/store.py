@@ -262,7 +262,15 @@ MIGRATIONS: tuple[str, ...] = (
 UNFINISHED_STATES = ("receiving", "ready", "selected", "inferring")
 DONE_STATES = ("stored", "exported", "failed")
 
-InstanceOutcome = Literal["new", "changed", "duplicate"]
+InstanceOutcome = Literal["new", "changed", "duplicate", "revived"]
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """What indexing an instance did (:meth:`Store.record_instance`)."""
+
+    outcome: InstanceOutcome
+    replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
 DeliveryState = Literal["pending", "delivered", "dead"]
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%fZ"  # SQLite strftime: created_utc, comparable as text
 
@@ -341,9 +349,12 @@ def _transaction(method: F) -> F:
             try:
                 return await method(self, *args, **kwargs)
             except BaseException:
-                if self._db is not None and self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        await self._db.rollback()
+                # Always: after a cancellation the interrupted statement may still be
+                # queued on aiosqlite's thread; the rollback runs after it (and is a no-op
+                # when no transaction is open).
+                if self._db is not None:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        await asyncio.shield(self._db.rollback())
                 raise
 
     return cast(F, guarded)
@@ -431,26 +442,37 @@ class Store:
 
     @_transaction
     async def record_instance(self, inst: ReceivedInstance, deadline: float,
-                              settle_seconds: float) -> InstanceOutcome:
+                              settle_seconds: float) -> Indexed:
         """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
-        its bytes are the ones already held (the study is left as it is), else ``changed``.
-        ``deadline`` (Unix time) is when its study is ready if nothing more arrives."""
+        its bytes are the ones already held (the study is left as it is), ``revived`` when
+        they are the bytes of an instance whose file retention had deleted (the file is
+        kept again, for retention to delete later; the study is not re-scored), else
+        ``changed``. ``deadline`` (Unix time) is when its study is ready if nothing more
+        arrives. When a changed instance moved to another study, ``replaced`` is its old
+        file, which the caller deletes."""
         async with self.db.execute(
-            "SELECT sha256, study_instance_uid FROM instances WHERE sop_instance_uid = ?",
+            """SELECT sha256, study_instance_uid, path, removed_at FROM instances
+               WHERE sop_instance_uid = ?""",
             (inst.sop_instance_uid,),
         ) as cur:
             row = await cur.fetchone()
-        if row is not None and tuple(row) == (inst.sha256, inst.study_instance_uid):
+        if row is not None and (row[0], row[1]) == (inst.sha256, inst.study_instance_uid):
             await self.db.execute(
                 """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
-                       called_ae = ?, peer_address = ?, association_id = ?, received_at = ?
+                       called_ae = ?, peer_address = ?, association_id = ?, received_at = ?,
+                       removed_at = NULL
                    WHERE sop_instance_uid = ?""",
                 (inst.calling_ae, inst.called_ae, inst.peer_address, inst.association_id,
                  inst.received_at,
                  inst.sop_instance_uid),
             )
+            if row[3] is not None:
+                await self.db.execute(
+                    """UPDATE studies SET purged_at = NULL, finished_at = ?
+                       WHERE study_instance_uid = ? AND purged_at IS NOT NULL""",
+                    (time.time(), inst.study_instance_uid))
             await self.db.commit()
-            return "duplicate"
+            return Indexed("duplicate" if row[3] is None else "revived")
         await self.db.execute(
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
@@ -489,7 +511,10 @@ class Store:
              deadline, settle_seconds),
         )
         await self.db.commit()
-        return "new" if row is None else "changed"
+        if row is None:
+            return Indexed("new")
+        moved = Path(row[2]) if row[2] != str(inst.path) and row[3] is None else None
+        return Indexed("changed", moved)
 
     async def instances_for_study(self, study_uid: str) -> list[StoredInstance]:
         async with self.db.execute(
@@ -505,8 +530,10 @@ class Store:
 
     @_transaction
     async def mark_study(self, study_uid: str, state: str, at: str, reason: str = "",
-                         column: str | None = None) -> None:
-        """Set a study's state; ``column`` (released_at or ready_at) also gets ``at``."""
+                         column: str | None = None, only_from: Sequence[str] = ()) -> None:
+        """Set a study's state; ``column`` (released_at or ready_at) also gets ``at``.
+        ``only_from``: only if it is in one of these states (a late instance re-opens a
+        study to ``receiving``: that must not be overwritten)."""
         extra = ""
         if column is not None:
             if column not in ("released_at", "ready_at"):
@@ -514,9 +541,14 @@ class Store:
             extra = f", {column} = :at"
         if state != "receiving":
             extra += ", deadline = NULL"
+        guard = ""
+        if only_from:
+            if not set(only_from) <= set(UNFINISHED_STATES + DONE_STATES):
+                raise ValueError(only_from)
+            guard = f" AND state IN ({','.join(repr(s) for s in only_from)})"
         await self.db.execute(
             f"""UPDATE studies SET state = :state, reason = :reason, updated_at = :at{extra}
-                WHERE study_instance_uid = :uid""",
+                WHERE study_instance_uid = :uid{guard}""",
             {"state": state, "reason": reason, "at": at, "uid": study_uid},
         )
         await self.db.commit()
@@ -549,7 +581,8 @@ class Store:
         asked, so a crash during inference counts); return the tries so far this round."""
         await self.db.execute(
             """UPDATE studies SET state = 'inferring', attempts = attempts + 1, updated_at = ?
-               WHERE study_instance_uid = ?""", (at, study_uid))
+               WHERE study_instance_uid = ? AND state IN ('selected', 'inferring')""",
+            (at, study_uid))
         await self.db.commit()
         async with self.db.execute("SELECT attempts FROM studies WHERE study_instance_uid = ?",
                                    (study_uid,)) as cur:
@@ -606,14 +639,16 @@ class Store:
 
     @_transaction
     async def mark_purged(self, study_uid: str, paths: Sequence[Path], at: str) -> bool:
-        """Record that these files of a finished study were deleted; False when the study
-        was re-opened meanwhile by a late instance (it is then not marked purged)."""
+        """Record that these files of a finished study were deleted (the spool keeps the
+        study from being written meanwhile: :meth:`Spool.purging`); False when it was
+        no longer finished, and then nothing is recorded."""
         cur = await self.db.execute(
             f"""UPDATE studies SET purged_at = ? WHERE study_instance_uid = ?
                 AND state IN ({",".join(f"'{s}'" for s in DONE_STATES)})""", (at, study_uid))
-        await self.db.executemany(
-            "UPDATE instances SET removed_at = ? WHERE path = ? AND removed_at IS NULL",
-            [(at, str(p)) for p in paths])
+        if cur.rowcount:
+            await self.db.executemany(
+                "UPDATE instances SET removed_at = ? WHERE path = ? AND removed_at IS NULL",
+                [(at, str(p)) for p in paths])
         await self.db.commit()
         return bool(cur.rowcount)
 
@@ -835,7 +870,7 @@ class Store:
                        THEN 'exported' ELSE state END
                WHERE study_instance_uid = (SELECT r.study_instance_uid FROM deliveries o
                                            JOIN results r ON r.id = o.result_id
-                                           WHERE o.id = ? AND r.current = 1)
+                                           WHERE o.id = ?)
                  AND state IN ('stored', 'failed')
                  AND NOT EXISTS (SELECT 1 FROM deliveries o JOIN results r
                                    ON r.id = o.result_id

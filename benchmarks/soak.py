@@ -181,7 +181,7 @@ def reuid(datasets: list[Dataset], number: int) -> str:
 
 @dataclass
 class Service:
-    """``pxsgate serve`` as a subprocess; its stderr (JSON lines) is read on a thread."""
+    """``pxsgate serve`` as a subprocess; its stdout (JSON lines) is read on a thread."""
 
     process: subprocess.Popen[str]
     port: int = 0
@@ -206,19 +206,19 @@ class Service:
         return event
 
     def pump(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.read(line)
 
 
 def start_service(config: Path, timeout: float = 300.0) -> Service:
     proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     service = Service(proc)
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     deadline = time.monotonic() + timeout
-    for line in proc.stderr:  # a service that exits ends the loop (EOF)
+    for line in proc.stdout:  # a service that exits ends the loop (EOF)
         event = service.read(line)
         if event is not None and event.get("event") == "gateway.started":
             service.port = int(event["port"])

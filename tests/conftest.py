@@ -120,12 +120,13 @@ def _pump(service: Service, stream: Any) -> None:
 
 def start_service(tmp: Path, **config_kwargs: Any) -> Service:
     config = write_config(tmp / "pxsgate.yaml", tmp / "data", **config_kwargs)
+    # The log (JSON lines) is on stdout; stderr carries only the CLI's own error message.
     proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     service = Service(proc, 0, config, tmp / "data")
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     deadline = time.monotonic() + 180
-    for line in proc.stderr:
+    for line in proc.stdout:
         service.raw_log.append(line.rstrip("\n"))
         try:
             event = json.loads(line)
@@ -140,7 +141,7 @@ def start_service(tmp: Path, **config_kwargs: Any) -> Service:
     if service.port == 0:
         proc.kill()
         raise AssertionError("pxsgate serve did not start:\n" + "\n".join(service.raw_log))
-    threading.Thread(target=_pump, args=(service, proc.stderr), daemon=True).start()
+    threading.Thread(target=_pump, args=(service, proc.stdout), daemon=True).start()
     return service
 
 

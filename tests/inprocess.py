@@ -47,7 +47,7 @@ async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
     if "\njobs:" not in text:  # a failing model's retries, quickly
         text += "jobs:\n  retry-backoff-seconds: 0.05\n"
     path.write_text(text, encoding="utf-8")
-    # structlog prints to the sys.stderr of the moment it was configured; under pytest that
+    # structlog prints to the sys.stdout of the moment it was configured; under pytest that
     # is a capture file closed after its test, so each in-process gateway configures anew.
     configure_logging("json", "info")
     model = FastModel()

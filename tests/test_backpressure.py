@@ -43,7 +43,7 @@ async def test_decoded_images_wait_in_a_bounded_queue(tmp_path: Path) -> None:
             time.sleep(0.4)
             return [float(img.mean()) / 255 for img in batch]
 
-    configure_logging("json", "info")  # to this test's stderr (see tests/inprocess.py)
+    configure_logging("json", "info")  # to this test's stdout (see tests/inprocess.py)
     gateway = Gateway(config, scorer_factory=SlowModel)
     await gateway.start()
     try:

@@ -58,7 +58,7 @@ def _start(config: Path, failpoint: str | None, log: Path) -> tuple[subprocess.P
     out.write(f"--- start, failpoint {failpoint}\n")
     out.flush()
     proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=out, text=True, env=env)
+                            stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     out.close()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -388,8 +388,10 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_sigterm_lets_associations
     config = write_config(tmp_path / "pxsgate.yaml", tmp_path / "data", extra=(
         "jobs:\n  shutdown-grace-seconds: 20\n"))
     env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
+    log_file = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config",
-                             str(config)], stderr=subprocess.PIPE, text=True, env=env)
+                             str(config)], stdout=log_file, text=True, env=env)
+    log_file.close()
     try:
         messages: list[str] = []
         while not any(m.startswith("READY=1") for m in messages):
@@ -419,6 +421,5 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_sigterm_lets_associations
             proc.kill()
         sock.close()
         os.unlink(address)
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+    log = (tmp_path / "serve.log").read_text()
     assert '"event": "gateway.stopped"' in log

@@ -6,9 +6,11 @@
                                   current result documents, oldest first (a JSON array)
     GET /studies/{uid}            one study: its current result, earlier results, selection
                                   decisions, instances with their senders, deliveries
+    GET /metrics                  Prometheus text format (never needs a token: no PHI)
 
 No write endpoints. Results carry PHI: it listens on loopback unless ``http.host`` says
-otherwise, and with ``http.bearer-token-file`` every request but /healthz needs the token.
+otherwise, and with ``http.bearer-token-file`` every request but /healthz and /metrics needs
+the token.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, HttpConfig
+from pxsgate.metrics import CONTENT_TYPE, Metrics
 from pxsgate.store import ResultFilter, Store
 
 log = structlog.get_logger("pxsgate.api")
@@ -34,6 +37,7 @@ Health = Callable[[], Awaitable[dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STORE_KEY = web.AppKey("store", Store)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 HEALTH_KEY: web.AppKey[Health] = web.AppKey("health")
 
 
@@ -99,10 +103,19 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(report, status=200 if report.get("ok") else 503)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# Open without the token: monitors and Prometheus scrape them, and they carry no PHI.
+OPEN_PATHS = ("/healthz", "/metrics")
+
+
 def _auth(token: str | None) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path != "/healthz":
+        if token is not None and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "a valid bearer token is required"},
@@ -120,12 +133,14 @@ class Api:
     """The HTTP server's lifecycle: start() binds, stop() closes."""
 
     def __init__(self, config: HttpConfig, store: Store, health: Health,
-                 token: str | None = None) -> None:
+                 token: str | None = None, metrics: Metrics | None = None) -> None:
         self._config = config
         app = web.Application(middlewares=[_auth(token)])
         app[STORE_KEY] = store
         app[HEALTH_KEY] = health
+        app[METRICS_KEY] = metrics or Metrics()
         app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/metrics", _metrics)
         app.router.add_get("/results", _results)
         app.router.add_get("/studies/{uid}", _study)
         self._runner = web.AppRunner(app, access_log=None,

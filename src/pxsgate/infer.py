@@ -42,6 +42,7 @@ from pxsgate import pxs
 from pxsgate.config import BatchConfig, ModelConfig
 from pxsgate.errors import ModelError, PxsgateError
 from pxsgate.failpoints import Failpoints
+from pxsgate.metrics import Metrics
 from pxsgate.preprocess import CROP_TO, U8Array
 from pxsgate.results import ModelInfo
 
@@ -331,7 +332,8 @@ class PxsScorer:
 @dataclass(frozen=True)
 class _Job:
     image: U8Array
-    future: concurrent.futures.Future[float]
+    future: concurrent.futures.Future[tuple[float, int]]  # (score, size of its batch)
+    tag: str = ""  # the study's label, for the batch's log line
 
 
 _STOP = object()
@@ -353,11 +355,12 @@ class InferenceWorker:
 
     def __init__(self, factory: Callable[[], Scorer], batch: BatchConfig, *,
                  nice: bool = False, time_limit: float = 120.0,
-                 failpoints: Failpoints | None = None) -> None:
+                 failpoints: Failpoints | None = None, metrics: Metrics | None = None) -> None:
         self._factory = factory
         self._nice = nice
         self._time_limit = time_limit
         self._failpoints = failpoints or Failpoints()
+        self._metrics = metrics or Metrics()
         # The batch on the model and since when (monotonic); written by the worker thread,
         # read by the loop's watchdog (:meth:`check_time_limit`).
         self._current: tuple[float, list[_Job]] | None = None
@@ -411,7 +414,13 @@ class InferenceWorker:
         return self._queue.qsize()
 
     async def score(self, image: U8Array) -> float:
-        job = _Job(image, concurrent.futures.Future())
+        score, _ = await self.score_in_batch(image)
+        return score
+
+    async def score_in_batch(self, image: U8Array, tag: str = "") -> tuple[float, int]:
+        """The image's score and the size of the batch it was scored in; ``tag`` names its
+        study in the batch's log line."""
+        job = _Job(image, concurrent.futures.Future(), tag)
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
@@ -462,29 +471,36 @@ class InferenceWorker:
     def _run_batch(self, scorer: Scorer, batch: list[_Job]) -> None:
         started = time.perf_counter()
         self._current = (time.monotonic(), batch)
+        studies = sorted({job.tag for job in batch if job.tag})
         try:
             self._failpoints.hit("during-inference")
             scores = scorer.score_batch(np.stack([job.image for job in batch]))
         except Exception as exc:  # a model failure fails these images, not the worker
+            self._metrics.inference_failures.inc()
             if len(batch) > 1:
                 # One poison image must not fail the studies it shares a batch with: each
                 # image alone, so only the guilty ones fail.
-                log.warning("inference.isolating", batch_size=len(batch), error=str(exc))
+                log.warning("inference.isolating", batch_size=len(batch), studies=studies,
+                            error=str(exc))
                 for job in batch:
                     self._run_batch(scorer, [job])
                 return
             _settle(batch[0].future, ModelError(f"inference failed: {exc}"))
-            log.error("inference.failed", batch_size=1, error=str(exc))
+            log.error("inference.failed", batch_size=1, studies=studies, error=str(exc))
             return
         finally:
             self._current = None
+        seconds = time.perf_counter() - started
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.inference_seconds.observe(seconds)
         for job, score in zip(batch, scores, strict=True):
-            _settle(job.future, score)
-        log.info("inference.batch", batch_size=len(batch),
-                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+            _settle(job.future, (score, len(batch)))
+        log.info("inference.batch", batch_size=len(batch), studies=studies,
+                 duration_ms=round(seconds * 1000, 1))
 
 
-def _settle(future: concurrent.futures.Future[float], outcome: float | Exception) -> None:
+def _settle(future: concurrent.futures.Future[tuple[float, int]],
+            outcome: tuple[float, int] | Exception) -> None:
     """Answer a job unless the time limit already answered it (then the late score is
     dropped: its study was told to retry)."""
     try:

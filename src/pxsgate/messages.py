@@ -81,3 +81,4 @@ class ScoredImage:
     sop_instance_uid: str
     series_instance_uid: str
     score: float
+    batch_size: int = 1  # images in the forward pass that scored it

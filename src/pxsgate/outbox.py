@@ -27,6 +27,7 @@ from asyncio_throttle.throttler import Throttler
 from pxsgate.config import ExporterConfig
 from pxsgate.errors import PermanentExportError
 from pxsgate.messages import now_iso
+from pxsgate.metrics import Metrics
 from pxsgate.store import Delivery, Store
 
 log = structlog.get_logger("pxsgate.outbox")
@@ -65,9 +66,10 @@ def throttler(rate_per_second: float) -> Throttler:
 
 class Outbox:
     def __init__(self, store: Store, exporters: Mapping[str, Exporter],
-                 configs: Mapping[str, ExporterConfig], rng: random.Random | None = None
-                 ) -> None:
+                 configs: Mapping[str, ExporterConfig], rng: random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._exporters = dict(exporters)
         self._configs = dict(configs)
         self._names = sorted(self._exporters)
@@ -168,14 +170,19 @@ class Outbox:
                 error = str(exc) or repr(exc)
                 if isinstance(exc, PermanentExportError) or tries >= config.max_attempts:
                     await self._store.delivery_failed(delivery.id, error, now_iso(), None)
+                    self._metrics.exports.labels(exporter=delivery.exporter,
+                                                 outcome="dead").inc()
                     log.error("export.dead", error=error, **context)
                     return
                 wait = backoff_seconds(tries, config, self._rng)
                 await self._store.delivery_failed(delivery.id, error, now_iso(),
                                                   time.time() + wait)
+                self._metrics.exports.labels(exporter=delivery.exporter,
+                                             outcome="failed").inc()
                 log.warning("export.failed", error=error, retry_in_s=round(wait, 1),
                             **context)
                 return
         await self._store.delivery_done(delivery.id, now_iso())
+        self._metrics.exports.labels(exporter=delivery.exporter, outcome="delivered").inc()
         log.info("export.delivered", ms=round((time.perf_counter() - started) * 1000, 1),
                  **context)

@@ -14,12 +14,14 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +33,7 @@ from pxsgate.config import Config, PreprocessConfig, SelectionConfig
 from pxsgate.errors import ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import InferenceWorker
 from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
+from pxsgate.metrics import Metrics
 from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
 from pxsgate.rules import Header
@@ -63,6 +66,10 @@ def identity_of(study_uid: str, headers: Sequence[Header]) -> StudyIdentity:
             return StudyIdentity(study_uid, h.text("PatientID"), h.text("AccessionNumber"),
                                  dicom_datetime(h.text("StudyDate"), h.text("StudyTime")))
     return StudyIdentity(study_uid, "", "")
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
 def _warm() -> int:
@@ -205,8 +212,10 @@ class ModelGate:
 class Pipeline:
     def __init__(self, config: Config, store: Store, worker: InferenceWorker, model: ModelInfo,
                  executor: concurrent.futures.Executor, decoder: DecodePool,
-                 on_deliveries: Callable[[], None] = lambda: None) -> None:
+                 on_deliveries: Callable[[], None] = lambda: None,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._on_deliveries = on_deliveries  # wakes the outbox
         self.selection: SelectionConfig = config.selection  # replaced on reload (SIGHUP)
         self._store = store
@@ -267,7 +276,7 @@ class Pipeline:
             # later, never dropped.
             crashes = self._crashes[study_uid] = self._crashes.get(study_uid, 0) + 1
             delay = min(300.0, 5.0 * 2 ** (crashes - 1))
-            log.error("study.crashed", study=study_uid[-12:], error=repr(exc),
+            log.error("study.crashed", study=self._store.study_label(study_uid), error=repr(exc),
                       retry_in_s=delay)
             ours = not isinstance(exc, sqlite3.Error | OSError | StoreError)
             if ours and crashes >= self._config.jobs.max_attempts:
@@ -343,26 +352,35 @@ class Pipeline:
             # The reason quotes tag values, which a site's rule may aim at PHI: logged only
             # with logging.include-phi; it is always in the stored result.
             detail = {"reason": decision.reason} if self._config.logging.include_phi else {}
-            log.info("study.skipped", study=study_uid[-12:], rule=decision.rule,
+            log.info("study.skipped", study=self._store.study_label(study_uid), rule=decision.rule,
                      flags=list(decision.flags), **detail)
             return
         await self._store.mark_study(study_uid, "selected", now_iso(), only_from=("ready",))
         created_at = now_iso()
-        scores = await self._score_with_retries(study_uid, instances, decision, row.attempts)
+        scores, attempts = await self._score_with_retries(study_uid, instances, decision,
+                                                          row.attempts)
         if isinstance(scores, PxsgateError):
             code = EXIT_MODEL if isinstance(scores, ModelError) else EXIT_PREPROCESS
             await self._store_outcome("FAILED", identity, decision, stages, created_at, senders,
-                                      error=str(scores), exit_code=code)
-            log.error("study.failed", study=study_uid[-12:], error=str(scores), exit_code=code)
+                                      error=str(scores), exit_code=code, attempts=attempts)
+            log.error("study.failed", study=self._store.study_label(study_uid),
+                      error=str(scores), exit_code=code, attempts=attempts)
             return
         stages["inferred"] = now_iso()
         flags = decision.flags
         if await self._store.scored_before(study_uid):
             flags = tuple(sorted((*flags, rules.FLAG_RESCORED)))
         await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at, senders,
-                                  scores=scores, flags=flags)
-        log.info("result.stored", study=study_uid[-12:], images=len(scores),
-                 flags=list(flags))
+                                  scores=scores, flags=flags, attempts=attempts)
+        log.info("result.stored", study=self._store.study_label(study_uid), images=len(scores),
+                 flags=list(flags), attempts=attempts, **self.stage_durations(stages))
+
+    def stage_durations(self, stages: dict[str, str | None]) -> dict[str, float]:
+        """Milliseconds between consecutive stages, for the result.stored log line."""
+        names = [n for n in ("received", "released", "ready", "inferred", "stored")
+                 if stages.get(n)]
+        return {f"{a}_to_{b}_ms": round(_seconds_between(str(stages[a]), str(stages[b])) * 1000,
+                                        1) for a, b in itertools.pairwise(names)}
 
     async def _store_internal_failure(self, study_uid: str, error: str) -> None:
         """FAILED with exitCode 3, from what the store alone knows of the study."""
@@ -379,11 +397,12 @@ class Pipeline:
                                   now_iso(), row.senders if row else (), error=error,
                                   exit_code=EXIT_INTERNAL)
         self._give_up.pop(study_uid, None)
-        log.error("study.failed", study=study_uid[-12:], error=error, exit_code=EXIT_INTERNAL)
+        log.error("study.failed", study=self._store.study_label(study_uid), error=error,
+                  exit_code=EXIT_INTERNAL)
 
     async def _score_with_retries(self, study_uid: str, instances: Sequence[StoredInstance],
                                   decision: StudyDecision, attempts: int
-                                  ) -> list[ScoredImage] | PxsgateError:
+                                  ) -> tuple[list[ScoredImage] | PxsgateError, int]:
         """Score the study, trying again with backoff after a failure; after
         jobs.max-attempts tries (``attempts`` were made before, interrupted by a stop or a
         crash) the last error. Each try is counted in the store before it starts."""
@@ -397,30 +416,33 @@ class Pipeline:
         while max(attempts, tries) < jobs.max_attempts:
             if error is not None:
                 delay = jobs.retry_backoff_seconds * 2 ** (max(attempts, tries) - 1)
-                log.warning("study.retry", study=study_uid[-12:], attempt=max(attempts, tries),
+                log.warning("study.retry", study=self._store.study_label(study_uid),
+                            attempt=max(attempts, tries),
                             error=str(error), retry_in_s=delay)
                 await asyncio.sleep(delay)
             async with self._gate.exclusive() if suspect else self._gate.shared():
                 attempts = await self._store.begin_attempt(study_uid, now_iso())
                 tries += 1
                 try:
-                    return await self._score(instances, decision)
+                    return await self._score(study_uid, instances, decision), attempts
                 except PxsgateError as exc:
                     error = exc
             suspect = False
+            self._metrics.study_retries.inc()
         return error or ModelError(
             f"scoring was interrupted {attempts} times (the service stopped or crashed "
-            f"while this study was on the model)")
+            f"while this study was on the model)"), attempts
 
-    async def _score(self, instances: Sequence[StoredInstance],
+    async def _score(self, study_uid: str, instances: Sequence[StoredInstance],
                      decision: StudyDecision) -> list[ScoredImage]:
         paths = {inst.sop_instance_uid: inst.path for inst in instances}
         chosen = decision.inputs
+        tag = self._store.study_label(study_uid)
 
-        async def one(sop_uid: str) -> float:
+        async def one(sop_uid: str) -> tuple[float, int]:
             async with self._decoded:
                 image = await self._decoder.preprocess(paths[sop_uid])
-                return await self._worker.score(image)
+                return await self._worker.score_in_batch(image, tag)
 
         # One failed image fails the study: its siblings are cancelled, so they give back
         # their decoded-image slots instead of going through the model for nothing.
@@ -429,7 +451,7 @@ class Pipeline:
                 tasks = [group.create_task(one(d.sop_instance_uid)) for d in chosen]
         except* PxsgateError as failed:
             raise failed.exceptions[0] from None
-        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, t.result())
+        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, *t.result())
                 for d, t in zip(chosen, tasks, strict=True)]
 
     async def _store_outcome(self, status: str, identity: StudyIdentity,
@@ -437,16 +459,20 @@ class Pipeline:
                              created_at: str, senders: Sequence[str], *,
                              scores: Sequence[ScoredImage] = (),
                              error: str = "", exit_code: int = 0,
-                             flags: Sequence[str] | None = None) -> None:
+                             flags: Sequence[str] | None = None, attempts: int = 0) -> None:
         stored_at = stages["stored"] = now_iso()
         document = build_document(
             status=status, identity=identity, site_id=self._config.results.site_id,
             model=self._model, created_at=created_at, updated_at=stored_at,
             scores=scores, decision=decision, exit_code=exit_code, error_message=error,
             stages=stages, flags=decision.flags if flags is None else flags, senders=senders,
+            attempts=attempts, batch_sizes=[s.batch_size for s in scores],
         )
         state = "failed" if status == "FAILED" else "stored"
         exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
         deliveries = await self._store.store_result(document, state, error, exporters)
+        self._metrics.studies.labels(outcome=status).inc()
+        if (received := stages.get("received")) is not None:
+            self._metrics.latency.observe(_seconds_between(received, stored_at))
         if deliveries:
             self._on_deliveries()

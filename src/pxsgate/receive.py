@@ -42,6 +42,7 @@ from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
 from pxsgate.failpoints import Failpoints
 from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.metrics import Metrics
 from pxsgate.spool import Spool, is_valid_uid
 
 log = structlog.get_logger("pxsgate.receive")
@@ -91,11 +92,17 @@ class Receiver:
         on_closed: ClosedHandler,
         admit: Admission = lambda size: 0.0,
         failpoints: Failpoints | None = None,
+        metrics: Metrics | None = None,
+        label: Callable[[str], str] = lambda uid: uid[-12:],
     ) -> None:
         config = dicom.scp
         self._config = config
         self._admit = admit
         self._failpoints = failpoints or Failpoints()
+        self._metrics = metrics or Metrics()
+        self._label = label  # how logs name a study
+        self._opened: dict[str, float] = {}  # association id -> monotonic start
+        self._counts: dict[str, int] = {}  # association id -> instances stored
         self._spool = spool
         self._loop = loop
         self._on_instance = on_instance
@@ -188,23 +195,32 @@ class Receiver:
         elif self._config.reject_unknown_sources and (address, calling) not in self._sources:
             reject, reason = REJECT_CALLING_AE, "unknown source"
         if reject is not None:
+            self._metrics.associations_rejected.labels(reason=reason).inc()
             log.warning("association.rejected", reason=reason, called_ae=called,
                         calling_ae=calling, peer=address)
             event.assoc.acse.send_reject(*reject)
             event.assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
-        log.info("association.accepted", association_id=self._association_id(event.assoc),
-                 calling_ae=event.assoc.requestor.ae_title.strip(),
-                 peer=event.assoc.requestor.address)
+        assoc_id = self._association_id(event.assoc)
+        calling = event.assoc.requestor.ae_title.strip()
+        with self._lock:
+            self._opened[assoc_id] = time.monotonic()
+        self._metrics.associations.labels(calling_ae=calling).inc()
+        log.info("association.accepted", association_id=assoc_id, calling_ae=calling,
+                 called_ae=_called_ae(event), peer=event.assoc.requestor.address)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._lock:
             assoc_id = self._assoc_ids.pop(id(event.assoc), None)
+            opened = self._opened.pop(assoc_id or "", None)
+            count = self._counts.pop(assoc_id or "", 0)
         if assoc_id is None:
             return  # rejected or never accepted: it brought no instances
+        duration = round((time.monotonic() - opened) * 1000, 1) if opened else None
         log.info("association.closed", association_id=assoc_id,
-                 released=bool(event.assoc.is_released))
+                 released=bool(event.assoc.is_released), instances=count,
+                 duration_ms=duration)
         with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
             self._loop.call_soon_threadsafe(self._on_closed, assoc_id)
 
@@ -216,14 +232,21 @@ class Receiver:
         try:
             instance, delay = self._receive(event, assoc_id)
         except _Refusal as refusal:
+            self._metrics.instances_refused.labels(status=f"0x{refusal.status:04X}").inc()
             log.warning("instance.refused", association_id=assoc_id,
                         status=f"0x{refusal.status:04X}", reason=refusal.comment)
             return _status(refusal.status, refusal.comment)
         except Exception as exc:  # nothing a peer sends may take the association down
+            self._metrics.instances_refused.labels(status="0xA700").inc()
             log.error("instance.error", association_id=assoc_id, error=repr(exc))
             return _status(STATUS_OUT_OF_RESOURCES, "internal error")
+        self._metrics.instances.inc()
+        self._metrics.instance_bytes.inc(instance.size)
+        with self._lock:
+            self._counts[assoc_id] = self._counts.get(assoc_id, 0) + 1
         log.info("instance.stored", association_id=assoc_id, size=instance.size,
-                 sop_class=UID(instance.sop_class_uid).name)
+                 sop_class=UID(instance.sop_class_uid).name,
+                 study=self._label(instance.study_instance_uid))
         if delay > 0:
             # Backpressure: the sender waits for this answer before its next C-STORE.
             log.info("instance.delayed", association_id=assoc_id, delay_s=round(delay, 3))

@@ -129,6 +129,8 @@ def build_document(
     stages: Mapping[str, str | None] | None = None,
     flags: Sequence[str] = (),
     senders: Sequence[str] = (),
+    attempts: int = 0,
+    batch_sizes: Sequence[int] = (),
 ) -> dict[str, Any]:
     """One Listing-3 document. ``createdAt`` is when inference started, ``updatedAt`` when it
     finished (the paper's definitions). ``scores`` come headline first (the latest acquired
@@ -168,5 +170,6 @@ def build_document(
             "stages": dict(stages or {}),
             "studyDateTime": identity.study_datetime,
             "senders": list(senders),
+            "inference": {"attempts": attempts, "batchSizes": list(batch_sizes)},
         },
     }

@@ -85,8 +85,8 @@ class Retention:
                     if await self._store.mark_purged(study_uid, gone, now_iso()):
                         purged += 1
                         progress = True
-                        log.info("study.purged", study=study_uid[-12:], files=len(gone),
-                                 bytes=size)
+                        log.info("study.purged", study=self._store.study_label(study_uid),
+                                 files=len(gone), bytes=size)
                         self.spool_bytes -= size
                 finally:
                     self._spool.end_purge(study_uid)

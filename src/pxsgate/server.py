@@ -36,6 +36,7 @@ from pxsgate.export import build_exporters, read_secret
 from pxsgate.failpoints import Failpoints
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.metrics import Metrics
 from pxsgate.outbox import Outbox
 from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
@@ -51,6 +52,13 @@ MODEL_LOAD_TIMEOUT_S = 1800.0  # EXTEND_TIMEOUT_USEC while the model loads and w
 STATUS_EVERY_S = 10.0
 RETENTION_EVERY_S = 60.0
 ROOM_TIMEOUT_S = 10.0  # an association thread waits this long for retention to make room
+
+
+def cuda_memory() -> int:
+    """Bytes of GPU memory held by tensors on the current CUDA device."""
+    import torch
+
+    return int(torch.cuda.memory_allocated())
 
 
 def check_writable(data_dir: Path) -> None:
@@ -92,7 +100,9 @@ class Gateway:
         self.config = config
         self.failpoints = failpoints or Failpoints()
         self.notifier = notifier or Notifier({})  # systemd: the CLI passes the real one
+        self.metrics = Metrics()
         self.store = Store(config.db_path, self.failpoints)
+        self.store.reveal_uids = config.logging.include_phi
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
         self.retention = Retention(config.storage, self.store, self.spool)
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
@@ -100,7 +110,7 @@ class Gateway:
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
                                       nice=runs_on_cpu(config.model.device),
                                       time_limit=config.jobs.batch_time_limit_seconds,
-                                      failpoints=self.failpoints)
+                                      failpoints=self.failpoints, metrics=self.metrics)
         # Set when the service cannot go on (the model worker is stuck): the CLI stops it
         # and exits non-zero, so that systemd restarts it and the unfinished jobs resume.
         self.fatal = asyncio.Event()
@@ -114,7 +124,7 @@ class Gateway:
         self._assembler: Assembler | None = None
         self._receiver: Receiver | None = None
         self.outbox = Outbox(self.store, build_exporters(config.exporters, self.store),
-                             {e.name: e for e in config.exporters})
+                             {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
         self._api: Api | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -163,7 +173,15 @@ class Gateway:
         _, model = await asyncio.gather(self._decoder.start(), model_loading)
         self.model = model
         self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
-                                  self._executor, self._decoder, self.outbox.wake)
+                                  self._executor, self._decoder, self.outbox.wake,
+                                  metrics=self.metrics)
+        self.metrics.watch(
+            associations=lambda: self._receiver.active if self._receiver else 0,
+            in_progress=lambda: self._pipeline.busy if self._pipeline else 0,
+            waiting=lambda: self.backlog, inference_queue=lambda: self.worker.queued,
+            spool_bytes=lambda: self.retention.spool_bytes,
+            data_dir=self.config.storage.data_dir, healthy=lambda: self.worker.alive,
+            gpu_memory=cuda_memory if self.model.device.startswith("cuda") else None)
         self._assembler = Assembler(loop, self._study_ready)
         await self._recover_spool()
         await self._resume()
@@ -171,11 +189,12 @@ class Gateway:
             if token is None and http.host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("http.unprotected", host=http.host,
                             note="results carry PHI: set http.bearer-token-file")
-            self._api = Api(http, self.store, self.health, token)
+            self._api = Api(http, self.store, self.health, token, self.metrics)
             self.http_port = await self._api.start()
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed,
-                                  admit=self._admit, failpoints=self.failpoints)
+                                  admit=self._admit, failpoints=self.failpoints,
+                                  metrics=self.metrics, label=self.store.study_label)
         self.port = await asyncio.to_thread(self._receiver.start)
         self._supervisor = loop.create_task(self._supervise())
         log.info("gateway.started", port=self.port, http_port=self.http_port,
@@ -326,6 +345,11 @@ class Gateway:
             if now - last_status >= STATUS_EVERY_S:
                 last_status = now
                 self.notifier.status(self._status_line())
+                try:
+                    counts = await self.store.delivery_counts()
+                    self.metrics.deliveries_pending.set(counts.get("pending", 0))
+                except Exception as exc:  # the store is busy or failing: next time
+                    log.warning("metrics.deliveries_failed", error=repr(exc))
             if now - last_retention >= RETENTION_EVERY_S:
                 last_retention = now
                 try:
@@ -446,7 +470,7 @@ class Gateway:
             self._spawn(self.store.set_released(deadlines, now_iso()))
 
     def _study_ready(self, study_uid: str, why: str) -> None:
-        log.info("study.ready", study=study_uid[-12:], why=why)
+        log.info("study.ready", study=self.store.study_label(study_uid), why=why)
         assert self._pipeline is not None
         self._pipeline.submit(study_uid)
 

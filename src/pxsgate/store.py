@@ -367,6 +367,7 @@ class Store:
         self.path = path
         self._failpoints = failpoints or Failpoints()
         self._write_lock = asyncio.Lock()
+        self.reveal_uids = False  # study_label: the UID itself (logging.include-phi)
         self._db: aiosqlite.Connection | None = None
         self._patient_secret = b""
 
@@ -420,6 +421,30 @@ class Store:
             row = await cur.fetchone()
         assert row is not None
         return bytes.fromhex(row[0])
+
+    def study_label(self, study_uid: str) -> str:
+        """How logs name a study: a keyed hash of its UID (12 hex digits; `pxsgate trace`
+        takes it), or the UID itself when ``reveal_uids`` (logging.include-phi)."""
+        return study_uid if self.reveal_uids else self.study_label_hashed(study_uid)
+
+    async def find_study(self, text: str) -> str | None:
+        """A StudyInstanceUID from a UID or a study key found in the logs."""
+        async with self.db.execute(
+                "SELECT study_instance_uid FROM studies WHERE study_instance_uid = ?",
+                (text,)) as cur:
+            if (row := await cur.fetchone()) is not None:
+                return str(row[0])
+        if len(text) != 12:
+            return None
+        async with self.db.execute("SELECT study_instance_uid FROM studies") as cur:
+            async for (uid,) in cur:
+                if hmac.compare_digest(self.study_label_hashed(uid), text):
+                    return str(uid)
+        return None
+
+    def study_label_hashed(self, study_uid: str) -> str:
+        digest = hmac.new(self._patient_secret, b"study:" + study_uid.encode(), hashlib.sha256)
+        return digest.hexdigest()[:12]
 
     def patient_key(self, patient_id: str) -> str:
         """HMAC-SHA256 of a PatientID under this store's secret (hex, 32 digits)."""

@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("folder", type=Path, help="normal radiographs: DICOM, 8-bit PNG or JPEG")
     p.add_argument("-o", "--output", type=Path, required=True, help="the anchors file to write")
+
+    p = sub.add_parser("status", help="one screen for a sysadmin: the running service's "
+                       "health (GET /healthz) and figures from the store (no PHI)")
+    _add_config(p)
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+    p.add_argument("--json", action="store_true", help="the health and the figures as JSON")
+
+    p = sub.add_parser("trace", help="the whole story of one study: associations, "
+                       "instances, selection, timings per stage, result, deliveries")
+    _add_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+    p.add_argument("--json", action="store_true", help="the study's detail as JSON")
+    p.add_argument("--phi", action="store_true",
+                   help="also show the patient ID, accession number and study date")
     return parser
 
 
@@ -238,7 +253,7 @@ async def _reload(gateway: Any, path: Path) -> None:
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from pxsgate.demo import run_demo
 
-    configure_logging("console", "warning")
+    configure_logging("console", "warning", sys.stderr)  # stdout is the demo's report
     return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
 
 
@@ -433,6 +448,76 @@ def _dry_run_json(run: Any) -> dict[str, Any]:
     }
 
 
+def _health(config: Config, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
+    """The running service's /healthz, or None and why not."""
+    import urllib.error
+    import urllib.request
+
+    if config.http.port == 0:
+        return None, "http.port is 0"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        config.http.host, config.http.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}/healthz"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:  # 503: unhealthy, and says why in its body
+        body = exc.read()
+    except (OSError, ValueError) as exc:
+        return None, f"{url}: {getattr(exc, 'reason', exc)}"
+    try:
+        report = json.loads(body)
+    except ValueError:
+        return None, f"{url} answered something that is not JSON"
+    if not isinstance(report, dict):
+        return None, f"{url} answered something that is not a health report"
+    return report, ""
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.report import gather_summary, status_text
+
+    db = _store_path(args, config)
+    data_dir = args.data_dir or config.storage.data_dir
+    health, why = _health(config)
+    summary = _run(_with_store(db, lambda store: gather_summary(
+        store, data_dir, min_free_mb=config.storage.min_free_mb,
+        max_spool_gb=config.storage.max_spool_gb)))
+    if health is None:
+        summary["unreachable"] = why
+    if args.json:
+        json.dump({"service": health, "store": summary}, sys.stdout, indent=2)
+        print()
+    else:
+        sys.stdout.write(status_text(health, summary))
+    return EXIT_FAILURE if health is not None and not health.get("ok") else EXIT_OK
+
+
+def cmd_trace(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.report import redact_detail, trace_text
+
+    db = _store_path(args, config)
+
+    async def find(store: Store) -> dict[str, Any] | None:
+        uid = await store.find_study(args.study_uid)  # a UID, or the key in the logs
+        detail = await store.study_detail(uid) if uid is not None else None
+        if detail is not None and uid is not None:
+            detail["study"]["key"] = store.study_label_hashed(uid)
+        return detail
+
+    detail = _run(_with_store(db, find))
+    if detail is None:
+        print(f"pxsgate trace: no study {args.study_uid} in the store", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        json.dump(detail if args.phi else redact_detail(detail), sys.stdout, indent=2)
+        print()
+    else:
+        sys.stdout.write(trace_text(detail, phi=args.phi))
+    return EXIT_OK
+
+
 _COMMANDS = {
     "rules": cmd_rules,
     "serve": cmd_serve,
@@ -442,4 +527,6 @@ _COMMANDS = {
     "outbox": cmd_outbox,
     "score": cmd_score,
     "anchors": cmd_anchors,
+    "status": cmd_status,
+    "trace": cmd_trace,
 }

@@ -24,8 +24,10 @@ RESTRICTED = """    max-associations: 1
 @pytest.fixture(scope="module")
 def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     # UNMAPPED is a listed AE title that no pipeline-mapping names.
+    # log-dimse-datasets logs headers (PHI) only when logging.include-phi says so too.
     svc = start_service(tmp_path_factory.mktemp("restricted"), extra_scp=RESTRICTED,
-                        level="debug", ae_titles=("PxsScore", "UNMAPPED"))
+                        level="debug", ae_titles=("PxsScore", "UNMAPPED"),
+                        extra="  include-phi: true\n")
     yield svc
     assert stop_service(svc) == 0
 

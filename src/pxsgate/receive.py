@@ -94,6 +94,7 @@ class Receiver:
         failpoints: Failpoints | None = None,
         metrics: Metrics | None = None,
         label: Callable[[str], str] = lambda uid: uid[-12:],
+        include_phi: bool = False,
     ) -> None:
         config = dicom.scp
         self._config = config
@@ -101,6 +102,8 @@ class Receiver:
         self._failpoints = failpoints or Failpoints()
         self._metrics = metrics or Metrics()
         self._label = label  # how logs name a study
+        # Listing 1's switch; the headers carry PHI, so logging.include-phi must say so too.
+        self._log_datasets = config.log_dimse_datasets and include_phi
         self._opened: dict[str, float] = {}  # association id -> monotonic start
         self._counts: dict[str, int] = {}  # association id -> instances stored
         self._spool = spool
@@ -251,7 +254,7 @@ class Receiver:
             # Backpressure: the sender waits for this answer before its next C-STORE.
             log.info("instance.delayed", association_id=assoc_id, delay_s=round(delay, 3))
             time.sleep(delay)
-        if self._config.log_dimse_datasets:
+        if self._log_datasets:
             # Listing 1's switch, for troubleshooting: the whole header, PHI included, at
             # debug level. Off by default, so datasets never reach the logs unasked.
             header = event.dataset.copy()

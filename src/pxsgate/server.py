@@ -194,7 +194,8 @@ class Gateway:
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed,
                                   admit=self._admit, failpoints=self.failpoints,
-                                  metrics=self.metrics, label=self.store.study_label)
+                                  metrics=self.metrics, label=self.store.study_label,
+                                  include_phi=self.config.logging.include_phi)
         self.port = await asyncio.to_thread(self._receiver.start)
         self._supervisor = loop.create_task(self._supervise())
         log.info("gateway.started", port=self.port, http_port=self.http_port,

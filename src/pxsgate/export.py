@@ -96,11 +96,13 @@ class HttpExporter:
                                           ssl=self._ssl) as response:
                 if 200 <= response.status < 300:
                     return
-                text = (await response.text(errors="replace"))[:200]
+                # Only the body's size is kept: a receiver's error text may quote the
+                # document (patient, accession), and this message reaches logs and status.
+                answer = f"({len(await response.read())}-byte answer)"
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ExportError(f"POST {self._url}: {type(exc).__name__}: {exc}") from exc
-        message = f"POST {self._url}: HTTP {status} {text}".strip()
+        message = f"POST {self._url}: HTTP {status} {answer}"
         if status in RETRYABLE_HTTP or status >= 500:
             raise ExportError(message)
         raise PermanentExportError(message)
@@ -150,8 +152,11 @@ class DicomSrExporter:
             dataset = sr.build_pxs_sr(
                 document, sources, sop_instance_uid=sr.uid_from_id(f"{result_id}/sr"),
                 series_instance_uid=sr.uid_from_id(f"{result_id}/sr-series"))
-        except Exception as exc:
+        except sr.SrError as exc:
             raise PermanentExportError(f"cannot build the SR: {exc}") from exc
+        except Exception as exc:  # highdicom's messages may quote header values: not kept
+            raise PermanentExportError(
+                f"cannot build the SR: {type(exc).__name__}") from exc
         try:
             status = await asyncio.to_thread(
                 sr.send_dataset, dataset, host=self._host, port=self._port,

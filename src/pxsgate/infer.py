@@ -476,7 +476,6 @@ class InferenceWorker:
             self._failpoints.hit("during-inference")
             scores = scorer.score_batch(np.stack([job.image for job in batch]))
         except Exception as exc:  # a model failure fails these images, not the worker
-            self._metrics.inference_failures.inc()
             if len(batch) > 1:
                 # One poison image must not fail the studies it shares a batch with: each
                 # image alone, so only the guilty ones fail.
@@ -486,6 +485,7 @@ class InferenceWorker:
                     self._run_batch(scorer, [job])
                 return
             _settle(batch[0].future, ModelError(f"inference failed: {exc}"))
+            self._metrics.inference_failures.inc()
             log.error("inference.failed", batch_size=1, studies=studies, error=str(exc))
             return
         finally:

@@ -60,11 +60,12 @@ class Metrics:
             "pxsgate_inference_batch_seconds", "time of one batch on the model",
             buckets=INFERENCE_BUCKETS, registry=r)
         self.inference_failures = Counter(
-            "pxsgate_inference_failures", "batches or images the model failed on",
+            "pxsgate_inference_failures", "images the model failed on (alone)",
             registry=r)
         self.latency = Histogram(
             "pxsgate_study_latency_seconds",
-            "last instance received to result stored, per study", buckets=LATENCY_BUCKETS,
+            "last instance received to result stored, per scored or failed study",
+            buckets=LATENCY_BUCKETS,
             registry=r)
         self.exports = Counter(
             "pxsgate_exports", "delivery attempts by exporter and outcome "
@@ -84,7 +85,7 @@ class Metrics:
     def watch(self, *, associations: Callable[[], int], in_progress: Callable[[], int],
               waiting: Callable[[], int], inference_queue: Callable[[], int],
               spool_bytes: Callable[[], int], data_dir: Path,
-              healthy: Callable[[], bool], gpu_memory: Callable[[], int] | None) -> None:
+              healthy: Callable[[], bool], gpu_memory: Callable[[], float] | None) -> None:
         """Connect the gauges of live state to where it lives."""
         self.associations_active.set_function(lambda: float(associations()))
         self.studies_in_progress.set_function(lambda: float(in_progress()))

@@ -153,7 +153,8 @@ class Outbox:
         config = self._configs[delivery.exporter]
         exporter = self._exporters[delivery.exporter]
         tries = delivery.attempts + 1
-        context = {"exporter": delivery.exporter, "delivery": delivery.id, "attempt": tries}
+        context: dict[str, Any] = {"exporter": delivery.exporter, "delivery": delivery.id,
+                                   "attempt": tries}
         async with self._slots[delivery.exporter]:
             # asyncio-throttle's methods carry no annotations.
             await self._throttles[delivery.exporter].acquire()  # type: ignore[no-untyped-call]
@@ -162,6 +163,7 @@ class Outbox:
                 document = await self._store.result(delivery.result_id)
                 if document is None:
                     raise PermanentExportError("its result is not in the store")
+                context["study"] = self._store.study_label(str(document["studyInstanceUid"]))
                 await asyncio.wait_for(exporter.deliver(delivery.id, document),
                                        config.timeout_seconds + 5)
             except asyncio.CancelledError:
@@ -184,5 +186,6 @@ class Outbox:
                 return
         await self._store.delivery_done(delivery.id, now_iso())
         self._metrics.exports.labels(exporter=delivery.exporter, outcome="delivered").inc()
-        log.info("export.delivered", ms=round((time.perf_counter() - started) * 1000, 1),
+        log.info("export.delivered",
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
                  **context)

@@ -130,14 +130,14 @@ class DecodePool:
             # A codec looping on a malformed image: its process cannot be interrupted, so
             # the pool is replaced (images decoding beside it fail too, and are retried).
             if pool is self._pool:
-                log.error("decode.timeout", file=path.name, time_limit_s=self._time_limit)
+                log.error("decode.timeout", time_limit_s=self._time_limit)
                 self._pool = self._new()
                 _terminate(pool)
             raise PreprocessError(
                 f"decoding took longer than {self._time_limit:g} s") from None
         except BrokenProcessPool as exc:
             if pool is self._pool:
-                log.error("decode.worker_died", file=path.name)
+                log.error("decode.worker_died")
                 self._pool = self._new()
             raise PreprocessError("the decoder process died on this image") from exc
 
@@ -420,6 +420,7 @@ class Pipeline:
                             attempt=max(attempts, tries),
                             error=str(error), retry_in_s=delay)
                 await asyncio.sleep(delay)
+                self._metrics.study_retries.inc()
             async with self._gate.exclusive() if suspect else self._gate.shared():
                 attempts = await self._store.begin_attempt(study_uid, now_iso())
                 tries += 1
@@ -428,7 +429,6 @@ class Pipeline:
                 except PxsgateError as exc:
                     error = exc
             suspect = False
-            self._metrics.study_retries.inc()
         return error or ModelError(
             f"scoring was interrupted {attempts} times (the service stopped or crashed "
             f"while this study was on the model)"), attempts
@@ -472,7 +472,8 @@ class Pipeline:
         exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
         deliveries = await self._store.store_result(document, state, error, exporters)
         self._metrics.studies.labels(outcome=status).inc()
-        if (received := stages.get("received")) is not None:
+        if status != "SKIPPED" and (received := stages.get("received")) is not None:
+            # Skips take no inference: counting them would flatter the percentiles.
             self._metrics.latency.observe(_seconds_between(received, stored_at))
         if deliveries:
             self._on_deliveries()

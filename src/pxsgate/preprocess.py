@@ -261,18 +261,26 @@ def preprocess_dataset(ds: pydicom.Dataset, *, jpeg_roundtrip: bool = False) -> 
     return preprocess_pixels(pixels, photometric, jpeg_roundtrip=jpeg_roundtrip)
 
 
+def _reason(exc: Exception) -> str:
+    """Why a file failed, without its path: spool paths name the study and the instance
+    (their UIDs), and these messages reach logs and result documents."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
 def preprocess_file(path: Path, *, jpeg_roundtrip: bool = False) -> U8Array:
     """A DICOM file -> the 8-bit 320x320 model image; unreadable files raise PreprocessError."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # dcmread raises many types on malformed input; translate here
-        raise PreprocessError(f"{path}: not a readable DICOM file: {exc}") from exc
+        raise PreprocessError(f"not a readable DICOM file: {_reason(exc)}") from exc
     try:
         return preprocess_dataset(ds, jpeg_roundtrip=jpeg_roundtrip)
     except PreprocessError:
         raise
     except Exception as exc:  # a malformed pixel-module element (pydicom converts lazily)
-        raise PreprocessError(f"{path.name}: cannot prepare the image: {exc}") from exc
+        raise PreprocessError(f"cannot prepare the image: {_reason(exc)}") from exc
 
 
 def preprocess_image_file(path: Path) -> U8Array:

@@ -56,6 +56,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 # Out of Resources (the instance stays in the spool, so the sender's retry is idempotent).
 INDEX_TIMEOUT_S = 30.0
 
+MAX_AE_LABELS = 64  # distinct calling AE titles with their own metric series
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -106,6 +108,7 @@ class Receiver:
         self._log_datasets = config.log_dimse_datasets and include_phi
         self._opened: dict[str, float] = {}  # association id -> monotonic start
         self._counts: dict[str, int] = {}  # association id -> instances stored
+        self._ae_labels: set[str] = set()
         self._spool = spool
         self._loop = loop
         self._on_instance = on_instance
@@ -209,9 +212,18 @@ class Receiver:
         calling = event.assoc.requestor.ae_title.strip()
         with self._lock:
             self._opened[assoc_id] = time.monotonic()
-        self._metrics.associations.labels(calling_ae=calling).inc()
+        self._metrics.associations.labels(calling_ae=self._ae_label(calling)).inc()
         log.info("association.accepted", association_id=assoc_id, calling_ae=calling,
                  called_ae=_called_ae(event), peer=event.assoc.requestor.address)
+
+    def _ae_label(self, calling: str) -> str:
+        """The calling AE title as a metric label. A peer chooses it, so only the first
+        MAX_AE_LABELS distinct titles get their own series; later ones count as "other"."""
+        with self._lock:
+            if calling in self._ae_labels or len(self._ae_labels) < MAX_AE_LABELS:
+                self._ae_labels.add(calling)
+                return calling
+        return "other"
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._lock:

@@ -4,9 +4,11 @@ one-screen summary of the service for a sysadmin.
 The text builders are pure (data in, text out); :func:`gather_summary` reads the store
 (read-only queries) and the data directory's file system.
 
-PHI: ``status`` names studies only by the tail of their StudyInstanceUID and never prints
-PatientID, names or accession numbers. ``trace`` is about one study the operator named; it
-prints the patient's ID, accession number and study date only when asked (``phi=True``).
+PHI: ``status`` names studies by the key the logs use (a keyed hash of the UID) and never
+prints PatientID, names or accession numbers; error texts are pxsgate's own, which carry
+no paths, UIDs or receivers' answers. ``trace`` is about one study the operator named; it
+prints the patient's ID, accession number and study date only when asked (``phi=True``);
+selection reasons quote the header values the rules matched (descriptions, view).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import tempfile
 import time
@@ -54,11 +55,15 @@ RETENTION_EVERY_S = 60.0
 ROOM_TIMEOUT_S = 10.0  # an association thread waits this long for retention to make room
 
 
-def cuda_memory() -> int:
-    """Bytes of GPU memory held by tensors on the current CUDA device."""
-    import torch
+def cuda_memory(device: str) -> float:
+    """Bytes of GPU memory held by tensors on the model's device (NaN if it cannot be read:
+    a scrape must not fail over one gauge)."""
+    try:
+        import torch
 
-    return int(torch.cuda.memory_allocated())
+        return float(torch.cuda.memory_allocated(torch.device(device)))
+    except Exception:
+        return float("nan")
 
 
 def check_writable(data_dir: Path) -> None:
@@ -181,7 +186,8 @@ class Gateway:
             waiting=lambda: self.backlog, inference_queue=lambda: self.worker.queued,
             spool_bytes=lambda: self.retention.spool_bytes,
             data_dir=self.config.storage.data_dir, healthy=lambda: self.worker.alive,
-            gpu_memory=cuda_memory if self.model.device.startswith("cuda") else None)
+            gpu_memory=(functools.partial(cuda_memory, self.model.device)
+                        if self.model.device.startswith("cuda") else None))
         self._assembler = Assembler(loop, self._study_ready)
         await self._recover_spool()
         await self._resume()
@@ -404,7 +410,7 @@ class Gateway:
             instance = await asyncio.get_running_loop().run_in_executor(
                 self._executor, recovered_instance, path)
             if instance is None:
-                log.warning("spool.unreadable", file=path.name)
+                log.warning("spool.unreadable")
                 continue
             known = await self.store.instance_paths([instance.sop_instance_uid])
             if instance.sop_instance_uid in known:

@@ -121,7 +121,7 @@ class Spool:
             _fsync_dir(directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise SpoolError(f"cannot write {final.name}: {exc.strerror or exc}") from exc
+            raise SpoolError(f"cannot write the instance file: {exc.strerror or exc}") from exc
         return final
 
     def _check_floor(self, incoming: int) -> None:

@@ -185,11 +185,10 @@ def build_pxs_sr(
         uid = _source_uid(result, index)
         source = by_uid.get(uid)
         if source is None:
-            raise SrError(f"no source image header for result {index} "
-                          f"(SOP Instance UID {uid})")
+            raise SrError(f"no source image header for result {index}")
         # The SR files under the study of its evidence: never let it land in another one.
         if study_uid and source.get("StudyInstanceUID") != study_uid:
-            raise SrError(f"source image {uid} is not in the result's study {study_uid}")
+            raise SrError(f"the source image of result {index} is not in the result's study")
         scored.append((_score(result, index), source))
 
     model = document.get("model") or {}

@@ -440,7 +440,12 @@ class Store:
             async for (uid,) in cur:
                 if hmac.compare_digest(self.study_label_hashed(uid), text):
                     return str(uid)
-        return None
+        # Logs written before study keys named a study by its UID's last 12 characters.
+        async with self.db.execute(
+                "SELECT study_instance_uid FROM studies WHERE study_instance_uid LIKE ? "
+                "LIMIT 2", (f"%{text}",)) as cur:
+            rows = list(await cur.fetchall())
+        return str(rows[0][0]) if len(rows) == 1 else None
 
     def study_label_hashed(self, study_uid: str) -> str:
         digest = hmac.new(self._patient_secret, b"study:" + study_uid.encode(), hashlib.sha256)

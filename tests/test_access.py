@@ -70,6 +70,11 @@ def test_max_associations_rejects_as_local_limit(restricted: Service) -> None:
         assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
     finally:
         first.release()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not [e for e in restricted.logs if e.get("event") == "association.rejected"
+               and e.get("reason") == "too many associations"]:
+        assert time.monotonic() < deadline, "the limit's rejection is logged"
+        time.sleep(0.05)
 
 
 def test_log_dimse_datasets_logs_the_header_at_debug(restricted: Service) -> None:

@@ -145,6 +145,7 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -206,6 +207,15 @@ class Receiver:
                         calling_ae=calling, peer=address)
             event.assoc.acse.send_reject(*reject)
             event.assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """A rejection by pynetdicom itself: the max-associations limit (PS3.8 local limit
+        exceeded, 2-3-2). Ours (_on_requested) are counted there and do not come here."""
+        rq = event.assoc.requestor
+        self._metrics.associations_rejected.labels(reason="too many associations").inc()
+        log.warning("association.rejected", reason="too many associations",
+                    calling_ae=rq.ae_title.strip(), peer=rq.address,
+                    max_associations=self._config.max_associations)
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc_id = self._association_id(event.assoc)

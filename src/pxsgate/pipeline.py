@@ -13,12 +13,10 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import itertools
 import multiprocessing
 import os
-import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,7 +28,7 @@ from typing import Any, TypeVar
 import structlog
 from pydicom import dcmread
 
-from pxsgate import rules
+from pxsgate import decoding, rules
 from pxsgate.config import Config, PreprocessConfig, SelectionConfig
 from pxsgate.errors import ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import InferenceWorker
@@ -74,10 +72,6 @@ def _seconds_between(earlier: str, later: str) -> float:
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
-def _warm() -> int:
-    return os.getpid()
-
-
 def auto_workers(cores: int) -> int:
     """Decode processes when ``preprocess.workers`` is 0: every core but one, which is left
     to reception and the loop; at least one, and no more than 8 (a DGX has 128 cores, and a
@@ -88,23 +82,6 @@ def auto_workers(cores: int) -> int:
 def decoded_image_bound(batch_size: int, decode_workers: int) -> int:
     """How many decoded images the service holds at most (see Pipeline)."""
     return 2 * batch_size + decode_workers
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def _init_worker(parent: int | None = None) -> None:
-    # Decoding yields the CPU to reception: a busy decoder must not slow C-STORE answers.
-    # Nice 19 weighs 15 against the receiver threads' 1024 in the Linux scheduler.
-    with contextlib.suppress(OSError):
-        os.nice(19)
-    # A service killed with SIGKILL (a crash, the OOM killer) runs no clean-up: without
-    # this its decode processes would live on as orphans. Linux only; best effort.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
-        os._exit(1)  # the parent died before the request took effect
 
 
 class DecodePool:
@@ -124,12 +101,12 @@ class DecodePool:
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(os.getpid(),))
+            initializer=decoding.init_worker, initargs=(os.getpid(),))
 
     async def start(self) -> None:
         """Start every worker now, so the first study does not pay for the spawns."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._pool, _warm)
+        await asyncio.gather(*(loop.run_in_executor(self._pool, decoding.warm)
                                for _ in range(self.workers)))
 
     async def preprocess(self, path: Path) -> U8Array:

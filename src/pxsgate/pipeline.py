@@ -72,6 +72,14 @@ def _seconds_between(earlier: str, later: str) -> float:
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
+def _stage_durations(stages: dict[str, str | None]) -> dict[str, float]:
+    """Milliseconds between consecutive stages, for the result.stored log line."""
+    names = [n for n in ("received", "released", "ready", "inferred", "stored")
+             if stages.get(n)]
+    return {f"{a}_to_{b}_ms": round(_seconds_between(str(stages[a]), str(stages[b])) * 1000, 1)
+            for a, b in itertools.pairwise(names)}
+
+
 def auto_workers(cores: int) -> int:
     """Decode processes when ``preprocess.workers`` is 0: every core but one, which is left
     to reception and the loop; at least one, and no more than 8 (a DGX has 128 cores, and a
@@ -362,14 +370,7 @@ class Pipeline:
         await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at, senders,
                                   scores=scores, flags=flags, attempts=attempts)
         log.info("result.stored", study=self._store.study_label(study_uid), images=len(scores),
-                 flags=list(flags), attempts=attempts, **self.stage_durations(stages))
-
-    def stage_durations(self, stages: dict[str, str | None]) -> dict[str, float]:
-        """Milliseconds between consecutive stages, for the result.stored log line."""
-        names = [n for n in ("received", "released", "ready", "inferred", "stored")
-                 if stages.get(n)]
-        return {f"{a}_to_{b}_ms": round(_seconds_between(str(stages[a]), str(stages[b])) * 1000,
-                                        1) for a, b in itertools.pairwise(names)}
+                 flags=list(flags), attempts=attempts, **_stage_durations(stages))
 
     async def _store_internal_failure(self, study_uid: str, error: str) -> None:
         """FAILED with exitCode 3, from what the store alone knows of the study."""

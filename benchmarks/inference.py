@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import platform
 import statistics
 import subprocess
@@ -32,21 +31,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks import common
 from pxsgate import synth
 from pxsgate.anchors import anchor_images
 from pxsgate.config import BatchConfig, ModelConfig
 from pxsgate.infer import InferenceWorker, PxsScorer, Runtime, batch_tensor, pick_device
 from pxsgate.preprocess import preprocess_pixels, to_model_input
 from pxsgate.pxs import PxsSiamese, reference_pxs_score
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_name() -> str:
@@ -109,6 +106,8 @@ def bench_sizes(scorer: PxsScorer, images: np.ndarray, sizes: list[int], repeats
             "bare_img_s": size / statistics.median(bare_t),
             "gateway_ms": 1000 * statistics.median(gate_t),
             "gateway_img_s": size / statistics.median(gate_t),
+            "bare_runs_ms": [round(1000 * t, 2) for t in bare_t],
+            "gateway_runs_ms": [round(1000 * t, 2) for t in gate_t],
         }
         rows.append(row)
         print(f"  batch {size:3d}: bare {row['bare_ms']:9.1f} ms {row['bare_img_s']:8.1f} img/s"
@@ -221,8 +220,9 @@ def bench_precisions(base: ModelConfig, images: np.ndarray, best: int, repeats: 
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inference",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--anchors", type=int, default=10, help="N for the reference scoring")
@@ -231,7 +231,35 @@ def main() -> None:
     parser.add_argument("--worker-images", type=int, default=0,
                         help="images through the worker (default: 4 x best batch size)")
     parser.add_argument("--no-precision", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
+    return parser
+
+
+def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    s, ref, rows = figures["summary"], figures["reference"], figures["sizes"]
+    best = max(rows, key=lambda r: r["gateway_img_s"])
+    ref_ms = 1000 * ref["s_per_image"]
+    out = [common.headline(
+        f"inference: gateway scoring path, best batch ({best['batch']})",
+        round(best["gateway_img_s"], 2), "img/s",
+        spread_text=f"{1000 / best['gateway_img_s']:.1f} ms/img",
+        reference=f"published anchor_inference, N = {ref['anchors']}: {ref_ms:.0f} ms/img",
+        ratio=s["speedup_best_vs_reference"], goal=">= 15x the reference",
+        met=s["speedup_best_vs_reference"] >= 15)]
+    if s["gateway_img_s_batch1"]:
+        out.append(common.headline(
+            "inference: gateway, one image per batch", round(1000 / s["gateway_img_s_batch1"], 1),
+            "ms/img", reference="the same reference", ratio=s["speedup_batch1_vs_reference"]))
+    out.append(common.headline(
+        "inference: gateway path vs bare forward pass at the best batch",
+        round(100 * s["gateway_vs_bare_at_best"], 1), "%",
+        spread_text=f"worker (deadline batcher): {100 * s['worker_vs_bare_at_best']:.0f}%",
+        goal=">= 80%", met=s["gateway_vs_bare_at_best"] >= 0.8))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
     base = ModelConfig(device=args.device, batch=BatchConfig(max_size=max(sizes)))
@@ -285,17 +313,19 @@ def main() -> None:
           + (f", GPU utilisation {worker['gpu_util_mean']:.0f}%"
              if worker["gpu_util_mean"] is not None else ""))
 
-    RESULTS.mkdir(exist_ok=True)
-    date = datetime.now(UTC).date().isoformat()
-    out = RESULTS / f"inference-{device.type}-{date}.json"
-    out.write_text(json.dumps({
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    figures: dict[str, Any] = {
+        "benchmark": "inference",
+        "environment": common.environment(device.type),
         "device": str(device), "device_name": name, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": runtime.precision,
+        "repeats": args.repeats,
         "sizes": rows, "reference": reference, "worker": worker, "precisions": precisions,
-        "summary": summary,
-    }, indent=2) + "\n")
+        "summary": summary, "ok": True,
+    }
+    figures["headline"] = headlines(figures)
+    out = common.save("inference", figures, args.out)
     print(f"wrote {out}")
+    return figures
 
 
 if __name__ == "__main__":

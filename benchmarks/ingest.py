@@ -1,7 +1,7 @@
 """Ingest: instances/s and MB/s received into the spool from DCMTK storescu over loopback,
 side by side with DCMTK's own storescp on the same files in the same run.
 
-    python -m benchmarks.ingest [--files 20] [--rows 3000 --cols 2500] [--repeats 3]
+    python -m benchmarks.ingest [--files 20] [--rows 3000 --cols 2500] [--repeats 5]
                                 [--pdu-sizes 16384,65536]
 
 Receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
@@ -19,29 +19,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom.uid import JPEG2000Lossless
 
+from benchmarks import common
+from benchmarks.common import STORESCP, STORESCU, free_port
 from pxsgate import synth
 from pxsgate.config import Config
 from pxsgate.pipeline import auto_workers
 from pxsgate.server import Gateway
-
-STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_files(directory: Path, count: int, rows: int, cols: int, *, j2k: bool = False,
@@ -63,12 +58,6 @@ def make_files(directory: Path, count: int, rows: int, cols: int, *, j2k: bool =
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send(port: int, files: list[Path], *extra: str) -> float:
@@ -100,6 +89,7 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
         base,
         dicom=replace(base.dicom, scp=scp),
         storage=replace(base.storage, data_dir=data, min_free_mb=64),
+        http=replace(base.http, port=0),  # no HTTP API: nothing to collide with
         # Without decode load, keep scoring out of the measured window.
         assembly=replace(base.assembly, settle_seconds=0.0 if j2k else 600.0),
     )
@@ -114,7 +104,7 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
         if load is not None:
             await load
     finally:
-        await gateway.stop(drain_timeout=1.0)
+        await gateway.stop(grace=1.0)
     return elapsed
 
 
@@ -136,8 +126,7 @@ def run(count: int, rows: int, cols: int, repeats: int,
                     asyncio.run(pxsgate_once(files, root / f"gp{n}-{r}", None, n)))
     figures: dict[str, Any] = {
         "benchmark": "ingest",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        "environment": common.environment("cpu"),
         "files": count, "image": f"{cols}x{rows} 12-bit CR, explicit VR LE",
         "total_mb": round(total_mb, 1), "repeats": repeats,
         "cpu_cores": os.cpu_count(), "decode_workers": auto_workers(os.cpu_count() or 1),
@@ -147,6 +136,7 @@ def run(count: int, rows: int, cols: int, repeats: int,
         median = statistics.median(values)
         figures["receivers"][name] = {
             "median_s": round(median, 3), "spread_s": round(max(values) - min(values), 3),
+            "runs_s": [round(v, 3) for v in values],
             "instances_per_s": round(count / median, 2), "mb_per_s": round(total_mb / median, 1),
         }
     rec = figures["receivers"]
@@ -157,20 +147,47 @@ def run(count: int, rows: int, cols: int, repeats: int,
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=3000)
-    parser.add_argument("--cols", type=int, default=2500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pdu-sizes", default="16384,65536",
-                        help="comma-separated maximum PDU sizes to compare with the default")
-    args = parser.parse_args()
+def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    rec = figures["receivers"]
+    ratio = figures["ratio_pxsgate_vs_storescp"]
+    scp = rec["storescp"]
+    return [
+        common.headline(
+            f"ingest: pxsgate receiving {figures['files']} x {figures['image']} over loopback "
+            "(fsync + SQLite index per instance)", rec["pxsgate"]["mb_per_s"], "MB/s",
+            spread_text=f"{rec['pxsgate']['instances_per_s']} inst/s; spread "
+                        f"{rec['pxsgate']['spread_s']} s of {rec['pxsgate']['median_s']} s",
+            reference=f"DCMTK storescp +B, no fsync: {scp['mb_per_s']} MB/s "
+                      f"(spread {scp['spread_s']} s)",
+            ratio=ratio, goal=">= storescp's rate", met=ratio >= 1.0),
+        common.headline(
+            "ingest: drop while JPEG 2000 studies decode and score", round(
+                100 * figures["drop_while_decoding"], 1), "%",
+            spread_text=f"{rec['pxsgate+j2k']['mb_per_s']} MB/s",
+            goal="<= 20%", met=figures["drop_while_decoding"] <= 0.20),
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ingest",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--files", type=int, default=20)
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--cols", type=int, default=2500)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--pdu-sizes", default="16384,65536",
+                   help="comma-separated maximum PDU sizes to compare with the default")
+    p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     pdu_sizes = tuple(int(n) for n in args.pdu_sizes.split(",") if n)
     figures = run(args.files, args.rows, args.cols, args.repeats, pdu_sizes)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ingest-cpu-{figures['date'][:10]}.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    figures["headline"] = headlines(figures)
+    figures["ok"] = True
+    out = common.save("ingest", figures, args.out)
     print(f"{args.files} files, {figures['image']}, {figures['total_mb']} MB, "
           f"median of {args.repeats}")
     for name, f in figures["receivers"].items():
@@ -179,6 +196,7 @@ def main() -> None:
     print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; drop while "
           f"decoding JPEG 2000: {figures['drop_while_decoding']:.1%}")
     print(f"  figures: {out}")
+    return figures
 
 
 if __name__ == "__main__":

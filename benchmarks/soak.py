@@ -45,34 +45,33 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.uid import generate_uid
 
+from benchmarks import common
+from benchmarks.common import (
+    AE_TITLE,
+    RESULTS,
+    free_port,
+    reuid,
+    start_service,
+    stop_service,
+    write_config,
+)
 from pxsgate import synth
 from pxsgate.scu import send_datasets
 
-RESULTS = Path(__file__).parent / "results"
-AE_TITLE = "PxsScore"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 JUDGED_MEMORY = ("rss_tree_mib", "rss_mib")
@@ -80,67 +79,6 @@ JUDGED_COUNTS = ("fds", "fds_tree", "threads")
 
 
 # --- set-up --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _commit() -> str:
-    """The commit, with "+dirty" when tracked files differ from it (the figures then belong
-    to the working tree, not to the commit)."""
-    here = Path(__file__).parent
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=here)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=here).stdout.strip()
-    return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
-
-
-def _mem_total_mib() -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def write_config(path: Path, data_dir: Path, *, http_port: int, weights: str, device: str,
-                 settle: float) -> Path:
-    path.write_text(
-        f"""dicom:
-  scp:
-    host: 127.0.0.1
-    port: 0
-    ae-titles:
-      - ae-title: {AE_TITLE}
-storage:
-  data-dir: {data_dir}
-  min-free-mb: 64
-assembly:
-  settle-seconds: {settle}
-model:
-  weights: {json.dumps(weights)}
-  device: {json.dumps(device)}
-http:
-  host: 127.0.0.1
-  port: {http_port}
-logging:
-  format: json
-  level: info
-""",
-        encoding="utf-8",
-    )
-    return path
 
 
 def make_pool(count: int, images: int, size: int, seed: int = 11) -> list[list[Dataset]]:
@@ -161,87 +99,6 @@ def make_pool(count: int, images: int, size: int, seed: int = 11) -> list[list[D
                 instance_number=1))
         pool.append(datasets)
     return pool
-
-
-def reuid(datasets: list[Dataset], number: int) -> str:
-    """Give a pooled study (in place) new UIDs and accession number: a new study."""
-    study_uid = str(generate_uid())
-    for ds in datasets:
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.AccessionNumber = f"SOAK{number:08d}"
-        ds.StudyID = str(number % 10**6)
-    return study_uid
-
-
-# --- the service ---------------------------------------------------------------------------
-
-
-@dataclass
-class Service:
-    """``pxsgate serve`` as a subprocess; its stdout (JSON lines) is read on a thread."""
-
-    process: subprocess.Popen[str]
-    port: int = 0
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)  # the first of each
-    levels: Counter[str] = field(default_factory=Counter)
-    batches: Counter[int] = field(default_factory=Counter)  # inference.batch sizes
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-
-    def read(self, line: str) -> dict[str, Any] | None:
-        self.tail.append(line.rstrip("\n"))
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            self.levels["unparsed"] += 1
-            return None
-        if not isinstance(event, dict):
-            return None
-        self.levels[str(event.get("level", "?"))] += 1
-        self.events.setdefault(str(event.get("event")), event)
-        if event.get("event") == "inference.batch" and isinstance(event.get("batch_size"), int):
-            self.batches[event["batch_size"]] += 1
-        return event
-
-    def pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.read(line)
-
-
-def start_service(config: Path, timeout: float = 300.0) -> Service:
-    proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    service = Service(proc)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:  # a service that exits ends the loop (EOF)
-        event = service.read(line)
-        if event is not None and event.get("event") == "gateway.started":
-            service.port = int(event["port"])
-            break
-        if time.monotonic() > deadline:
-            break
-    if service.port == 0:
-        proc.kill()
-        proc.wait()
-        raise SystemExit("pxsgate serve did not start:\n" + "\n".join(service.tail))
-    threading.Thread(target=service.pump, daemon=True).start()
-    return service
-
-
-def stop_service(service: Service, timeout: float = 90.0) -> int:
-    if service.process.poll() is None:
-        service.process.send_signal(signal.SIGTERM)
-    try:
-        return service.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        service.process.kill()
-        service.process.wait()
-        return -int(signal.SIGKILL)
 
 
 # --- sampling from outside (/proc, /healthz, the database) ---------------------------------
@@ -383,7 +240,7 @@ class Sender(threading.Thread):
                 break
             self.max_lag_s = max(self.max_lag_s, time.monotonic() - due)
             datasets = self.pool[number % len(self.pool)]
-            reuid(datasets, number)
+            reuid(datasets, number, prefix="SOAK")
             began = time.perf_counter()
             try:
                 report = send_datasets("127.0.0.1", self.port, datasets, called_ae=AE_TITLE,
@@ -535,14 +392,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     elapsed = samples[-1]["t_s"] if samples else 0.0
     figures: dict[str, Any] = {
         "benchmark": "soak",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_cores": os.cpu_count(),
-        "mem_total_mib": _mem_total_mib(),
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "pydicom": _version("pydicom"),
+        "environment": common.environment(str(model.get("device", args.device)).split(":")[0]),
         "device": str(model.get("device", args.device)),
         "precision": model.get("precision"),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -606,8 +456,32 @@ def markdown(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = figures["verdict"]["checks"]
+    tree = checks["rss_tree_mib"]
+    sent = figures["studies_sent"]
+    stored_now = figures["results_stored"].get("stored", 0)
+    rows = [
+        common.headline("soak: results for studies sent", stored_now, f"of {sent}",
+                        goal="every study sent", met=stored_now >= sent and sent > 0),
+    ]
+    if "growth_pct" in tree:
+        rows.append(common.headline(
+            "soak: RSS of the process tree, last third vs middle third", tree["last_median"],
+            "MiB", spread_text=f"{tree['growth_pct']:+.1f}%",
+            goal=f"levels off (<= {figures['verdict']['growth_pct']:g}% or "
+                 f"{figures['verdict']['slack_mib']:g} MiB)", met=bool(tree["ok"])))
+    rows.append(common.headline(
+        "soak: open files and threads level off", None, "",
+        spread_text=", ".join(f"{k} {checks[k].get('last_median', '?')}"
+                              for k in ("fds", "fds_tree", "threads")),
+        goal="level off", met=all(checks[k]["ok"] for k in ("fds", "fds_tree", "threads"))))
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--duration", type=float, default=300.0,
                         help="seconds of sending (default 300)")
     parser.add_argument("--rate", type=float, default=1.0,
@@ -632,15 +506,19 @@ def main() -> None:
                         help="growth always allowed for fds and threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--quiet", action="store_true", help="no line per sample while running")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
+    args = p.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0 or args.interval <= 0 or args.images < 1:
-        parser.error("--rate, --duration, --interval and --images must be positive")
+        p.error("--rate, --duration, --interval and --images must be positive")
     started = time.perf_counter()
     figures, ok = run(args)
     figures["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"soak-{figures['device'].split(':')[0]}-{figures['date'][:10]}.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    figures["headline"] = headlines(figures)
+    out = common.save("soak", figures, args.out)
     print()
     print(markdown(figures))
     print()
@@ -653,8 +531,8 @@ def main() -> None:
     if figures["verdict"]["note"]:
         print(f"  note: {figures['verdict']['note']}")
     print(f"  figures: {out}")
-    sys.exit(0 if ok else 1)
+    return figures
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["ok"] else 1)

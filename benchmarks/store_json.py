@@ -388,28 +388,6 @@ def cell(s: dict[str, Any]) -> str:
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=False)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
-
-
 def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -506,24 +484,36 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the other results are world-readable
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def headlines(data: dict[str, Any]) -> list[dict[str, Any]]:
+    from benchmarks import common  # not at the top: the --worker runs on the stdlib alone
+
+    variants = data["variants"]
+    a = variants["a"]
+    c = variants.get("c")
+    rows = []
+    for metric, label, unit in (("insert_docs_per_s", "store: result inserts, one commit each",
+                                 "docs/s"),
+                                ("read_us_per_row", "store: whole document read by index",
+                                 "µs/doc"),
+                                ("scan_us_per_row", "store: view scan (5 json_extract)",
+                                 "µs/row")):
+        if metric not in a:
+            continue
+        rows.append(common.headline(
+            f"{label} (JSON text, SQLite {data['sqlite']['a']['sqlite_version']})",
+            round(a[metric]["median"], 1), unit,
+            spread_text=f"{fmt(a[metric]['min'])}-{fmt(a[metric]['max'])}",
+            reference=(f"JSONB, SQLite {data['sqlite']['c']['sqlite_version']}"
+                       if c else ""),
+            # As every ratio in the summary: how many times faster than the reference.
+            ratio=(None if not c else a[metric]["median"] / c[metric]["median"]
+                   if unit == "docs/s" else c[metric]["median"] / a[metric]["median"])))
+    return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.store_json",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000, help="documents per variant")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=500, help="documents per bulk transaction")
@@ -532,8 +522,8 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["auto", "sqlean", "pysqlite3"])
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--tmpdir", help="where the database files go (default: system temp)")
-    parser.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/"
-                        "store-json-cpu-<date>.json)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where the JSON goes (default: benchmarks/results/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kinds", default="text,jsonb", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -544,12 +534,11 @@ def main(argv: list[str] | None = None) -> None:
         out = measure(args.modern_module, args.kinds.split(","), args.rows, args.batch,
                       args.seed, args.tmpdir)
         json.dump(out, sys.stdout)
-        return
+        return None
 
     if not args.modern_python:
         print("no --modern-python given: measuring (a), the stdlib sqlite3, only",
               file=sys.stderr)
-    started = datetime.now(UTC)
     t0 = time.perf_counter()
     result = run(args)
     elapsed = time.perf_counter() - t0
@@ -559,11 +548,11 @@ def main(argv: list[str] | None = None) -> None:
               f"({info['provider']}, {info['executable']})")
     print()
     print(report)
+    from benchmarks import common
+
     data = {
         "benchmark": "store_json",
-        "date": started.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "machine": machine(),
+        "environment": common.environment("cpu"),
         "parameters": {"rows": args.rows, "repeats": args.repeats, "batch": args.batch,
                        "seed": args.seed, "modern_python": args.modern_python,
                        "modern_module": args.modern_module, "view_paths": list(VIEW_PATHS),
@@ -573,9 +562,11 @@ def main(argv: list[str] | None = None) -> None:
         **result,
         "table": report,
     }
-    out = args.out or RESULTS / f"store-json-cpu-{started.date().isoformat()}.json"
-    write_atomic(out, data)
+    data["headline"] = headlines(data)
+    data["ok"] = True
+    out = common.save("store_json", data, args.out)
     print(f"\nwrote {out} ({elapsed:.0f} s)")
+    return data
 
 
 if __name__ == "__main__":

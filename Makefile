@@ -10,7 +10,7 @@ $(BIN)/pxsgate: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,evaluate]'
 	touch $@
 
 install: $(BIN)/pxsgate

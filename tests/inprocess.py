@@ -32,9 +32,26 @@ class FastModel:
         self.fail = False
 
     def score_batch(self, batch: np.ndarray) -> list[float]:
+        return self.score_and_embed(batch)[0]
+
+    def score_and_embed(self, batch: np.ndarray) -> tuple[list[float], np.ndarray]:
+        """The score, and as the embedding a small deterministic vector of image
+        statistics (the mean of each 4x4 block of tiles, and quantiles), like a real
+        embedding a different vector for a different image."""
         if self.fail:
             raise ModelError("inference failed: the stand-in model was told to fail")
-        return [float(img.mean()) / 255 for img in batch]
+        return [float(img.mean()) / 255 for img in batch], np.stack(
+            [stand_in_embedding(img) for img in batch])
+
+
+def stand_in_embedding(image: np.ndarray) -> np.ndarray:
+    """FastModel's embedding of one 8-bit model image: 16 tile means and 5 quantiles, /255
+    (float32, 21 dimensions)."""
+    rows, cols = image.shape
+    tiles = image[: rows - rows % 4, : cols - cols % 4].reshape(
+        4, rows // 4, 4, cols // 4).mean(axis=(1, 3)).ravel()
+    quantiles = np.quantile(image, [0.1, 0.25, 0.5, 0.75, 0.9])
+    return (np.concatenate([tiles, quantiles]) / 255).astype(np.float32)
 
 
 @asynccontextmanager

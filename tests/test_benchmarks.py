@@ -28,8 +28,9 @@ def test_quick_run_of_every_benchmark_writes_figures_and_a_summary(tmp_path: Pat
         [path] = tmp_path.glob(f"{name}-cpu-*.json")
         figures = json.loads(path.read_text())
         env = figures["environment"]
-        assert env["device"] == "cpu" and env["label"] == "cpu"
-        assert env["machine"]["cores"] >= 1 and env["commit"] != "unknown"
+        assert env["device"] == env["label"] == "cpu"
+        assert env["machine"]["cores"] >= 1
+        assert env["commit"] != "unknown"
         assert env["software"]["dcmtk"] not in ("unknown", "not installed")
         assert figures["headline"], name
         assert any(row["value"] is not None for row in figures["headline"]), name
@@ -87,8 +88,10 @@ def test_summary_shows_the_newest_figures_of_each_machine(tmp_path: Path) -> Non
     rows = [line for line in table.splitlines() if line.startswith("| e2e |")]
     assert len(rows) == 2  # one per machine: the newest CPU run, the H100 run
     cpu, gpu = rows
-    assert "| cpu |" in cpu and "0.4 s" in cpu and "50.00x" in cpu and "| yes |" in cpu
-    assert "| h100 |" in gpu and "0.05 s" in gpu and "400.00x" in gpu
+    for text in ("| cpu |", "0.4 s", "50.00x", "| yes |"):
+        assert text in cpu
+    for text in ("| h100 |", "0.05 s", "400.00x"):
+        assert text in gpu
     assert "e2e-cpu-2026-11-01.json" not in table
     assert "NVIDIA H100 80GB HBM3" in table  # each run labelled with its machine
 
@@ -96,4 +99,5 @@ def test_summary_shows_the_newest_figures_of_each_machine(tmp_path: Path) -> Non
 def test_runner_rejects_unknown_benchmarks() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "nonsense"], cwd=REPO,
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "unknown benchmark" in done.stderr
+    assert done.returncode == 2
+    assert "unknown benchmark" in done.stderr

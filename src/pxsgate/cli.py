@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="a JSON array of result documents")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per result")
 
+    p = sub.add_parser("export-dataset", help="the de-identified researcher view as CSV: "
+                       "one row per study's current result, by patient hash then study "
+                       "date, with the change since the patient's prior image")
+    _add_config(p)
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+    p.add_argument("--out", type=Path, metavar="FILE.csv", help="write here (default: stdout)")
+    p.add_argument("--since", metavar="WHEN", help="results created at or after this ISO "
+                   "8601 date or date-time (as for results --since)")
+    p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
+
     p = sub.add_parser("outbox", help="deliveries of results to the exporters")
     outbox_sub = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
     for action, text in (("list", "list deliveries (newest last)"),
@@ -125,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the study's detail as JSON")
     p.add_argument("--phi", action="store_true",
                    help="also show the patient ID, accession number and study date")
+
+    p = sub.add_parser("evaluate", help="validate the stored scores against an outcomes CSV: "
+                       "ROC AUC with a bootstrap CI, sensitivity/specificity, roc.png "
+                       "(needs pip install 'pxsgate[evaluate]')")
+    _add_config(p)
+    p.add_argument("--outcomes", type=Path, required=True, metavar="FILE.csv",
+                   help="CSV: accession_number and/or study_instance_uid, outcome (1/0), "
+                   "optional time (ISO 8601)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="write evaluation.json and roc.png here (default: .)")
+    p.add_argument("--window-days", type=float, metavar="D",
+                   help="positive only if the outcome's time is within D days after the study")
+    p.add_argument("--thresholds", metavar="T,T,...",
+                   help="score thresholds for sensitivity/specificity, e.g. 4,6")
+    p.add_argument("--rounds", type=int, default=2000, help="bootstrap rounds (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
     return parser
 
 
@@ -325,7 +352,9 @@ def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
 
 
 def _row(doc: dict[str, Any]) -> list[str]:
-    scores = ",".join(r["value"] for r in doc["results"])
+    from pxsgate.results import pxs_entries  # the scores, not the pxs.change entry
+
+    scores = ",".join(r["value"] for r in pxs_entries(doc))
     detail = scores if doc["status"] == "SUCCEEDED" else doc["errorMessage"]
     flags = " ".join(doc.get("pxsgate", {}).get("flags", [])) or "-"
     return [doc["createdAt"][:19], doc["status"], doc["patientId"], doc["accessionNumber"],
@@ -348,6 +377,37 @@ def _print_csv(docs: list[dict[str, Any]]) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(_HEADER)
     writer.writerows(_row(d) for d in docs)
+
+
+def cmd_export_dataset(args: argparse.Namespace, config: Config) -> int:
+    """researcher_view as CSV (de-identified: patient hash, study date, scores, change since
+    the prior image, model, timings). Prints nothing else but a row count on stderr."""
+    from pxsgate.api import parse_since
+
+    db = _store_path(args, config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"pxsgate export-dataset: --{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    names, rows = _run(_with_store(db, lambda store: store.researcher_rows(
+        since=since, model=args.model)))
+    if args.out is None:
+        _write_dataset(sys.stdout, names, rows)
+        return EXIT_OK
+    try:
+        with args.out.open("w", newline="", encoding="utf-8") as handle:
+            _write_dataset(handle, names, rows)
+    except OSError as exc:
+        raise PxsgateError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
+    print(f"wrote {len(rows)} row(s) to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _write_dataset(out: Any, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    writer = csv.writer(out)
+    writer.writerow(names)
+    writer.writerows(rows)
 
 
 def cmd_score(args: argparse.Namespace, config: Config) -> int:
@@ -518,15 +578,33 @@ def cmd_trace(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate import evaluate
+
+    try:
+        evaluate.require_extras()  # scikit-learn, matplotlib: the optional extra
+        thresholds = evaluate.parse_thresholds(args.thresholds)
+        db = _store_path(args, config)
+        report = evaluate.evaluate(db, args.outcomes, args.out, window_days=args.window_days,
+                                   thresholds=thresholds, rounds=args.rounds, seed=args.seed)
+    except evaluate.EvaluationInputError as exc:
+        print(f"pxsgate evaluate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(evaluate.summary_text(report, args.out))
+    return EXIT_OK
+
+
 _COMMANDS = {
     "rules": cmd_rules,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "check-config": cmd_check_config,
     "results": cmd_results,
+    "export-dataset": cmd_export_dataset,
     "outbox": cmd_outbox,
     "score": cmd_score,
     "anchors": cmd_anchors,
     "status": cmd_status,
     "trace": cmd_trace,
+    "evaluate": cmd_evaluate,
 }

@@ -330,6 +330,16 @@ class ResultsConfig:
 
 
 @dataclass(frozen=True)
+class ChangeConfig:
+    """Change over time: each SUCCEEDED result also gets the PXS distance of its headline
+    image to the same patient's most recent prior scored image (same weights, strictly
+    earlier study time, at most ``look-back-days`` before; null = no limit)."""
+
+    enabled: bool = True
+    look_back_days: float | None = field(default=365.0, metadata=_check(_check_positive))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The service's read-only HTTP port: /healthz and the results API. Results carry PHI,
     so it listens on loopback unless told otherwise, and can require a bearer token."""
@@ -407,6 +417,7 @@ class Config:
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
     results: ResultsConfig = ResultsConfig()
+    change: ChangeConfig = ChangeConfig()
     exporters: tuple[ExporterConfig, ...] = ()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()

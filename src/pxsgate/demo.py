@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from pxsgate import synth
 from pxsgate.config import Config
+from pxsgate.results import pxs_entries
 from pxsgate.scu import send_datasets
 from pxsgate.server import Gateway
 from pxsgate.store import ResultFilter
@@ -42,10 +43,11 @@ def demo_config(base: Config, data_dir: Path) -> Config:
 
 def _describe(doc: dict[str, Any]) -> str:
     if doc["status"] == "SUCCEEDED":
-        values = ", ".join(r["value"] for r in doc["results"])
+        scores = pxs_entries(doc)
+        values = ", ".join(r["value"] for r in scores)
         images = doc["pxsgate"]["selection"]["images"]
         left_out = [i for i in images if not i["selected"]]
-        text = f"PXS {values} ({len(doc['results'])} of {len(images)} image(s) scored)"
+        text = f"PXS {values} ({len(scores)} of {len(images)} image(s) scored)"
         if left_out:
             text += "; not used: " + "; ".join(i["reason"] for i in left_out)
         return text

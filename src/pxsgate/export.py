@@ -28,6 +28,7 @@ from pxsgate import __version__
 from pxsgate.config import ExporterConfig
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
 from pxsgate.outbox import Exporter
+from pxsgate.results import pxs_entries
 from pxsgate.store import Store
 
 log = structlog.get_logger("pxsgate.export")
@@ -114,7 +115,10 @@ class HttpExporter:
 
 
 def _source_uids(document: Mapping[str, Any]) -> list[str]:
-    return [uid for result in document.get("results", [])
+    """The scored images of the result: the SR's evidence. Only the PXS score entries: a
+    pxs.change entry also names the prior image, of another study (and maybe long gone
+    from the spool), which the SR does not report."""
+    return [uid for result in pxs_entries(document)
             for ref in result.get("derivedFrom", []) for uid in ref.get("refSopInstanceUid", [])]
 
 

@@ -26,13 +26,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,9 @@ def lower_priority(increment: int = 10) -> None:
         pass
 
 
+F32Array = npt.NDArray[np.float32]
+
+
 class Scorer(Protocol):
     """What the worker needs of a model: its identity and a batch of PXS scores."""
 
@@ -76,6 +80,26 @@ class Scorer(Protocol):
     def score_batch(self, batch: U8Array) -> list[float]:
         """Scores for a batch of 8-bit model images [N, 320, 320]."""
         ...
+
+
+@runtime_checkable
+class EmbeddingScorer(Scorer, Protocol):
+    """A Scorer that also hands out each image's embedding, from the same forward pass:
+    the worker uses it when a model has it (PxsScorer does), so results can be compared
+    over time; a model with ``score_batch`` alone scores without embeddings."""
+
+    def score_and_embed(self, batch: U8Array) -> tuple[list[float], F32Array]:
+        """Scores and embeddings [N, D] (float32, CPU) for a batch of model images."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What the worker answers for one image."""
+
+    score: float
+    batch_size: int  # images in the forward pass that scored it
+    embedding: F32Array | None = field(default=None, compare=False, repr=False)
 
 
 def pick_device(spec: str) -> torch.device:
@@ -325,14 +349,21 @@ class PxsScorer:
             raise ModelError(f"inference failed: {exc}") from exc
 
     def score_batch(self, batch: U8Array) -> list[float]:
-        scores = pxs.pxs_scores(self.embed(batch), self.anchors.embeddings)
-        return [float(s) for s in scores]
+        return self.score_and_embed(batch)[0]
+
+    def score_and_embed(self, batch: U8Array) -> tuple[list[float], F32Array]:
+        """Scores and the embeddings they were computed from: one forward pass. The
+        embeddings are already float32 on the CPU (pxs_scores reads them there), so
+        handing them out costs no copy."""
+        embeddings = self.embed(batch)
+        scores = pxs.pxs_scores(embeddings, self.anchors.embeddings)
+        return [float(s) for s in scores], embeddings.numpy()
 
 
 @dataclass(frozen=True)
 class _Job:
     image: U8Array
-    future: concurrent.futures.Future[tuple[float, int]]  # (score, size of its batch)
+    future: concurrent.futures.Future[ImageResult]
     tag: str = ""  # the study's label, for the batch's log line
 
 
@@ -420,6 +451,12 @@ class InferenceWorker:
     async def score_in_batch(self, image: U8Array, tag: str = "") -> tuple[float, int]:
         """The image's score and the size of the batch it was scored in; ``tag`` names its
         study in the batch's log line."""
+        result = await self.score_image(image, tag)
+        return result.score, result.batch_size
+
+    async def score_image(self, image: U8Array, tag: str = "") -> ImageResult:
+        """The image's score, the size of its batch and, when the model hands it out, its
+        embedding."""
         job = _Job(image, concurrent.futures.Future(), tag)
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
@@ -474,7 +511,7 @@ class InferenceWorker:
         studies = sorted({job.tag for job in batch if job.tag})
         try:
             self._failpoints.hit("during-inference")
-            scores = scorer.score_batch(np.stack([job.image for job in batch]))
+            scores, embeddings = _score(scorer, np.stack([job.image for job in batch]))
         except Exception as exc:  # a model failure fails these images, not the worker
             if len(batch) > 1:
                 # One poison image must not fail the studies it shares a batch with: each
@@ -493,14 +530,26 @@ class InferenceWorker:
         seconds = time.perf_counter() - started
         self._metrics.batch_size.observe(len(batch))
         self._metrics.inference_seconds.observe(seconds)
-        for job, score in zip(batch, scores, strict=True):
-            _settle(job.future, (score, len(batch)))
+        for job, score, embedding in zip(batch, scores, embeddings, strict=True):
+            _settle(job.future, ImageResult(score, len(batch), embedding))
         log.info("inference.batch", batch_size=len(batch), studies=studies,
                  duration_ms=round(seconds * 1000, 1))
 
 
-def _settle(future: concurrent.futures.Future[tuple[float, int]],
-            outcome: tuple[float, int] | Exception) -> None:
+def _score(scorer: Scorer, batch: U8Array
+           ) -> tuple[list[float], Sequence[F32Array | None]]:
+    """Scores and, from a model that has them, embeddings (one row per image)."""
+    if isinstance(scorer, EmbeddingScorer):
+        scores, embeddings = scorer.score_and_embed(batch)
+        if len(embeddings) != len(scores):
+            raise ModelError(f"the model gave {len(embeddings)} embeddings for "
+                             f"{len(scores)} scores")
+        return scores, list(embeddings)
+    return scorer.score_batch(batch), [None] * len(batch)
+
+
+def _settle(future: concurrent.futures.Future[ImageResult],
+            outcome: ImageResult | Exception) -> None:
     """Answer a job unless the time limit already answered it (then the late score is
     dropped: its study was told to retry)."""
     try:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy only for the annotation: this module stays light to import
+    import numpy as np
+    import numpy.typing as npt
 
 
 def now_iso() -> str:
@@ -76,9 +81,28 @@ class StudyDecision:
 
 @dataclass(frozen=True)
 class ScoredImage:
-    """infer -> results: the PXS score of one selected image."""
+    """infer -> results: the PXS score of one selected image, and its embedding (float32,
+    on the CPU) when the model hands it out: the store keeps it for change over time."""
 
     sop_instance_uid: str
     series_instance_uid: str
     score: float
     batch_size: int = 1  # images in the forward pass that scored it
+    embedding: npt.NDArray[np.float32] | None = field(default=None, compare=False,
+                                                       repr=False)
+
+
+@dataclass(frozen=True)
+class PriorImage:
+    """store -> change: the patient's most recent prior scored image (the headline image of
+    a current SUCCEEDED result, same weights), with its stored float16 embedding."""
+
+    result_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    study_time: str  # YYYY-MM-DDTHH:MM:SS, local (see pxsgate.change.study_time_key)
+    study_datetime: str | None  # the prior result's pxsgate.studyDateTime, as it was
+    score: float
+    dim: int
+    vector: bytes  # float16 little-endian, dim x 2 bytes

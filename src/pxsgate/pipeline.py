@@ -28,16 +28,16 @@ from typing import Any, TypeVar
 import structlog
 from pydicom import dcmread
 
-from pxsgate import decoding, rules
+from pxsgate import change, decoding, rules
 from pxsgate.config import Config, PreprocessConfig, SelectionConfig
 from pxsgate.errors import ModelError, PreprocessError, PxsgateError, StoreError
-from pxsgate.infer import InferenceWorker
-from pxsgate.messages import ScoredImage, StoredInstance, StudyDecision, now_iso
+from pxsgate.infer import ImageResult, InferenceWorker
+from pxsgate.messages import PriorImage, ScoredImage, StoredInstance, StudyDecision, now_iso
 from pxsgate.metrics import Metrics
 from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
 from pxsgate.rules import Header
-from pxsgate.store import UNFINISHED_STATES, Store
+from pxsgate.store import UNFINISHED_STATES, ImageEmbedding, Store, StudyEmbeddings
 
 log = structlog.get_logger("pxsgate.pipeline")
 R = TypeVar("R")
@@ -429,10 +429,10 @@ class Pipeline:
         chosen = decision.inputs
         tag = self._store.study_label(study_uid)
 
-        async def one(sop_uid: str) -> tuple[float, int]:
+        async def one(sop_uid: str) -> ImageResult:
             async with self._decoded:
                 image = await self._decoder.preprocess(paths[sop_uid])
-                return await self._worker.score_in_batch(image, tag)
+                return await self._worker.score_image(image, tag)
 
         # One failed image fails the study: its siblings are cancelled, so they give back
         # their decoded-image slots instead of going through the model for nothing.
@@ -441,8 +441,27 @@ class Pipeline:
                 tasks = [group.create_task(one(d.sop_instance_uid)) for d in chosen]
         except* PxsgateError as failed:
             raise failed.exceptions[0] from None
-        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, *t.result())
-                for d, t in zip(chosen, tasks, strict=True)]
+        answers = [t.result() for t in tasks]
+        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, a.score, a.batch_size,
+                            a.embedding)
+                for d, a in zip(chosen, answers, strict=True)]
+
+    def _embeddings(self, identity: StudyIdentity, created_at: str,
+                    scores: Sequence[ScoredImage]) -> StudyEmbeddings | None:
+        """What the store keeps of a scored study's images for change over time; None when
+        the model gave no embeddings."""
+        if not scores or any(s.embedding is None for s in scores):
+            return None
+        study_time = change.study_time_key(identity.study_datetime, created_at)
+        config = self._config.change
+        return StudyEmbeddings(
+            images=tuple(ImageEmbedding(s.sop_instance_uid, s.series_instance_uid, s.score,
+                                        int(s.embedding.size), change.pack(s.embedding))
+                         for s in scores if s.embedding is not None),
+            study_time=study_time, weights_sha256=self._model.weights_sha256,
+            anchors_sha256=self._model.anchors_sha256,
+            prior_from=(change.look_back_start(study_time, config.look_back_days)
+                        if config.enabled else None))
 
     async def _store_outcome(self, status: str, identity: StudyIdentity,
                              decision: StudyDecision, stages: dict[str, str | None],
@@ -460,7 +479,29 @@ class Pipeline:
         )
         state = "failed" if status == "FAILED" else "stored"
         exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
-        deliveries = await self._store.store_result(document, state, error, exporters)
+        embeddings = (self._embeddings(identity, created_at, scores)
+                      if status == "SUCCEEDED" else None)
+        changes: list[float] = []  # the interval, when a change to a prior was computed
+
+        def with_prior(doc: dict[str, Any], prior: PriorImage) -> dict[str, Any]:
+            assert embeddings is not None
+            try:
+                entry = change.change_entry(scores[0], embeddings.images[0].vector,
+                                            embeddings.study_time, prior)
+            except ValueError as exc:  # a stored vector of another size: no change entry
+                log.warning("change.skipped", study=self._store.study_label(
+                    identity.study_instance_uid), error=str(exc))
+                return doc
+            changes.append(entry["change"]["intervalDays"])
+            return change.with_change(doc, entry)
+
+        deliveries = await self._store.store_result(document, state, error, exporters,
+                                                    embeddings=embeddings,
+                                                    with_prior=with_prior)
+        if changes:
+            # No UIDs or dates: the study's log key and how far back its prior is.
+            log.info("change.computed", study=self._store.study_label(
+                identity.study_instance_uid), interval_days=changes[-1])
         self._metrics.studies.labels(outcome=status).inc()
         if status != "SKIPPED" and (received := stages.get("received")) is not None:
             # Skips take no inference: counting them would flatter the percentiles.

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pxsgate.results import CHANGE_CODE, pxs_entries
 from pxsgate.store import UNFINISHED_STATES, Store
 
 UID_TAIL = 12  # characters of a UID shown where the whole one would be too long
@@ -119,6 +120,10 @@ def redact_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
         block = result.get("pxsgate")
         if isinstance(block, dict) and block.get("studyDateTime"):
             block["studyDateTime"] = REDACTED
+        for entry in result.get("results") or []:
+            found = entry.get("change") if isinstance(entry, dict) else None
+            if isinstance(found, dict) and found.get("priorStudyDate"):
+                found["priorStudyDate"] = REDACTED
     return out
 
 
@@ -250,7 +255,7 @@ def trace_text(detail: Mapping[str, Any], *, phi: bool = False) -> str:
         add("")
         add("result: none yet")
     else:
-        _trace_result(lines, result, label)
+        _trace_result(lines, result, label, phi)
 
     history: Sequence[Mapping[str, Any]] = detail.get("history") or []
     if history:
@@ -284,8 +289,8 @@ def trace_text(detail: Mapping[str, Any], *, phi: bool = False) -> str:
     return text if phi else _scrub_text(text, _identifiers(detail))
 
 
-def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[str, str]
-                  ) -> None:
+def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[str, str],
+                  phi: bool = False) -> None:
     add = lines.append
     block: Mapping[str, Any] = result.get("pxsgate") or {}
     add("")
@@ -330,7 +335,7 @@ def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[st
     if result.get("errorMessage"):
         add(f"  errorMessage: {truncate(str(result['errorMessage']), 300)}")
     headline = (block.get("headline") or {}).get("sopInstanceUid")
-    scores = result.get("results") or []
+    scores = pxs_entries(result)
     batches = inference.get("batchSizes") if isinstance(inference, Mapping) else None
     if not isinstance(batches, list) or len(batches) != len(scores):
         batches = [None] * len(scores)
@@ -344,6 +349,16 @@ def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[st
             f"{uid_tail(sop, 20)}{size}{mark}")
     if result.get("status") == "SUCCEEDED" and not scores:
         add("  (no scores in the document)")
+    for entry in result.get("results") or []:
+        found = entry.get("change") if isinstance(entry, Mapping) else None
+        if entry.get("code") != CHANGE_CODE or not isinstance(found, Mapping):
+            continue
+        prior = uid_tail(str(found.get("priorSopInstanceUid") or "?"), 20)
+        when = f" of {found.get('priorStudyDate')}" if phi else ""
+        diff = found.get("scoreDifference")
+        shift = f"; score {diff:+.6f} since then" if isinstance(diff, int | float) else ""
+        add(f"  change {entry.get('value')}: PXS distance to the patient's prior image "
+            f"{prior}{when}, {found.get('intervalDays')} days before{shift}")
     flags = block.get("flags") or []
     add(f"  flags: {' '.join(flags) if flags else 'none'}")
     senders = block.get("senders") or []

@@ -5,6 +5,11 @@ additions live under ``pxsgate`` (its version, review flags, the headline score,
 selection decisions, stage timestamps), so a consumer written for the reference
 deployment reads these documents unchanged.
 
+``results`` holds one ``partners.clara.pxs.score`` entry per scored image, headline first;
+a SUCCEEDED result of a patient with a prior scored image (see :mod:`pxsgate.change`) has one
+more, ``pxs.change``, after them. Readers that want scores take only the PXS score entries
+(:func:`pxs_entries`).
+
 Status: SUCCEEDED (scored), FAILED (``exitCode`` non-zero, ``errorMessage`` says why) or
 SKIPPED (the study is not a candidate; ``errorMessage`` gives the rule's reason), so every
 received study has a traceable outcome.
@@ -22,6 +27,7 @@ from pxsgate.messages import ScoredImage, StudyDecision
 
 DOCUMENT_VERSION = "0.2.4"  # Listing 3's version field
 PXS_CODE = "partners.clara.pxs.score"
+CHANGE_CODE = "pxs.change"  # the distance to the patient's prior scored image
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,22 @@ def format_score(score: float) -> str:
     return f"{score:.6f}".rstrip("0").rstrip(".")
 
 
+def reference(series_instance_uid: str, sop_instance_uid: str) -> dict[str, Any]:
+    """One image as Listing 3 references it (derivedFrom, presentOn)."""
+    return {"refSeriesInstanceUid": series_instance_uid,
+            "refSopInstanceUid": [sop_instance_uid]}
+
+
 def _derived_from(images: Sequence[ScoredImage]) -> list[dict[str, Any]]:
-    return [
-        {"refSeriesInstanceUid": img.series_instance_uid,
-         "refSopInstanceUid": [img.sop_instance_uid]}
-        for img in images
-    ]
+    return [reference(img.series_instance_uid, img.sop_instance_uid) for img in images]
+
+
+def pxs_entries(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The document's PXS score entries (one per scored image, headline first), without
+    the other kinds (``pxs.change``). An entry without a code counts as a score, as in the
+    documents of the reference deployment."""
+    return [r for r in document.get("results") or ()
+            if isinstance(r, dict) and r.get("code", PXS_CODE) == PXS_CODE]
 
 
 def _selection(decision: StudyDecision | None) -> dict[str, Any] | None:

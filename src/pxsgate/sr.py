@@ -174,6 +174,9 @@ def build_pxs_sr(
     status = document.get("status")
     if status != "SUCCEEDED":
         raise SrError(f"result document is {status!r}, not 'SUCCEEDED': there is no score")
+    # Only the PXS scores. The pxs.change entry (distance to the patient's prior image, of
+    # another study) is not rendered: TID 1500 would need a second measurement group with
+    # evidence from outside this study; left for later.
     results = [r for r in document.get("results") or () if r.get("code", PXS_CODE) == PXS_CODE]
     if not results:
         raise SrError("result document has no PXS result")

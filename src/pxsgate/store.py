@@ -31,7 +31,13 @@ import aiosqlite
 
 from pxsgate.errors import StoreError
 from pxsgate.failpoints import Failpoints
-from pxsgate.messages import ImageDecision, ReceivedInstance, StoredInstance, StudyDecision
+from pxsgate.messages import (
+    ImageDecision,
+    PriorImage,
+    ReceivedInstance,
+    StoredInstance,
+    StudyDecision,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the walking skeleton
@@ -256,7 +262,89 @@ MIGRATIONS: tuple[str, ...] = (
     FROM results r LEFT JOIN studies s ON s.study_instance_uid = r.study_instance_uid
     WHERE r.current = 1;
     """,
+    # 5: change over time: each scored image's embedding, kept with its result (issue 10)
+    """
+    -- One row per scored image of a SUCCEEDED result, written in the result's transaction.
+    -- Stays when retention deletes the image: it is what later studies are compared with.
+    -- The vectors have a table of their own: at 2 KB (1000 dimensions) two fill a 4 KB
+    -- page, where a row with the columns below as well would take a page alone.
+    CREATE TABLE embedding_vectors (
+        id     INTEGER PRIMARY KEY,
+        vector BLOB NOT NULL                   -- float16 little-endian, dim x 2 bytes
+    );
+    CREATE TABLE embeddings (
+        result_id           TEXT NOT NULL REFERENCES results (id),
+        sop_instance_uid    TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        study_instance_uid  TEXT NOT NULL,
+        patient_key         TEXT NOT NULL,     -- results.patient_key ('' without PatientID)
+        -- YYYY-MM-DDTHH:MM:SS local: pxsgate.studyDateTime (a date alone: its midnight),
+        -- or the result's createdAt when the study has no valid StudyDate.
+        study_time          TEXT NOT NULL,
+        headline            INTEGER NOT NULL,  -- 1: the study's headline image
+        score               REAL NOT NULL,     -- its PXS score
+        weights_sha256      TEXT NOT NULL,     -- embeddings compare only under one weights
+        anchors_sha256      TEXT NOT NULL,     -- what its score was measured against
+        dim                 INTEGER NOT NULL,
+        vector_id           INTEGER NOT NULL REFERENCES embedding_vectors (id),
+        PRIMARY KEY (result_id, sop_instance_uid)
+    );
+    -- The prior lookup: a patient's headline images under one weights, by study time.
+    CREATE INDEX embeddings_prior ON embeddings (patient_key, weights_sha256, study_time)
+        WHERE headline = 1;
+
+    -- researcher_view: image_scores takes only the PXS score entries, and the change to
+    -- the patient's prior scored image is added, de-identified (no prior UIDs or dates).
+    DROP VIEW researcher_view;
+    CREATE VIEW researcher_view AS
+    SELECT r.id AS result_id,
+           r.patient_key AS patient_hash,
+           substr(json_extract(r.document, '$.pxsgate.studyDateTime'), 1, 10) AS study_date,
+           r.status AS status,
+           CAST(json_extract(r.document, '$.pxsgate.headline.value') AS REAL) AS pxs_score,
+           (SELECT json_group_array(CAST(json_extract(e.value, '$.value') AS REAL))
+              FROM json_each(r.document, '$.results') e
+             WHERE coalesce(json_extract(e.value, '$.code'), 'partners.clara.pxs.score')
+                   = 'partners.clara.pxs.score') AS image_scores,
+           r.model_id AS model_id,
+           json_extract(r.document, '$.model.version') AS model_version,
+           json_extract(r.document, '$.model.weightsSha256') AS weights_sha256,
+           json_extract(r.document, '$.model.anchorsSha256') AS anchors_sha256,
+           r.flags AS flags,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.stored'))
+                  - julianday(json_extract(r.document, '$.pxsgate.stages.ready'))) * 86400,
+                 3) AS ready_to_stored_s,
+           round((julianday(json_extract(r.document, '$.pxsgate.stages.inferred'))
+                  - julianday(r.created_at)) * 86400, 3) AS inference_s,
+           r.created_utc AS scored_at_utc,
+           (SELECT json_extract(e.value, '$.change.distance')
+              FROM json_each(r.document, '$.results') e
+             WHERE json_extract(e.value, '$.code') = 'pxs.change') AS change_distance,
+           (SELECT json_extract(e.value, '$.change.scoreDifference')
+              FROM json_each(r.document, '$.results') e
+             WHERE json_extract(e.value, '$.code') = 'pxs.change') AS score_change,
+           (SELECT json_extract(e.value, '$.change.intervalDays')
+              FROM json_each(r.document, '$.results') e
+             WHERE json_extract(e.value, '$.code') = 'pxs.change') AS interval_days
+    FROM results r WHERE r.current = 1;
+    """,
 )
+
+# The patient's prior scored image (pxsgate.change): served by embeddings_prior, newest
+# first from the top of the range, each candidate's result checked by its primary key;
+# only the one found has its vector read.
+PRIOR_IMAGE_SQL = """
+    SELECT e.result_id, e.study_instance_uid, e.series_instance_uid, e.sop_instance_uid,
+           e.study_time, json_extract(r.document, '$.pxsgate.studyDateTime'), e.score,
+           e.dim, (SELECT v.vector FROM embedding_vectors v WHERE v.id = e.vector_id)
+    FROM embeddings e CROSS JOIN results r
+    WHERE e.patient_key = :patient AND e.weights_sha256 = :weights AND e.headline = 1
+      AND e.study_time < :before AND e.study_time >= :not_before
+      AND e.study_instance_uid != :study
+      AND r.id = e.result_id AND r.current = 1 AND r.status = 'SUCCEEDED'
+    ORDER BY e.study_time DESC
+    LIMIT 1
+"""
 
 # Job states; the first four are unfinished work that a start-up resumes.
 UNFINISHED_STATES = ("receiving", "ready", "selected", "inferring")
@@ -273,6 +361,35 @@ class Indexed:
     replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
 DeliveryState = Literal["pending", "delivered", "dead"]
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%fZ"  # SQLite strftime: created_utc, comparable as text
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One scored image's embedding, as the store keeps it."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    score: float
+    dim: int
+    vector: bytes  # float16 little-endian (pxsgate.change.pack)
+
+
+@dataclass(frozen=True)
+class StudyEmbeddings:
+    """The embeddings of a SUCCEEDED result's images (headline first), and where the
+    study stands in time, for :meth:`Store.store_result`."""
+
+    images: tuple[ImageEmbedding, ...]
+    study_time: str  # pxsgate.change.study_time_key
+    weights_sha256: str
+    anchors_sha256: str
+    # Look for the patient's prior image from this study time on ("" = no limit); None:
+    # change detection is off.
+    prior_from: str | None = None
+
+
+# Given the stored document and the prior image found, the document to store instead.
+WithPrior = Callable[[dict[str, Any], PriorImage], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -717,12 +834,27 @@ class Store:
 
     @_transaction
     async def store_result(self, document: dict[str, Any], state: str, reason: str = "",
-                           exporters: Sequence[str] = (), now: float | None = None
-                           ) -> list[str]:
+                           exporters: Sequence[str] = (), now: float | None = None, *,
+                           embeddings: StudyEmbeddings | None = None,
+                           with_prior: WithPrior | None = None) -> list[str]:
         """Insert one result document as its study's current one (earlier ones stay, as
         history), move the study to ``state``, and queue one delivery per exporter named,
         all in one transaction: a result is never stored without its deliveries, nor a
-        delivery without its result. Returns the delivery ids."""
+        delivery without its result. Returns the delivery ids.
+
+        ``embeddings``: its images' embeddings, stored with it. With ``prior_from`` set and
+        ``with_prior`` given, the patient's prior scored image is looked up first, in the
+        same transaction (so a result stored just before is seen), and when there is one
+        the document stored is ``with_prior(document, prior)``."""
+        patient_key = self.patient_key(document["patientId"])
+        if (embeddings is not None and with_prior is not None and embeddings.images
+                and embeddings.prior_from is not None and patient_key):
+            prior = await self.prior_image(patient_key, embeddings.weights_sha256,
+                                           before=embeddings.study_time,
+                                           not_before=embeddings.prior_from,
+                                           study_uid=document["studyInstanceUid"])
+            if prior is not None:
+                document = with_prior(document, prior)
         result_id = document["id"]
         await self.db.execute(
             "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
@@ -738,9 +870,22 @@ class Store:
                 document["accessionNumber"], document["model"]["id"], document["status"],
                 document["createdAt"], json.dumps(document, separators=(",", ":")),
                 " ".join(document["pxsgate"].get("flags", [])), document["createdAt"],
-                self.patient_key(document["patientId"]),
+                patient_key,
             ),
         )
+        for i, e in enumerate(embeddings.images if embeddings is not None else ()):
+            assert embeddings is not None
+            cur = await self.db.execute(
+                "INSERT INTO embedding_vectors (vector) VALUES (?)", (e.vector,))
+            await self.db.execute(
+                """INSERT INTO embeddings (result_id, sop_instance_uid, series_instance_uid,
+                       study_instance_uid, patient_key, study_time, headline, score,
+                       weights_sha256, anchors_sha256, dim, vector_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (result_id, e.sop_instance_uid, e.series_instance_uid,
+                 document["studyInstanceUid"], patient_key, embeddings.study_time, int(i == 0),
+                 e.score, embeddings.weights_sha256, embeddings.anchors_sha256, e.dim,
+                 cur.lastrowid))
         ids = [delivery_id(result_id, name) for name in exporters]
         due = time.time() if now is None else now
         await self.db.executemany(
@@ -762,6 +907,43 @@ class Store:
         await self.db.commit()
         self._failpoints.hit("after-result-commit")
         return ids
+
+    async def prior_image(self, patient_key: str, weights_sha256: str, *, before: str,
+                          not_before: str = "", study_uid: str = "") -> PriorImage | None:
+        """The patient's most recent prior scored image: the headline image of a current
+        SUCCEEDED result under these weights whose study time is in [not_before, before)
+        (not of ``study_uid``)."""
+        async with self.db.execute(PRIOR_IMAGE_SQL, {
+                "patient": patient_key, "weights": weights_sha256, "before": before,
+                "not_before": not_before, "study": study_uid}) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return PriorImage(str(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]),
+                          None if row[5] is None else str(row[5]), float(row[6]),
+                          int(row[7]), bytes(row[8]))
+
+    async def researcher_rows(self, since: str | None = None, model: str | None = None
+                              ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """researcher_view (de-identified, each study's current result): its column names
+        and rows, by patient hash then study date. ``since``: results created at or after
+        it (ISO 8601 with offset); ``model``: only this model id."""
+        clauses: list[str] = []
+        params: list[str] = []
+        if since is not None:
+            clauses.append(f"scored_at_utc >= strftime('{UTC_FORMAT}', ?)")
+            params.append(since)
+        if model is not None:
+            clauses.append("model_id = ?")
+            params.append(model)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        async with self.db.execute(
+                f"""SELECT * FROM researcher_view {where}
+                    ORDER BY patient_hash, study_date, scored_at_utc, result_id""",
+                params) as cur:
+            names = [c[0] for c in cur.description]
+            rows = await cur.fetchall()
+        return names, [tuple(r) for r in rows]
 
     async def scored_before(self, study_uid: str) -> bool:
         """Whether the study already has a SUCCEEDED result."""

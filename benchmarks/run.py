@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -181,4 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A benchmark that failed half-way can leave a service's worker threads behind, which
+    # would keep the interpreter alive after the summary: leave without waiting for them.
+    os._exit(code)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accession")
     p.add_argument("--status", choices=["SUCCEEDED", "FAILED", "SKIPPED"])
     p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
-    p.add_argument("--since", metavar="WHEN",
+    p.add_argument("--since", metavar="WHEN", type=_since,
                    help="created at or after this ISO 8601 date or date-time (local time "
                    "unless it has an offset), e.g. 2026-11-26 or 2026-11-26T08:00+01:00")
     p.add_argument("--flagged", action="store_true", help="only results with review flags")
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
     p.add_argument("--out", type=Path, metavar="FILE.csv", help="write here (default: stdout)")
-    p.add_argument("--since", metavar="WHEN", help="results created at or after this ISO "
+    p.add_argument("--since", metavar="WHEN", type=_since,
+                   help="results created at or after this ISO "
                    "8601 date or date-time (as for results --since)")
     p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
 
@@ -292,18 +293,22 @@ def _store_path(args: argparse.Namespace, config: Config) -> Path:
     return db
 
 
-def cmd_results(args: argparse.Namespace, config: Config) -> int:
-    from pxsgate.api import parse_since
+def _since(value: str) -> str:
+    """``--since``: an ISO 8601 date or date-time, as the store compares it (a bad value is
+    argparse's usage error, exit 2)."""
+    from pxsgate.api import parse_since  # aiohttp only for the commands that take --since
 
-    db = _store_path(args, config)
     try:
-        since = parse_since(args.since) if args.since else None
+        return parse_since(value)
     except ValueError as exc:
-        print(f"pxsgate results: --{exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def cmd_results(args: argparse.Namespace, config: Config) -> int:
+    db = _store_path(args, config)
     flt = ResultFilter(study_uid=args.study_uid, patient_id=args.patient_id,
                        accession=args.accession, status=args.status, model=args.model,
-                       since=since, flagged=args.flagged, history=args.history,
+                       since=args.since, flagged=args.flagged, history=args.history,
                        limit=args.limit)
     docs = _run(_with_store(db, lambda store: store.results(flt)))
     if args.json:
@@ -382,16 +387,9 @@ def _print_csv(docs: list[dict[str, Any]]) -> None:
 def cmd_export_dataset(args: argparse.Namespace, config: Config) -> int:
     """researcher_view as CSV (de-identified: patient hash, study date, scores, change since
     the prior image, model, timings). Prints nothing else but a row count on stderr."""
-    from pxsgate.api import parse_since
-
     db = _store_path(args, config)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"pxsgate export-dataset: --{exc}", file=sys.stderr)
-        return EXIT_USAGE
     names, rows = _run(_with_store(db, lambda store: store.researcher_rows(
-        since=since, model=args.model)))
+        since=args.since, model=args.model)))
     if args.out is None:
         _write_dataset(sys.stdout, names, rows)
         return EXIT_OK

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "dicom-samples"
+# Real vendor radiographs (pylibjpeg-data, MIT: tests/data/dicom-samples/LICENSE.pylibjpeg-data).
+SAMPLES = REPO / "tests" / "data" / "dicom-samples"
 DCMTK_BIN = Path("/usr/bin")
 
 

@@ -257,7 +257,7 @@ SAMPLE_FILES = sorted(SAMPLES.glob("*.dcm"))
 
 
 def test_the_shared_samples_are_there() -> None:
-    # ../shared/dicom-samples is part of the test data; missing it must not pass silently.
+    # tests/data/dicom-samples is part of the test data; missing it must not pass silently.
     assert len(SAMPLE_FILES) >= 6, f"expected the real samples in {SAMPLES}"
 
 

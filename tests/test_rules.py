@@ -1,5 +1,5 @@
 """The default selection rules over synthetic headers, one test per trap the paper names, and
-over the real samples in ../shared/dicom-samples; the dry run behind `pxsgate rules test`."""
+over the real samples in tests/data/dicom-samples; the dry run behind `pxsgate rules test`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -18,13 +17,14 @@ from pxsgate.config import Config, SelectionConfig, config_from_mapping
 from pxsgate.messages import StoredInstance
 from pxsgate.rules import Header, dry_run, select
 
+from .conftest import SAMPLES
+
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 CFG = SelectionConfig()
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "dicom-samples"
 
 
 def header(n: int, sop_class: str = CR, **tags: Any) -> Header:
@@ -165,7 +165,6 @@ def test_the_paper_exam_code_rule_from_the_config_comment() -> None:
     assert not select([h], CFG).candidate, "the default needs a body part or chest word"
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/dicom-samples not present")
 def test_shared_samples_pa_chests_and_ap_extremity_are_not_selected() -> None:
     run = dry_run(SAMPLES, Config().selection)
     by_file = {h.instance.path.name: d for headers, decision in run.studies.values()
@@ -186,8 +185,7 @@ def test_rules_test_command_prints_decisions_and_json(tmp_path: Path) -> None:
     feed = tmp_path / "feed"
     synth.write_feed(synth.hospital_feed(seed=3, rows=64, cols=64, prefix="RT"), feed)
     (feed / "notes.txt").write_text("not dicom")
-    if SAMPLES.is_dir():
-        shutil.copy(SAMPLES / "RG3_J2KR.dcm", feed / "RG3_J2KR.dcm")
+    shutil.copy(SAMPLES / "RG3_J2KR.dcm", feed / "RG3_J2KR.dcm")
     out = subprocess.run([sys.executable, "-m", "pxsgate", "rules", "test", str(feed)],
                          capture_output=True, text=True, check=True).stdout
     for text in ("CANDIDATE", "skipped", "not DICOM:", "yield"):

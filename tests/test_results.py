@@ -248,3 +248,23 @@ async def test_a_store_from_the_previous_schema_is_migrated(tmp_path: Path) -> N
     assert len(key) == 32
     assert db.execute("SELECT pxs_score FROM radiologist_view").fetchone() == (0.5,)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize("command", [("results",), ("results", "--json"), ("outbox", "list")])
+async def test_a_closed_pipe_ends_the_command_quietly(site: Site, command: tuple[str, ...]
+                                                      ) -> None:
+    """`pxsgate results | head -1`: the reader goes away before the output is written. The
+    command exits as the Python docs' SIGPIPE recipe does: no traceback, exit 1."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "pxsgate", *command, "--config", str(site.tmp / "pxsgate.yaml")]
+    proc = await asyncio.to_thread(
+        subprocess.Popen, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    stderr = (await asyncio.to_thread(proc.stderr.read)).decode()
+    code = await asyncio.to_thread(proc.wait, 60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert stderr == ""
+    assert code == 1

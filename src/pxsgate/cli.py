@@ -168,7 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args)
         handler = _COMMANDS[args.command]
-        return handler(args, config)
+        code = handler(args, config)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+        return code
+    except BrokenPipeError:
+        # `pxsgate results | head -1`: the reader has gone. Exit quietly, as the Python docs'
+        # recipe does (signal module, "Note on SIGPIPE"): stdout to /dev/null, so that the
+        # interpreter's own flush at exit cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"pxsgate: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

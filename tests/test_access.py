@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pynetdicom import AE
@@ -11,7 +14,7 @@ from pynetdicom import AE
 from pxsgate import synth
 from pxsgate.scu import echo, send_datasets
 
-from .conftest import Service, start_service, stop_service
+from .conftest import Service, dcmtk, start_service, stop_service
 
 RESTRICTED = """    max-associations: 1
     log-dimse-datasets: true
@@ -89,3 +92,57 @@ def test_log_dimse_datasets_logs_the_header_at_debug(restricted: Service) -> Non
     assert logged[-1]["level"] == "debug"
     assert str(study.datasets[0].PatientID) in logged[-1]["dataset"]
     assert "Pixel Data" not in logged[-1]["dataset"]
+
+
+IDLE = """    max-associations: 4
+    artim-timeout: 3
+    max-pending-connections: 6"""
+
+
+def _closed_by_peer(sock: socket.socket, wait: float) -> bool:
+    """True when the server closed ``sock`` (EOF or reset) within ``wait`` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_silent_connections_take_no_association_slot(tmp_path: Path) -> None:
+    """Eight TCP connections that never send an A-ASSOCIATE-RQ (a port scan, a load
+    balancer's probe) do not lock the router out of max-associations: 4. DCMTK's echoscu
+    and storescu are served while they sit; beyond max-pending-connections the oldest
+    silent ones are closed at once, and the rest when the ARTIM timer (artim-timeout)
+    expires."""
+    svc = start_service(tmp_path, extra_scp=IDLE)
+    silent = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(8)]
+    try:
+        time.sleep(0.5)  # every connection has its thread waiting for an RQ
+        echo = subprocess.run([dcmtk("echoscu"), "-aec", "PxsScore", "127.0.0.1",
+                               str(svc.port)], capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        study = synth.hospital_feed(seed=405, rows=256, cols=256, prefix="IDLE")[0]
+        files = synth.write_feed([study], tmp_path / "feed")
+        store = subprocess.run([dcmtk("storescu"), "-aec", "PxsScore", "127.0.0.1",
+                                str(svc.port), *map(str, files)],
+                               capture_output=True, text=True, timeout=30)
+        assert store.returncode == 0, store.stdout + store.stderr
+        # The oldest were closed when later ones connected; the newest are still open, were
+        # served nothing, and are closed by the ARTIM timer.
+        assert all(_closed_by_peer(s, 0.5) for s in silent[:2])
+        assert not any(_closed_by_peer(s, 0.1) for s in silent[-2:])
+        assert all(_closed_by_peer(s, 10) for s in silent[2:])
+        uid = str(study.datasets[0].StudyInstanceUID)
+        assert svc.wait_for([uid])[uid]["status"] == "SUCCEEDED"
+        rejected = [e for e in svc.logs if e.get("event") == "association.rejected"]
+        assert rejected == [], rejected
+        dropped = [e for e in svc.logs if e.get("event") == "connection.dropped"]
+        # The two at connect time, and one more for each of DCMTK's connections that found
+        # six silent ones pending (the ARTIM timer may have closed some before the second).
+        assert 2 < len(dropped) <= 4, dropped
+    finally:
+        for s in silent:
+            s.close()
+        assert stop_service(svc) == 0

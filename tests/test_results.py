@@ -261,10 +261,11 @@ async def test_a_closed_pipe_ends_the_command_quietly(site: Site, command: tuple
     args = [sys.executable, "-m", "pxsgate", *command, "--config", str(site.tmp / "pxsgate.yaml")]
     proc = await asyncio.to_thread(
         subprocess.Popen, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     proc.stdout.close()  # the reader is gone before anything is written
     stderr = (await asyncio.to_thread(proc.stderr.read)).decode()
     code = await asyncio.to_thread(proc.wait, 60)
-    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert "BrokenPipeError" not in stderr
     assert stderr == ""
     assert code == 1

@@ -93,3 +93,25 @@ def test_dcmtk_echoscu_over_tls(tls_service: Service, pki: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_silent_connection_does_not_hold_up_the_tls_port(tls_service: Service,
+                                                           pki: Path) -> None:
+    """A peer that connects and never starts its TLS handshake (a port scan, a load
+    balancer's TCP probe) must not stop others from connecting: the handshake runs on the
+    connection's own thread, within the ARTIM time, not on the thread that accepts."""
+    import socket
+    import threading
+
+    with socket.create_connection(("127.0.0.1", tls_service.port)) as silent:
+        # In a thread: with the handshake on the accepting thread the echo never returns.
+        answers: list[bool] = []
+        context = client_context(pki, with_certificate=True)
+        thread = threading.Thread(target=lambda: answers.append(_echo(tls_service.port, context)),
+                                  daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+        assert answers == [True]
+        silent.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            silent.recv(1)  # still open, waiting: only the ARTIM timer closes it

@@ -177,6 +177,12 @@ class ScpConfig:
     network_timeout: float = field(default=60.0, metadata=_check(_check_positive))
     acse_timeout: float = field(default=30.0, metadata=_check(_check_positive))
     dimse_timeout: float = field(default=60.0, metadata=_check(_check_positive))
+    # A connection that has not sent its A-ASSOCIATE-RQ (a port scan, a load balancer's TCP
+    # probe, a half-dead router) holds no association slot: it is closed after
+    # artim-timeout seconds (the ARTIM timer, PS3.8 9.1.5; the TLS handshake included), and
+    # beyond max-pending-connections of them the oldest is closed at once.
+    artim_timeout: float = field(default=10.0, metadata=_check(_check_positive))
+    max_pending_connections: int = field(default=16, metadata=_check(_check_positive))
     # The largest P-DATA PDU pxsgate accepts (PS3.8 D.1); big PDUs mean fewer reads.
     max_pdu_size: int = field(default=262144, metadata=_check(_check_pdu))
     # A larger data set is refused with 0xA700 once received (it would not fit the spool).

@@ -21,9 +21,11 @@ import concurrent.futures
 import contextlib
 import hashlib
 import itertools
+import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -37,6 +39,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
@@ -61,6 +65,7 @@ MAX_AE_LABELS = 64  # distinct calling AE titles with their own metric series
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 section 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation)
 
 InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
 ClosedHandler = Callable[[str], None]
@@ -122,6 +127,10 @@ class Receiver:
         self._assoc_ids: dict[int, str] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        # Connections that have not asked for an association yet, oldest first, and the
+        # associations past _on_requested: only the latter count against max-associations.
+        self._pending: OrderedDict[int, Any] = OrderedDict()
+        self._associated: dict[int, Any] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -130,7 +139,11 @@ class Receiver:
         ae = AE(ae_title=sorted(self._titles)[0])
         # Several called AE titles are accepted, so the check is ours (_on_requested).
         ae.require_called_aet = False
-        ae.maximum_associations = self._config.max_associations
+        # pynetdicom's own limit counts every connection, silent ones included; ours counts
+        # associations (_on_requested). Its limit stays as a backstop for threads that are
+        # still winding down.
+        config = self._config
+        ae.maximum_associations = 2 * config.max_associations + config.max_pending_connections
         ae.network_timeout = self._config.network_timeout
         ae.acse_timeout = self._config.acse_timeout
         ae.dimse_timeout = self._config.dimse_timeout
@@ -148,14 +161,22 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         tls = self._config.tls
-        self._server = ae.start_server(
-            (self._config.host, self._config.port), block=False, evt_handlers=handlers,
+        # ae.start_server(block=False), with a server class of ours (_Server: no TLS
+        # handshake on the thread that accepts connections).
+        server = ae.make_server(
+            (self._config.host, self._config.port), evt_handlers=handlers,
             ssl_context=server_ssl_context(tls) if tls.enabled else None,
-        )
-        port: int = self._server.server_address[1]
+            server_class=_Server)
+        thread = threading.Thread(target=make_target(server.serve_forever),
+                                  name="pxsgate-accept", daemon=True)
+        thread.start()
+        ae._servers.append(server)  # as start_server does: server.shutdown() removes it
+        self._server = server
+        port: int = server.server_address[1]
         return port
 
     def stop(self, grace: float = 0.0) -> int:
@@ -189,9 +210,50 @@ class Receiver:
                 self._assoc_ids[key] = f"a{next(self._ids):06d}"
             return self._assoc_ids[key]
 
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """A TCP connection (the connection's own thread, before its association starts).
+        It has artim-timeout seconds to ask for an association (TLS handshake included);
+        beyond max-pending-connections such connections, the oldest is closed now: a
+        router's A-ASSOCIATE-RQ follows its connection within milliseconds, a port scan's or
+        a probe's never does."""
+        assoc = event.assoc
+        assoc.acse_timeout = self._config.artim_timeout  # read when it waits for the RQ
+        with self._lock:
+            _prune(self._pending)
+            self._pending[id(assoc)] = assoc
+            evicted = []
+            while len(self._pending) > self._config.max_pending_connections:
+                evicted.append(self._pending.popitem(last=False)[1])
+        for old in evicted:
+            self._metrics.associations_rejected.labels(reason="idle connection").inc()
+            log.warning("connection.dropped", reason="too many connections without an "
+                        "association request", peer=old.requestor.address,
+                        max_pending_connections=self._config.max_pending_connections)
+            _close_pending(old)
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if isinstance(sock, ssl.SSLSocket):
+            self._handshake(assoc, sock)
+
+    def _handshake(self, assoc: Any, sock: ssl.SSLSocket) -> None:
+        """The TLS handshake, here on the connection's thread rather than on the one that
+        accepts connections (where a silent peer would stop every other from connecting),
+        within the ARTIM time. A failed one closes the connection."""
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self._config.artim_timeout)
+            sock.do_handshake()
+            sock.settimeout(previous)
+        except (OSError, ValueError) as exc:
+            log.warning("connection.dropped", reason="TLS handshake failed",
+                        peer=assoc.requestor.address, error=type(exc).__name__)
+            with self._lock:
+                self._pending.pop(id(assoc), None)
+            _close_pending(assoc)
+
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor.primitive
         assert rq is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
+        event.assoc.acse_timeout = self._config.acse_timeout  # ARTIM is over: release etc.
         called = rq.called_ae_title.strip()
         calling = rq.calling_ae_title.strip()
         address = event.assoc.requestor.address
@@ -201,16 +263,26 @@ class Receiver:
             reject, reason = REJECT_CALLED_AE, "called AE title not served"
         elif self._config.reject_unknown_sources and (address, calling) not in self._sources:
             reject, reason = REJECT_CALLING_AE, "unknown source"
+        with self._lock:
+            self._pending.pop(id(event.assoc), None)
+            _prune(self._associated)
+            if reject is None:
+                if len(self._associated) >= self._config.max_associations:
+                    reject, reason = REJECT_LOCAL_LIMIT, "too many associations"
+                else:
+                    self._associated[id(event.assoc)] = event.assoc
         if reject is not None:
             self._metrics.associations_rejected.labels(reason=reason).inc()
             log.warning("association.rejected", reason=reason, called_ae=called,
-                        calling_ae=calling, peer=address)
+                        calling_ae=calling, peer=address,
+                        max_associations=self._config.max_associations)
             event.assoc.acse.send_reject(*reject)
             event.assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
-        """A rejection by pynetdicom itself: the max-associations limit (PS3.8 local limit
-        exceeded, 2-3-2). Ours (_on_requested) are counted there and do not come here."""
+        """A rejection by pynetdicom itself: its backstop limit on connections (PS3.8 local
+        limit exceeded, 2-3-2). Ours (_on_requested) are counted there and do not come
+        here."""
         rq = event.assoc.requestor
         self._metrics.associations_rejected.labels(reason="too many associations").inc()
         log.warning("association.rejected", reason="too many associations",
@@ -237,6 +309,8 @@ class Receiver:
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._lock:
+            self._pending.pop(id(event.assoc), None)
+            self._associated.pop(id(event.assoc), None)
             assoc_id = self._assoc_ids.pop(id(event.assoc), None)
             opened = self._opened.pop(assoc_id or "", None)
             count = self._counts.pop(assoc_id or "", 0)
@@ -375,6 +449,39 @@ class Receiver:
     @staticmethod
     async def _await(awaitable: Awaitable[None]) -> None:
         await awaitable
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, except that a TLS connection's handshake is left to
+    the connection's own thread (Receiver._handshake, within the ARTIM time): pynetdicom
+    does it on the accepting thread, where one peer that connects and stays silent would
+    keep every other peer from connecting."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        listener = cast(socket.socket, self.socket)
+        client, address = listener.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+
+def _prune(connections: dict[int, Any]) -> None:
+    """Forget connections whose thread has ended (not every ending fires EVT_CONN_CLOSE:
+    an ARTIM expiry does not)."""
+    for key in [k for k, a in connections.items() if a.ident is not None and not a.is_alive()]:
+        del connections[key]
+
+
+def _close_pending(assoc: Any) -> None:
+    """Close a connection that has not asked for an association: the socket is shut down
+    (a TLS handshake in progress fails) and the association's thread, waiting for the
+    A-ASSOCIATE-RQ, is woken with nothing, which is what its ARTIM expiry does."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    assoc.dul.to_user_queue.put(None)
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

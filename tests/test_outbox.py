@@ -265,7 +265,10 @@ async def test_sr_reaches_the_pacs_once_it_listens(tmp_path: Path) -> None:
     [path] = list(pacs_dir.iterdir())
     raw = pydicom.dcmread(path)
     assert raw.StudyInstanceUID == doc["studyInstanceUid"]
-    assert raw.SOPInstanceUID == uid_from_id(f"{doc['id']}/sr")
+    # Derived from the result and the exporter: a retried delivery is the same instance.
+    assert raw.SOPInstanceUID == uid_from_id(f"{doc['id']}/pacs/sr")
+    assert raw.InstanceNumber == 1
+    assert "PredecessorDocumentsSequence" not in raw
     assert "not for clinical use" not in raw.SeriesDescription  # the stand-in model
     [group] = hd.sr.srread(path).content.get_image_measurement_groups()
     [measurement] = group.get_measurements(name=PXS_SCORE)

@@ -27,15 +27,17 @@ from pydicom import Dataset, dcmread
 from pxsgate import __version__
 from pxsgate.config import ExporterConfig
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
+from pxsgate.messages import now_iso
 from pxsgate.outbox import Exporter
 from pxsgate.results import pxs_entries
-from pxsgate.store import Store
+from pxsgate.store import MadeInstance, Store
 
 log = structlog.get_logger("pxsgate.export")
 
 RETRYABLE_HTTP = frozenset({408, 425, 429})
 # C-STORE statuses that mean stored (PS3.4 B.2.3): success and the three warnings.
 STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the SOP class build_pxs_sr makes
 
 
 def read_secret(path: Path, key: str) -> str:
@@ -128,7 +130,11 @@ def _read_headers(paths: Sequence[Path]) -> list[Dataset]:
 
 class DicomSrExporter:
     """A Comprehensive SR per result, C-STOREd to a PACS. Its SOP Instance UID derives from
-    the result id, so a delivery sent twice is the same instance to the PACS."""
+    the result id and the exporter, so a delivery sent twice is the same instance to the
+    PACS. The SRs of one study for one exporter share a series; a rescore's SR has the next
+    InstanceNumber and names the SR it supersedes (PredecessorDocumentsSequence). Each is
+    registered in the store before it is sent, so that a router sending the study back
+    brings it in as pxsgate's own, which never re-opens the study."""
 
     def __init__(self, config: ExporterConfig, store: Store) -> None:
         if config.host is None or config.port is None or config.ae_title is None:
@@ -150,15 +156,27 @@ class DicomSrExporter:
         if missing:
             raise PermanentExportError(
                 f"{len(missing)} source image(s) of the result are no longer in the spool")
+        result_id = str(document["id"])
+        study_uid = str(document.get("studyInstanceUid") or "")
+        made, previous = await self._store.made_instance(
+            result_id=result_id, exporter=self.name, study_uid=study_uid,
+            sop_class_uid=COMPREHENSIVE_SR,
+            sop_instance_uid=sr.uid_from_id(f"{result_id}/{self.name}/sr"),
+            series_instance_uid=sr.uid_from_id(f"{study_uid}/{self.name}/sr-series"),
+            at=now_iso())
         try:
             sources = await asyncio.to_thread(_read_headers, [paths[u] for u in uids])
-            result_id = str(document["id"])
             dataset = sr.build_pxs_sr(
-                document, sources, sop_instance_uid=sr.uid_from_id(f"{result_id}/sr"),
-                series_instance_uid=sr.uid_from_id(f"{result_id}/sr-series"))
-        except sr.SrError as exc:
-            raise PermanentExportError(f"cannot build the SR: {exc}") from exc
-        except Exception as exc:  # highdicom's messages may quote header values: not kept
+                document, sources, sop_instance_uid=made.sop_instance_uid,
+                series_instance_uid=made.series_instance_uid,
+                instance_number=made.instance_number,
+                previous_versions=[_reference(previous)] if previous is not None else ())
+        except Exception as exc:
+            # Never sent: it must not be named as a predecessor or take a number.
+            await self._store.forget_made_instance(made.sop_instance_uid)
+            if isinstance(exc, sr.SrError):
+                raise PermanentExportError(f"cannot build the SR: {exc}") from exc
+            # highdicom's messages may quote header values: not kept.
             raise PermanentExportError(
                 f"cannot build the SR: {type(exc).__name__}") from exc
         try:
@@ -174,6 +192,16 @@ class DicomSrExporter:
 
     async def close(self) -> None:
         return None
+
+
+def _reference(made: MadeInstance) -> Dataset:
+    """An SR pxsgate sent earlier, as build_pxs_sr names its predecessors."""
+    ds = Dataset()
+    ds.SOPClassUID = made.sop_class_uid
+    ds.SOPInstanceUID = made.sop_instance_uid
+    ds.StudyInstanceUID = made.study_instance_uid
+    ds.SeriesInstanceUID = made.series_instance_uid
+    return ds
 
 
 def build_exporters(configs: Sequence[ExporterConfig], store: Store) -> dict[str, Exporter]:

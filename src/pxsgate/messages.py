@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # numpy only for the annotation: this module stays light to import
     import numpy as np
@@ -34,6 +34,23 @@ class ReceivedInstance:
     peer_address: str
     association_id: str
     received_at: str
+
+
+# What indexing an instance did. new/changed: it (re-)opens its study; duplicate/revived:
+# the bytes already held (revived: their file had been deleted by retention); attached:
+# indexed, its study left as it is (a non-image object, or one pxsgate made itself).
+InstanceOutcome = Literal["new", "changed", "duplicate", "revived", "attached"]
+# image: may change what is scored; other: a non-image SOP class; own: made by pxsgate.
+InstanceKind = Literal["image", "other", "own"]
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """store -> receive: what indexing an instance did (Store.record_instance)."""
+
+    outcome: InstanceOutcome
+    replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
+    kind: InstanceKind = "image"
 
 
 @dataclass(frozen=True)

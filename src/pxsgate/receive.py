@@ -45,7 +45,7 @@ from pynetdicom.utils import make_target
 from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
 from pxsgate.failpoints import Failpoints
-from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.messages import Indexed, ReceivedInstance, now_iso
 from pxsgate.metrics import Metrics
 from pxsgate.spool import Spool, is_valid_uid
 
@@ -67,7 +67,7 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation)
 
-InstanceHandler = Callable[[ReceivedInstance], Awaitable[None]]
+InstanceHandler = Callable[[ReceivedInstance], Awaitable[Indexed]]
 ClosedHandler = Callable[[str], None]
 # Asked before an instance is written, with its size: seconds to delay the answer (0: none),
 # or the reason to refuse it with 0xA700 (backpressure, the spool ceiling).
@@ -329,7 +329,7 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc_id = self._association_id(event.assoc)
         try:
-            instance, delay = self._receive(event, assoc_id)
+            instance, indexed, delay = self._receive(event, assoc_id)
         except _Refusal as refusal:
             self._metrics.instances_refused.labels(status=f"0x{refusal.status:04X}").inc()
             log.warning("instance.refused", association_id=assoc_id,
@@ -343,9 +343,18 @@ class Receiver:
         self._metrics.instance_bytes.inc(instance.size)
         with self._lock:
             self._counts[assoc_id] = self._counts.get(assoc_id, 0) + 1
-        log.info("instance.stored", association_id=assoc_id, size=instance.size,
-                 sop_class=UID(instance.sop_class_uid).name,
-                 study=self._label(instance.study_instance_uid))
+        sop_class = UID(instance.sop_class_uid).name
+        study = self._label(instance.study_instance_uid)
+        if indexed.outcome in ("duplicate", "revived"):
+            # The bytes already held: one event, and the study is left as it is.
+            log.info("instance.duplicate", association_id=assoc_id, size=instance.size,
+                     sop_class=sop_class, study=study, revived=indexed.outcome == "revived")
+        else:
+            # reopens: false for a non-image object or one pxsgate made (its own SR sent
+            # back by a router): indexed, without scoring the study again.
+            log.info("instance.stored", association_id=assoc_id, size=instance.size,
+                     sop_class=sop_class, study=study, kind=indexed.kind,
+                     reopens=indexed.outcome != "attached")
         if delay > 0:
             # Backpressure: the sender waits for this answer before its next C-STORE.
             log.info("instance.delayed", association_id=assoc_id, delay_s=round(delay, 3))
@@ -358,7 +367,8 @@ class Receiver:
             log.debug("instance.dataset", association_id=assoc_id, dataset=str(header))
         return STATUS_SUCCESS
 
-    def _receive(self, event: evt.Event, assoc_id: str) -> tuple[ReceivedInstance, float]:
+    def _receive(self, event: evt.Event, assoc_id: str
+                 ) -> tuple[ReceivedInstance, Indexed, float]:
         request = cast(C_STORE, event.request)
         received = cast(BytesIO, request.DataSet)
         # The bytes as received, without copying 10+ MB images around: a Part-10 header
@@ -369,7 +379,7 @@ class Receiver:
 
     def _store_parts(self, event: evt.Event, assoc_id: str, request: C_STORE,
                      received: BytesIO, header: bytes, stream: memoryview
-                     ) -> tuple[ReceivedInstance, float]:
+                     ) -> tuple[ReceivedInstance, Indexed, float]:
         size = len(header) + len(stream)
         if size > self._max_dataset:
             raise _Refusal(STATUS_OUT_OF_RESOURCES,
@@ -415,9 +425,9 @@ class Receiver:
                 association_id=assoc_id,
                 received_at=now_iso(),
             )
-            self._index(instance)
+            indexed = self._index(instance)
         self._failpoints.hit("after-index")
-        return instance, verdict
+        return instance, indexed, verdict
 
     @staticmethod
     def _identifying_elements(event: evt.Event, received: BytesIO) -> Dataset:
@@ -433,13 +443,13 @@ class Receiver:
         finally:
             received.seek(0)
 
-    def _index(self, instance: ReceivedInstance) -> None:
+    def _index(self, instance: ReceivedInstance) -> Indexed:
         """Block this association thread until the loop has indexed the instance."""
         try:
             future = asyncio.run_coroutine_threadsafe(
                 self._await(self._on_instance(instance)), self._loop
             )
-            future.result(timeout=INDEX_TIMEOUT_S)
+            return future.result(timeout=INDEX_TIMEOUT_S)
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store did not answer") from exc
         except Exception as exc:  # the store's failure must become a status, not a crash
@@ -447,8 +457,8 @@ class Receiver:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store failed") from exc
 
     @staticmethod
-    async def _await(awaitable: Awaitable[None]) -> None:
-        await awaitable
+    async def _await(awaitable: Awaitable[Indexed]) -> Indexed:
+        return await awaitable
 
 
 class _Server(ThreadedAssociationServer):

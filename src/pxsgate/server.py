@@ -36,7 +36,7 @@ from pxsgate.errors import StoreError
 from pxsgate.export import build_exporters, read_secret
 from pxsgate.failpoints import Failpoints
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
-from pxsgate.messages import ReceivedInstance, now_iso
+from pxsgate.messages import Indexed, ReceivedInstance, now_iso
 from pxsgate.metrics import Metrics
 from pxsgate.outbox import Outbox
 from pxsgate.pipeline import DecodePool, Pipeline
@@ -446,27 +446,28 @@ class Gateway:
         if pending:
             log.info("studies.resumed", studies=len(pending))
 
-    async def _instance_received(self, instance: ReceivedInstance) -> None:
+    async def _instance_received(self, instance: ReceivedInstance) -> Indexed:
         settle, quiet = self.config.timings(instance.called_ae)
         # While its association is open, the study is ready after the quiet timeout.
         indexed = await self.store.record_instance(instance, time.time() + quiet, settle)
         if indexed.outcome in ("duplicate", "revived"):
             # Stored once; the same bytes again do not re-open the study (a file retention
             # had deleted is kept again, for retention to delete later).
-            log.info("instance.duplicate", association_id=instance.association_id,
-                     revived=indexed.outcome == "revived")
             if indexed.outcome == "revived":
                 self.retention.added(instance.size)
-            return
+            return indexed
         self.retention.added(instance.size)
         if indexed.replaced is not None:
             # The instance moved to another study: its old file is no longer its own.
             await asyncio.to_thread(indexed.replaced.unlink, True)
+        if indexed.outcome == "attached":
+            return indexed  # a non-image object or pxsgate's own: the study stays as it is
         assert self._pipeline is not None
         self._pipeline.reopened(instance.study_instance_uid)
         assert self._assembler is not None
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
                                          settle, quiet)
+        return indexed
 
     def _association_closed(self, association_id: str) -> None:
         assert self._assembler is not None

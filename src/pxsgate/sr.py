@@ -162,12 +162,17 @@ def build_pxs_sr(
     instance_number: int = 1,
     manufacturer: str = "pxsgate",
     device_serial: str = "",
+    previous_versions: Sequence[Dataset] = (),
 ) -> Dataset:
     """Render a SUCCEEDED result ``document`` as a Comprehensive SR (TID 1500).
 
     ``sources`` are the headers of the scored images (any order, pixel data not needed),
     matched to the results by SOP Instance UID. ``device_serial`` identifies this gateway
     installation (DeviceSerialNumber, device observer serial); empty: not recorded.
+    ``previous_versions``: the SRs this one supersedes (a rescore of the study), each a
+    dataset with SOPClassUID, SOPInstanceUID, StudyInstanceUID and SeriesInstanceUID; they
+    are named in PredecessorDocumentsSequence (PS3.3 C.17.2), which is how PACS and viewers
+    tell the current version from the ones it replaces.
     Raises SrError when the document is not SUCCEEDED, has no PXS result, or a source image
     is missing or belongs to another study.
     """
@@ -263,6 +268,7 @@ def build_pxs_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=list(previous_versions) or None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=PRIVATE_SCHEME, name="pxsgate private codes",
@@ -279,6 +285,26 @@ def build_pxs_sr(
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = DT(moment)
     return sr
+
+
+# A-ASSOCIATE-RJ diagnostics of the service user (PS3.8 7.1.1.9, source 1).
+_REJECT_REASONS = {
+    2: "application context name not supported",
+    3: "calling AE title not recognized: the PACS must list {calling} among its modalities",
+    7: "called AE title not recognized: check the exporter's ae-title",
+}
+
+
+def _rejection(assoc: Any, calling_ae: str) -> str:
+    """Why the peer rejected the association, in words, when its A-ASSOCIATE-RJ says."""
+    rejection = getattr(assoc.acceptor, "primitive", None)
+    source = getattr(rejection, "result_source", None)
+    if source == 1:  # the service user: the PACS itself
+        reason = _REJECT_REASONS.get(getattr(rejection, "diagnostic", 0), "no reason given")
+        return f" ({reason.format(calling=calling_ae)})"
+    if source in (2, 3):  # its service provider
+        return " (by the peer's service provider: busy, or no association slot free)"
+    return ""
 
 
 def send_dataset(ds: Dataset, *, host: str, port: int, called_ae: str, calling_ae: str,
@@ -298,7 +324,7 @@ def send_dataset(ds: Dataset, *, host: str, port: int, called_ae: str, calling_a
     ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(host, port, ae_title=called_ae)
     if assoc.is_rejected:
-        raise SendError(f"association with {peer} was rejected")
+        raise SendError(f"association with {peer} was rejected{_rejection(assoc, calling_ae)}")
     if not assoc.is_established:
         raise SendError(f"no association with {peer} (refused, aborted or timed out)")
     try:
@@ -313,7 +339,12 @@ def send_dataset(ds: Dataset, *, host: str, port: int, called_ae: str, calling_a
         # tell a silent peer from one that hung up; the time taken does.
         if time.monotonic() - started >= timeout:
             raise SendError(f"no C-STORE response from {peer} within {timeout:g} s")
-        raise SendError(f"association with {peer} was aborted before the C-STORE response")
+        # What a PACS (Orthanc, dcm4chee) does to a calling AE title it does not know, when
+        # it accepts the association and refuses the storage only then.
+        raise SendError(
+            f"association with {peer} was aborted before the C-STORE response: a PACS does "
+            f"this to a calling AE title it does not know; check that {called_ae} lists "
+            f"{calling_ae} (with this host's address) among the modalities allowed to store")
     finally:
         if assoc.is_established:
             assoc.release()

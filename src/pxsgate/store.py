@@ -33,11 +33,15 @@ from pxsgate.errors import StoreError
 from pxsgate.failpoints import Failpoints
 from pxsgate.messages import (
     ImageDecision,
+    Indexed,
+    InstanceKind,
+    InstanceOutcome,
     PriorImage,
     ReceivedInstance,
     StoredInstance,
     StudyDecision,
 )
+from pxsgate.sopclass import is_image
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the walking skeleton
@@ -328,6 +332,48 @@ MIGRATIONS: tuple[str, ...] = (
              WHERE json_extract(e.value, '$.code') = 'pxs.change') AS interval_days
     FROM results r WHERE r.current = 1;
     """,
+    # 6: what may re-open a study, pxsgate's own objects, every reception (issue 17)
+    """
+    -- Only an instance that could change what is scored re-opens a finished study:
+    -- 'image' may; 'other' (a non-image SOP class: SR, KO, PR, ...) and 'own' (an object
+    -- pxsgate made itself, found by its SOP Instance UID in made_instances) never do.
+    ALTER TABLE instances ADD COLUMN kind TEXT NOT NULL DEFAULT 'image';
+
+    -- Every DICOM object pxsgate made for an exporter (its SRs): recognised for certain
+    -- when a router sends it back, and numbered so that a rescore's SR supersedes the
+    -- earlier one (one series per study and exporter, InstanceNumber counting up, the
+    -- predecessor named in PredecessorDocumentsSequence).
+    CREATE TABLE made_instances (
+        sop_instance_uid    TEXT PRIMARY KEY,
+        sop_class_uid       TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        study_instance_uid  TEXT NOT NULL,
+        result_id           TEXT NOT NULL,
+        exporter            TEXT NOT NULL,
+        instance_number     INTEGER NOT NULL,
+        created_at          TEXT NOT NULL,
+        UNIQUE (result_id, exporter),
+        UNIQUE (study_instance_uid, exporter, instance_number)
+    );
+
+    -- One row per C-STORE that was indexed: the same instance sent again, on another
+    -- association or by another sender, is one more row (pxsgate trace lists them all).
+    CREATE TABLE receptions (
+        sop_instance_uid   TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        association_id     TEXT NOT NULL,
+        calling_ae         TEXT NOT NULL,
+        called_ae          TEXT NOT NULL,
+        peer_address       TEXT NOT NULL,
+        received_at        TEXT NOT NULL,
+        outcome            TEXT NOT NULL     -- new, changed, duplicate, revived, attached
+    );
+    CREATE INDEX receptions_study ON receptions (study_instance_uid);
+    INSERT INTO receptions
+    SELECT sop_instance_uid, study_instance_uid, association_id, calling_ae, called_ae,
+           peer_address, received_at, 'new'
+    FROM instances;
+    """,
 )
 
 # The patient's prior scored image (pxsgate.change): served by embeddings_prior, newest
@@ -349,16 +395,23 @@ PRIOR_IMAGE_SQL = """
 # Job states; the first four are unfinished work that a start-up resumes.
 UNFINISHED_STATES = ("receiving", "ready", "selected", "inferring")
 DONE_STATES = ("stored", "exported", "failed")
-
-InstanceOutcome = Literal["new", "changed", "duplicate", "revived"]
+_MADE_COLUMNS = ("sop_instance_uid, sop_class_uid, series_instance_uid, study_instance_uid, "
+                 "result_id, exporter, instance_number")
 
 
 @dataclass(frozen=True)
-class Indexed:
-    """What indexing an instance did (:meth:`Store.record_instance`)."""
+class MadeInstance:
+    """A DICOM object pxsgate made for an exporter (an SR), as the store numbered it."""
 
-    outcome: InstanceOutcome
-    replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    result_id: str
+    exporter: str
+    instance_number: int
+
+
 DeliveryState = Literal["pending", "delivered", "dead"]
 UTC_FORMAT = "%Y-%m-%dT%H:%M:%fZ"  # SQLite strftime: created_utc, comparable as text
 
@@ -593,16 +646,20 @@ class Store:
         """Index a durable instance. A re-send is stored once and counted: ``duplicate`` when
         its bytes are the ones already held (the study is left as it is), ``revived`` when
         they are the bytes of an instance whose file retention had deleted (the file is
-        kept again, for retention to delete later; the study is not re-scored), else
-        ``changed``. ``deadline`` (Unix time) is when its study is ready if nothing more
-        arrives. When a changed instance moved to another study, ``replaced`` is its old
-        file, which the caller deletes."""
+        kept again, for retention to delete later; the study is not re-scored). An image
+        that is new or ``changed`` (re)opens its study to ``receiving``; a non-image object
+        or one pxsgate made itself is ``attached``: indexed, its study left as it is (a new
+        study is still opened, so that it ends with a result). ``deadline`` (Unix time) is
+        when its study is ready if nothing more arrives. When a changed instance moved to
+        another study, ``replaced`` is its old file, which the caller deletes. Every call
+        adds a row to ``receptions``."""
         async with self.db.execute(
             """SELECT sha256, study_instance_uid, path, removed_at FROM instances
                WHERE sop_instance_uid = ?""",
             (inst.sop_instance_uid,),
         ) as cur:
             row = await cur.fetchone()
+        kind = await self._instance_kind(inst)
         if row is not None and (row[0], row[1]) == (inst.sha256, inst.study_instance_uid):
             await self.db.execute(
                 """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
@@ -618,14 +675,16 @@ class Store:
                     """UPDATE studies SET purged_at = NULL, finished_at = ?
                        WHERE study_instance_uid = ? AND purged_at IS NOT NULL""",
                     (time.time(), inst.study_instance_uid))
+            indexed = Indexed("duplicate" if row[3] is None else "revived", kind=kind)
+            await self._add_reception(inst, indexed.outcome)
             await self.db.commit()
-            return Indexed("duplicate" if row[3] is None else "revived")
+            return indexed
         await self.db.execute(
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
                 sop_class_uid, transfer_syntax_uid, path, size, sha256, calling_ae,
-                called_ae, peer_address, association_id, received_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                called_ae, peer_address, association_id, received_at, kind)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (sop_instance_uid) DO UPDATE SET
                 study_instance_uid = excluded.study_instance_uid,
                 series_instance_uid = excluded.series_instance_uid,
@@ -635,38 +694,113 @@ class Store:
                 calling_ae = excluded.calling_ae, called_ae = excluded.called_ae,
                 peer_address = excluded.peer_address,
                 association_id = excluded.association_id, received_at = excluded.received_at,
-                receive_count = receive_count + 1, removed_at = NULL
+                receive_count = receive_count + 1, removed_at = NULL, kind = excluded.kind
             """,
             (
                 inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
                 inst.sop_class_uid, inst.transfer_syntax_uid, str(inst.path), inst.size,
                 inst.sha256, inst.calling_ae, inst.called_ae, inst.peer_address,
-                inst.association_id, inst.received_at,
+                inst.association_id, inst.received_at, kind,
             ),
         )
-        await self.db.execute(
-            """
+        opened = await self._open_study(inst, deadline, settle_seconds,
+                                        reopen=kind == "image")
+        moved = (Path(row[2]) if row is not None and row[2] != str(inst.path)
+                 and row[3] is None else None)
+        outcome: InstanceOutcome = ("attached" if not opened
+                                    else "new" if row is None else "changed")
+        await self._add_reception(inst, outcome)
+        await self.db.commit()
+        return Indexed(outcome, moved, kind)
+
+    async def _instance_kind(self, inst: ReceivedInstance) -> InstanceKind:
+        async with self.db.execute(
+                "SELECT 1 FROM made_instances WHERE sop_instance_uid = ?",
+                (inst.sop_instance_uid,)) as cur:
+            if await cur.fetchone() is not None:
+                return "own"
+        return "image" if is_image(inst.sop_class_uid) else "other"
+
+    async def _open_study(self, inst: ReceivedInstance, deadline: float,
+                          settle_seconds: float, *, reopen: bool) -> bool:
+        """Open the instance's study, or re-open it to ``receiving`` when ``reopen``; True
+        when the study is (again) receiving because of this instance."""
+        conflict = """DO UPDATE SET
+                state = 'receiving', reason = '', last_received_at = excluded.last_received_at,
+                updated_at = excluded.updated_at, deadline = excluded.deadline,
+                settle_seconds = excluded.settle_seconds, attempts = 0, purged_at = NULL"""
+        cursor = await self.db.execute(
+            f"""
             INSERT INTO studies (study_instance_uid, state, first_received_at,
                 last_received_at, updated_at, deadline, settle_seconds)
             VALUES (?, 'receiving', ?, ?, ?, ?, ?)
-            ON CONFLICT (study_instance_uid) DO UPDATE SET
-                state = 'receiving', reason = '', last_received_at = excluded.last_received_at,
-                updated_at = excluded.updated_at, deadline = excluded.deadline,
-                settle_seconds = excluded.settle_seconds, attempts = 0, purged_at = NULL
+            ON CONFLICT (study_instance_uid) {conflict if reopen else "DO NOTHING"}
             """,
             (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at,
              deadline, settle_seconds),
         )
+        return reopen or cursor.rowcount == 1
+
+    async def _add_reception(self, inst: ReceivedInstance, outcome: InstanceOutcome) -> None:
+        await self.db.execute(
+            """INSERT INTO receptions (sop_instance_uid, study_instance_uid, association_id,
+                   calling_ae, called_ae, peer_address, received_at, outcome)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (inst.sop_instance_uid, inst.study_instance_uid, inst.association_id,
+             inst.calling_ae, inst.called_ae, inst.peer_address, inst.received_at, outcome))
+
+    # --- objects pxsgate made (export -> receive) ------------------------------------------
+
+    @_transaction
+    async def made_instance(self, *, result_id: str, exporter: str, study_uid: str,
+                            sop_class_uid: str, sop_instance_uid: str,
+                            series_instance_uid: str, at: str
+                            ) -> tuple[MadeInstance, MadeInstance | None]:
+        """The object made from ``result_id`` for ``exporter`` (registered on the first
+        call; a retried delivery gets the same one back) and the one it supersedes: the
+        study's previous object for that exporter, or None. Registered before it is sent,
+        so that it is known for pxsgate's own when a router sends it back."""
+        async with self.db.execute(
+                f"SELECT {_MADE_COLUMNS} FROM made_instances "
+                "WHERE result_id = ? AND exporter = ?", (result_id, exporter)) as cur:
+            found = await cur.fetchone()
+        row: tuple[Any, ...]
+        if found is not None:
+            row = tuple(found)
+        else:
+            async with self.db.execute(
+                    """SELECT coalesce(max(instance_number), 0) + 1 FROM made_instances
+                       WHERE study_instance_uid = ? AND exporter = ?""",
+                    (study_uid, exporter)) as cur:
+                number_row = await cur.fetchone()
+            assert number_row is not None
+            row = (sop_instance_uid, sop_class_uid, series_instance_uid, study_uid,
+                   result_id, exporter, int(number_row[0]))
+            await self.db.execute(
+                f"INSERT INTO made_instances ({_MADE_COLUMNS}, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row, at))
+            await self.db.commit()
+        made = MadeInstance(*row)
+        async with self.db.execute(
+                f"""SELECT {_MADE_COLUMNS} FROM made_instances
+                    WHERE study_instance_uid = ? AND exporter = ? AND instance_number < ?
+                    ORDER BY instance_number DESC LIMIT 1""",
+                (made.study_instance_uid, exporter, made.instance_number)) as cur:
+            previous = await cur.fetchone()
+        return made, MadeInstance(*tuple(previous)) if previous is not None else None
+
+    @_transaction
+    async def forget_made_instance(self, sop_instance_uid: str) -> None:
+        """Unregister an object that could not be made after all (never sent)."""
+        await self.db.execute("DELETE FROM made_instances WHERE sop_instance_uid = ?",
+                              (sop_instance_uid,))
         await self.db.commit()
-        if row is None:
-            return Indexed("new")
-        moved = Path(row[2]) if row[2] != str(inst.path) and row[3] is None else None
-        return Indexed("changed", moved)
 
     async def instances_for_study(self, study_uid: str) -> list[StoredInstance]:
         async with self.db.execute(
             """SELECT sop_instance_uid, series_instance_uid, sop_class_uid, path
                FROM instances WHERE study_instance_uid = ? AND removed_at IS NULL
+                 AND kind != 'own'
                ORDER BY received_at""",
             (study_uid,),
         ) as cur:
@@ -993,8 +1127,13 @@ class Store:
         instances = await self._dicts(
             """SELECT sop_instance_uid, series_instance_uid, sop_class_uid,
                       transfer_syntax_uid, size, calling_ae, called_ae, peer_address,
-                      association_id, received_at, receive_count, removed_at
+                      association_id, received_at, receive_count, removed_at, kind
                FROM instances WHERE study_instance_uid = ? ORDER BY received_at""",
+            (study_uid,))
+        receptions = await self._dicts(
+            """SELECT sop_instance_uid, association_id, calling_ae, called_ae, peer_address,
+                      received_at, outcome
+               FROM receptions WHERE study_instance_uid = ? ORDER BY received_at, rowid""",
             (study_uid,))
         decisions = await self._dicts(
             """SELECT sop_instance_uid, selected, rule, reason, decided_at FROM decisions
@@ -1017,6 +1156,7 @@ class Store:
             "history": [{k: r[k] for k in ("id", "status", "created_at", "flags")}
                         for r in results if not r["current"]],
             "instances": instances,
+            "receptions": receptions,
             "decisions": decisions,
             "deliveries": deliveries,
         }

@@ -70,6 +70,79 @@ def test_late_instance_rescores_and_keeps_history(tmp_path: Path) -> None:
         assert stop_service(svc) == 0
 
 
+def _non_image(study: Any, sop_class: str, modality: str) -> Any:
+    """A minimal non-image object of ``study`` (what a PACS routes with a study: a key
+    object selection, a presentation state)."""
+    from pydicom import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate"):
+        setattr(ds, keyword, getattr(study, keyword))
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    return ds
+
+
+def test_non_image_objects_and_resends_do_not_reopen_a_scored_study(tmp_path: Path) -> None:
+    """A key object selection and a presentation state routed with a scored study are
+    stored and indexed, and the study is not scored again; the same image sent again is
+    logged once, as instance.duplicate; `pxsgate trace` lists it under both associations.
+    An image that could change the score still re-opens the study."""
+    from pynetdicom.sop_class import (
+        GrayscaleSoftcopyPresentationStateStorage,
+        KeyObjectSelectionDocumentStorage,
+    )
+
+    from .conftest import pxsgate
+
+    svc = start_service(tmp_path)
+    try:
+        first, late = ap_study(2, "NONIMG", images=2)
+        uid = str(first.StudyInstanceUID)
+        assert send_datasets("127.0.0.1", svc.port, [first], calling_ae="ROUTER-A").ok
+        doc1 = svc.wait_for([uid])[uid]
+        others = [_non_image(first, KeyObjectSelectionDocumentStorage, "KO"),
+                  _non_image(first, GrayscaleSoftcopyPresentationStateStorage, "PR")]
+        assert send_datasets("127.0.0.1", svc.port, [*others, first],
+                             calling_ae="ROUTER-B").ok
+        wait_until(lambda: len(events(svc, "instance.duplicate")) == 1, what="the re-send")
+        time.sleep(2.0)  # settle-seconds is 0.3: a re-opened study would be scored by now
+        assert [d["id"] for d in svc.results("--study-uid", uid, "--history")] == [doc1["id"]]
+        stored = [e for e in events(svc, "instance.stored") if e.get("study") == doc1_key(svc)]
+        assert [(e["kind"], e["reopens"]) for e in stored] == [
+            ("image", True), ("other", False), ("other", False)]
+        [duplicate] = events(svc, "instance.duplicate")
+        assert duplicate["sop_class"] == "Computed Radiography Image Storage"
+        with sqlite3.connect(svc.data_dir / "pxsgate.sqlite3") as db:
+            kinds = sorted(r[0] for r in db.execute(
+                "SELECT kind FROM instances WHERE study_instance_uid = ?", (uid,)))
+        assert kinds == ["image", "other", "other"]
+        trace = pxsgate("trace", uid, "--config", svc.config).stdout
+        first_tail = str(first.SOPInstanceUID)[-20:]
+        lines = [line for line in trace.splitlines()
+                 if first_tail in line and "Computed Radiography" in line]
+        assert len(lines) == 2, trace  # under ROUTER-A's association and ROUTER-B's
+        assert "again: the same bytes" in lines[1]
+        assert "ROUTER-A → PxsScore" in trace
+        assert "ROUTER-B → PxsScore" in trace
+        # An image still re-opens it.
+        assert send_datasets("127.0.0.1", svc.port, [late]).ok
+        wait_until(lambda: len(svc.results("--study-uid", uid, "--history")) == 2,
+                   what="the rescore")
+    finally:
+        assert stop_service(svc) == 0
+
+
+def doc1_key(svc: Service) -> str:
+    """The log's study key of the first stored instance (one study per service here)."""
+    return str(events(svc, "instance.stored")[0]["study"])
+
+
 def _rules_config(svc: Service, image_rules: str) -> None:
     text = svc.config.read_text()
     head = text.split("selection:")[0]

@@ -162,16 +162,25 @@ def _stage_timeline(result: Mapping[str, Any]) -> list[tuple[str, str, float | N
     return out
 
 
-def _group_associations(instances: Sequence[Mapping[str, Any]]
+def _group_associations(receptions: Sequence[Mapping[str, Any]]
                         ) -> list[tuple[tuple[str, str, str, str], list[Mapping[str, Any]]]]:
-    """Instances by the association that last brought each (id, calling, called, peer), in
-    the order they arrived. Ids restart with the service, hence the whole key."""
+    """Receptions by the association that brought them (id, calling, called, peer), in the
+    order they arrived: an instance sent again on another association is under both. Ids
+    restart with the service, hence the whole key."""
     groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
-    for inst in sorted(instances, key=lambda i: str(i.get("received_at") or "")):
-        key = (str(inst.get("association_id") or "?"), str(inst.get("calling_ae") or ""),
-               str(inst.get("called_ae") or ""), str(inst.get("peer_address") or ""))
-        groups.setdefault(key, []).append(inst)
+    for rec in sorted(receptions, key=lambda r: str(r.get("received_at") or "")):
+        key = (str(rec.get("association_id") or "?"), str(rec.get("calling_ae") or ""),
+               str(rec.get("called_ae") or ""), str(rec.get("peer_address") or ""))
+        groups.setdefault(key, []).append(rec)
     return list(groups.items())
+
+
+# How a reception is described in the trace, by Indexed.outcome.
+_RECEPTION = {"new": "", "changed": " (changed: new bytes, re-opened the study)",
+              "duplicate": " (again: the same bytes, study left as it was)",
+              "revived": " (again: the same bytes, file kept again)",
+              "attached": " (indexed; does not re-open the study)"}
+_KIND = {"other": ", not an image", "own": ", made by pxsgate"}
 
 
 def trace_text(detail: Mapping[str, Any], *, phi: bool = False) -> str:
@@ -207,29 +216,38 @@ def trace_text(detail: Mapping[str, Any], *, phi: bool = False) -> str:
     add(f"  released {study.get('released_at') or '-'}, ready {study.get('ready_at') or '-'},"
         f" last change {study.get('updated_at') or '-'}")
 
-    # Associations and the instances they brought.
-    label: dict[str, str] = {}
-    for n, inst in enumerate(sorted(instances, key=lambda i: str(i.get("received_at") or "")),
-                             start=1):
-        label[str(inst["sop_instance_uid"])] = f"#{n}"
+    # Associations and the instances they brought; instances numbered as they first came.
     add("")
-    groups = _group_associations(instances)
-    add(f"associations ({len(groups)}; each instance under the one that last sent it)")
+    by_uid = {str(inst["sop_instance_uid"]): inst for inst in instances}
+    receptions: Sequence[Mapping[str, Any]] = detail.get("receptions") or [
+        {**inst, "outcome": "new"} for inst in instances]  # a detail from before receptions
+    groups = _group_associations(
+        [r for r in receptions if str(r.get("sop_instance_uid")) in by_uid])
+    label: dict[str, str] = {}
+    for _, members in groups:
+        for rec in members:
+            label.setdefault(str(rec["sop_instance_uid"]), f"#{len(label) + 1}")
+    for uid_ in by_uid:  # indexed without a reception row: not expected, never a KeyError
+        label.setdefault(uid_, f"#{len(label) + 1}")
+    add(f"associations ({len(groups)}; an instance sent again is under each that sent it)")
     if not groups:
         add("  (no instances indexed)")
     for (assoc, calling, called, peer), members in groups:
         add(f"  association {assoc}: {calling or '?'} → {called or '?'} from {peer or '?'}, "
             f"{len(members)} instance(s), first at {members[0].get('received_at') or '-'}")
-        for inst in members:
-            sop = str(inst["sop_instance_uid"])
+        for rec in members:
+            sop = str(rec["sop_instance_uid"])
+            inst = by_uid[sop]
             count = int(inst.get("receive_count") or 1)
             extra = f", received {count}x" if count != 1 else ", received once"
             removed = (f", file deleted {short_time(inst['removed_at'])}"
                        if inst.get("removed_at") else "")
             add(f"    {label[sop]} {uid_tail(sop, 20)}  "
-                f"{sop_class_name(str(inst.get('sop_class_uid') or ''))}, "
+                f"{sop_class_name(str(inst.get('sop_class_uid') or ''))}"
+                f"{_KIND.get(str(inst.get('kind') or ''), '')}, "
                 f"{human_bytes(int(inst.get('size') or 0))}{extra} "
-                f"(last {short_time(inst.get('received_at'))}){removed}")
+                f"(at {short_time(rec.get('received_at'))})"
+                f"{_RECEPTION.get(str(rec.get('outcome') or ''), '')}{removed}")
 
     # Selection.
     add("")

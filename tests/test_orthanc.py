@@ -211,6 +211,31 @@ def test_orthanc_autoroute_loop_scores_a_study_once(tmp_path: Path) -> None:
     assert history[0]["id"] == first["id"]
 
 
+def readme_lua() -> str:
+    """The Orthanc routing rule README.md recommends (its only ```lua block)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [block] = [part.split("```", 1)[0] for part in readme.split("```lua\n")[1:]]
+    return block
+
+
+def test_orthanc_readme_routing_rule_sends_images_not_pxsgates_sr(tmp_path: Path) -> None:
+    """The README's rule, as written there: each CR/DX image goes to pxsgate as it arrives;
+    pxsgate's SR, stored into Orthanc by the exporter, does not come back."""
+    study = ap_study(72, "ORTHRULE")
+    uid = str(study[0].StudyInstanceUID)
+    with pxsgate_and_orthanc(tmp_path, lua=readme_lua()) as pair:
+        orthanc = pair.orthanc
+        assert orthanc.upload(encode(study[0]))["Status"] == "Success"
+        first = pair.svc.wait_for([uid], timeout=45)[uid]
+        assert first["status"] == "SUCCEEDED", first["errorMessage"]
+        [sr] = poll(lambda: orthanc.instances_of(uid, "SR"), 30, "the SR in Orthanc")
+        time.sleep(STABLE_AGE + 2 * SETTLE + 1)  # time enough for a rule that would route it
+        received = [i["sop_instance_uid"] for i in pair.study(uid)["instances"]]
+    assert received == [str(study[0].SOPInstanceUID)]
+    assert sr["SOPInstanceUID"] not in received
+    assert len(pair.history(uid)) == 1
+
+
 # --- (b) JPEG 2000 from Orthanc scores like the uncompressed original ------------------------
 
 # pxsgate takes uncompressed data only as Implicit VR Little Endian here: Orthanc then cannot

@@ -464,7 +464,7 @@ async def test_a_version_4_store_is_migrated(tmp_path: Path) -> None:
     assert (migrated["change_distance"], migrated["score_change"],
             migrated["interval_days"]) == (None, None, None)
     db = sqlite3.connect(db_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
     assert db.execute("SELECT count(*) FROM embeddings").fetchone() == (1,)
     db.close()
 
@@ -530,3 +530,35 @@ async def test_export_dataset_is_de_identified_csv_with_the_change(tmp_path: Pat
     bad = pxsgate("export-dataset", "--config", config, "--since", "yesterday", check=False)
     assert bad.returncode == 2
     assert "since" in bad.stderr
+
+
+async def test_a_version_5_store_is_migrated_with_receptions_and_kinds(tmp_path: Path) -> None:
+    """Migration 6 (issue 17): the instances a version-5 store holds are images (they could
+    re-open their study, as before) and each has one reception, from its last association."""
+    db_path = tmp_path / "pxsgate.sqlite3"
+    db = sqlite3.connect(db_path)
+    for number, script in enumerate(MIGRATIONS[:5], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    db.execute("""INSERT INTO instances (sop_instance_uid, study_instance_uid,
+                      series_instance_uid, sop_class_uid, transfer_syntax_uid, path, size,
+                      sha256, calling_ae, called_ae, peer_address, association_id,
+                      received_at, receive_count)
+                  VALUES ('1.2.9.1', '1.2.9', '1.2.9.0', '1.2.840.10008.5.1.4.1.1.1',
+                          '1.2.840.10008.1.2', '/x', 1, 'ab', 'ROUTER', 'PxsScore',
+                          '127.0.0.1', 'a000007', '2026-11-26T10:00:00.000+01:00', 2)""")
+    db.commit()
+    db.close()
+    store = Store(db_path)
+    await store.open()
+    try:
+        detail = await store.study_detail("1.2.9")
+    finally:
+        await store.close()
+    assert detail is None  # no study row: the instance alone was inserted here
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("SELECT kind FROM instances").fetchall() == [("image",)]
+    assert db.execute("SELECT sop_instance_uid, association_id, calling_ae, outcome "
+                      "FROM receptions").fetchall() == [("1.2.9.1", "a000007", "ROUTER", "new")]
+    assert db.execute("SELECT count(*) FROM made_instances").fetchone() == (0,)
+    db.close()

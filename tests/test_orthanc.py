@@ -34,7 +34,7 @@ from pxsgate import synth
 from pxsgate.results import pxs_entries
 from pxsgate.scu import send_datasets
 
-from .conftest import Service, free_port, start_service, stop_service
+from .conftest import Service, free_port, pxsgate, start_service, stop_service
 from .orthanc import JPEG2000_LOSSLESS, Orthanc, orthanc_binary, orthanc_server
 from .test_lifecycle import ap_study
 
@@ -53,14 +53,14 @@ end
 ACTIVE_STATES = ("receiving", "ready", "selected", "inferring")
 
 
-def sr_exporter(orthanc_port: int) -> str:
+def sr_exporter(orthanc_port: int, calling_aet: str = EXPORTER_AET) -> str:
     return f"""exporters:
   - name: orthanc
     type: dicom
     host: 127.0.0.1
     port: {orthanc_port}
     ae-title: ORTHANC
-    calling-ae-title: {EXPORTER_AET}
+    calling-ae-title: {calling_aet}
     timeout-seconds: 10
     backoff-initial-seconds: 0.2
     backoff-max-seconds: 1
@@ -91,8 +91,8 @@ class Pair:
 
 @contextlib.contextmanager
 def pxsgate_and_orthanc(tmp: Path, *, lua: str | None = None, export_sr: bool = True,
-                        extra_scp: str = "", scu_preferred_syntax: str | None = None
-                        ) -> Iterator[Pair]:
+                        extra_scp: str = "", scu_preferred_syntax: str | None = None,
+                        exporter_aet: str = EXPORTER_AET) -> Iterator[Pair]:
     """pxsgate first (its port is known only once it listens), its SR exporter aimed at the
     port Orthanc is about to take; then Orthanc, whose DicomModalities name pxsgate's SCP
     (``pxsgate``, for routing) and its exporter's calling AE (``pxsgate-sr``, store only)."""
@@ -102,7 +102,7 @@ def pxsgate_and_orthanc(tmp: Path, *, lua: str | None = None, export_sr: bool = 
     (tmp / "pxsgate").mkdir(parents=True)
     svc = start_service(tmp / "pxsgate", settle=SETTLE, http_port=http_port,
                         extra_scp=extra_scp, ae_titles=(PXSGATE_AET,),
-                        extra=sr_exporter(orthanc_port) if export_sr else "")
+                        extra=sr_exporter(orthanc_port, exporter_aet) if export_sr else "")
     modalities = {
         "pxsgate": {"AET": PXSGATE_AET, "Host": "127.0.0.1", "Port": svc.port,
                     "AllowStore": False, "AllowFind": False, "AllowMove": False,
@@ -341,3 +341,26 @@ def test_orthanc_rescore_sr_supersedes_the_first(tmp_path: Path) -> None:
     assert ref.ReferencedSOPInstanceUID == sr1_file.SOPInstanceUID
     assert ref.ReferencedSOPClassUID == sr1_file.SOPClassUID
 
+
+
+# --- (d) an exporter whose calling AE title Orthanc does not know ------------------------------
+
+
+def test_orthanc_unknown_exporter_ae_title_is_named_in_the_error(tmp_path: Path) -> None:
+    """Orthanc (DicomAlwaysAllowStore off) accepts the association of a calling AE title it
+    does not list and aborts it at the C-STORE: the delivery's error says what to check."""
+    study = ap_study(73, "ORTHAET")
+    uid = str(study[0].StudyInstanceUID)
+    with pxsgate_and_orthanc(tmp_path, exporter_aet="STRANGER") as pair:
+        assert send_datasets("127.0.0.1", pair.svc.port, study).ok
+        assert pair.svc.wait_for([uid], timeout=45)[uid]["status"] == "SUCCEEDED"
+
+        def failed() -> str:
+            out = pxsgate("outbox", "list", "--json", "--config", pair.svc.config).stdout
+            rows: list[dict[str, Any]] = json.loads(out)
+            return next((str(r["last_error"]) for r in rows if r["last_error"]), "")
+        error = poll(failed, 30, "a failed delivery")
+        assert not pair.orthanc.instances_of(uid, "SR")
+    assert "aborted before the C-STORE response" in error
+    assert "calling AE title it does not know" in error
+    assert "lists STRANGER" in error

@@ -1,7 +1,8 @@
 """structlog set-up: JSON lines on stdout under systemd (journald keeps them), a readable
 console format on a terminal. Event names are stable so alerts can match on them:
 
-    association.accepted / .rejected / .closed   instance.stored / .refused / .duplicate
+    association.accepted / .rejected / .closed   connection.dropped
+    instance.stored / .refused / .duplicate
     study.ready / .skipped / .retry / .failed / .crashed / .purged   result.stored
     inference.batch / .isolating / .failed / .stuck   export.delivered / .failed / .dead
     gateway.started / .stopping / .stopped / .unhealthy   spool.recovered  studies.resumed

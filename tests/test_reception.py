@@ -237,6 +237,12 @@ def test_disk_floor_answers_out_of_resources(tmp_path: Path) -> None:
         study = one_ap_study(520, "FULL")
         report = send_datasets("127.0.0.1", full.port, list(study.datasets))
         assert report.statuses == (0xA700,)
+        # The reason reaches the log (and the peer's ErrorComment), not "internal error":
+        # the refusal leaves Spool.writing's block intact.
+        refused = [e for e in full.logs if e.get("event") == "instance.refused"]
+        assert [e["status"] for e in refused] == ["0xA700"]
+        assert "below its floor" in refused[0]["reason"]
+        assert not [e for e in full.logs if e.get("event") == "instance.error"]
         assert not list((full.data_dir / "spool").rglob("*.dcm"))
         assert not list((full.data_dir / "spool").rglob(".*.tmp"))
         assert instance_rows(full, str(study.datasets[0].StudyInstanceUID)) == []

@@ -27,7 +27,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
 
@@ -74,10 +73,16 @@ ClosedHandler = Callable[[str], None]
 Admission = Callable[[int], "float | str"]
 
 
-@dataclass(frozen=True)
 class _Refusal(Exception):
-    status: int
-    comment: str
+    """A C-STORE answered with ``status`` and ``comment`` (its ErrorComment). A plain
+    exception, not a frozen dataclass: leaving a ``@contextmanager`` block (Spool.writing)
+    sets its ``__traceback__``, which a frozen dataclass refuses, and the refusal then
+    became an "internal error" without its reason."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -412,6 +413,10 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_sigterm_lets_associations
             pass
         late = ae.associate("127.0.0.1", port, ae_title="PxsScore")
         assert not late.is_established, "no new associations once stopping"
+        # A reload asked for during the stop (logrotate, an operator) is ignored, not fatal.
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGHUP during the graceful stop ended the process"
         status = assoc.send_c_store(study[0])
         assert status.Status == 0x0000, "the association in progress is still served"
         assoc.release()
@@ -423,3 +428,4 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_sigterm_lets_associations
         os.unlink(address)
     log = (tmp_path / "serve.log").read_text()
     assert '"event": "gateway.stopped"' in log
+    assert '"event": "signal.ignored"' in log

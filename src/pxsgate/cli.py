@@ -205,7 +205,12 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     configure_logging(config.logging.format, config.logging.level)
-    return int(_run(_serve(config, resolve_config_path(args.config))))
+    try:
+        return int(_run(_serve(config, resolve_config_path(args.config))))
+    finally:
+        # The loop has closed and restored the default handlers; a SIGHUP in the moment
+        # before the process exits must not turn a clean stop into exit 129.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _serve(config: Config, path: Path) -> int:
@@ -239,16 +244,24 @@ async def _serve(config: Config, path: Path) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def ignore_hup() -> None:
+        log.info("signal.ignored", signal="SIGHUP", reason="the service is stopping")
+
+    def stopping_now() -> None:
+        # Not remove_signal_handler: that restores SIGHUP's default, which kills the process
+        # (exit 129) and aborts the associations its graceful stop is waiting for.
+        loop.add_signal_handler(signal.SIGHUP, ignore_hup)
+
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # A SIGTERM while the model loads (minutes, with torch.compile) stops the start-up.
     starting = loop.create_task(gateway.start())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
+        stopping_now()
         starting.cancel()  # Gateway.start stops what it had started
         with contextlib.suppress(asyncio.CancelledError):
             await starting
-        loop.remove_signal_handler(signal.SIGHUP)
         return EXIT_OK
     stopping.cancel()
     starting.result()  # a start-up error goes up from here
@@ -258,7 +271,7 @@ async def _serve(config: Config, path: Path) -> int:
         for task in waits:
             task.cancel()
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        stopping_now()
         await gateway.stop()
     if gateway.fatal.is_set():
         print(f"pxsgate: {gateway.fatal_reason}; stopped so that it is restarted",

@@ -259,3 +259,22 @@ def test_dataset_over_the_size_limit(tmp_path: Path) -> None:
         still_answers(small)
     finally:
         assert stop_service(small) == 0
+
+
+def test_a_multi_valued_patient_id_is_kept_as_dicom_writes_it(tmp_path: Path) -> None:
+    """PatientID is single-valued, but a sender may write "A\\B": it is stored, searched and
+    hashed as those bytes say (DICOM's encoding), not as Python's list text."""
+    svc = start_service(tmp_path)
+    try:
+        ds: Dataset = one_ap_study(522, "MULTI").datasets[0]
+        ds.PatientID = ["MRN-A", "MRN-B"]
+        assert send_datasets("127.0.0.1", svc.port, [ds]).ok
+        uid = str(ds.StudyInstanceUID)
+        doc = svc.wait_for([uid])[uid]
+        assert doc["patientId"] == "MRN-A\\MRN-B"
+        assert [d["id"] for d in svc.results("--patient-id", "MRN-A\\MRN-B")] == [doc["id"]]
+        with sqlite3.connect(svc.data_dir / "pxsgate.sqlite3") as db:
+            (patient_id,) = db.execute("SELECT patient_id FROM results").fetchone()
+        assert patient_id == "MRN-A\\MRN-B"
+    finally:
+        assert stop_service(svc) == 0

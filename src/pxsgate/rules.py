@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from pxsgate.config import SelectionConfig
 from pxsgate.matchers import first_match
@@ -52,6 +53,10 @@ class Header:
             return ""
         try:
             value = self.dataset.get(keyword, "")
+            if isinstance(value, MultiValue):
+                # DICOM's own encoding of several values (a PatientID "A\\B"), not Python's
+                # list text "['A', 'B']", which nothing outside pxsgate would search for.
+                return "\\".join(str(v).strip() for v in value)
             return "" if value is None else str(value).strip()
         except Exception:  # pydicom converts lazily: any malformed value fails here
             return ""

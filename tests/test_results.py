@@ -22,9 +22,11 @@ import pytest
 from pxsgate.server import Gateway
 from pxsgate.store import MIGRATIONS, Store
 
-from .conftest import free_port, pxsgate
+from .conftest import free_port, pxsgate, write_config
 from .inprocess import gateway, result_of, send
 from .test_lifecycle import ap_study
+
+TOKEN = "reader-token-0123456789abcdef0123456789"  # at least 32 characters (serve refuses less)
 
 
 def schema_validator() -> jsonschema.Draft202012Validator:
@@ -52,7 +54,7 @@ class Site:
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
     port = free_port()
-    (tmp_path / "token").write_text("reader-token\n")
+    (tmp_path / "token").write_text(TOKEN + "\n")
     async with gateway(tmp_path, http_port=port,
                        http_token_file=tmp_path / "token") as (gw, model):
         docs: dict[str, dict[str, Any]] = {}
@@ -69,7 +71,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         await send(gw, bad)
         docs["failed"] = await result_of(gw, str(bad[0].StudyInstanceUID))
         model.fail = False
-        yield Site(gw, f"http://127.0.0.1:{port}", tmp_path, docs, "reader-token")
+        yield Site(gw, f"http://127.0.0.1:{port}", tmp_path, docs, TOKEN)
 
 
 async def test_every_outcome_validates_against_the_schema(site: Site) -> None:
@@ -179,7 +181,7 @@ async def test_results_command_filters_and_formats(site: Site) -> None:
     assert "since" in bad.stderr
 
 
-async def _get(site: Site, path: str, token: str | None = "reader-token"
+async def _get(site: Site, path: str, token: str | None = TOKEN
                ) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as session, session.get(
@@ -218,7 +220,7 @@ async def test_http_api_answers_read_only_queries(site: Site) -> None:
     assert (await _get(site, "/results", token=None))[0] == 401
     assert (await _get(site, "/results", token="wrong"))[0] == 401
     async with aiohttp.ClientSession() as session, session.post(
-            site.http + "/results", json={}, headers={"Authorization": "Bearer reader-token"}
+            site.http + "/results", json={}, headers={"Authorization": f"Bearer {TOKEN}"}
     ) as response:
         assert response.status == 405  # no write endpoints
 
@@ -269,3 +271,44 @@ async def test_a_closed_pipe_ends_the_command_quietly(site: Site, command: tuple
     assert "BrokenPipeError" not in stderr
     assert stderr == ""
     assert code == 1
+
+
+async def test_hostile_authorization_headers_get_401_then_429(site: Site) -> None:
+    """Before any login: a non-UTF-8 Authorization header is a 401, not a 500; failed tries
+    are logged without the token, and past ten a minute the peer gets 429 + Retry-After,
+    even with the right token, while other paths' open endpoints still answer."""
+    from structlog.testing import capture_logs
+
+    port = int(site.http.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /results HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Authorization: Bearer \xe9\xff\xfe-latin1\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+    secret_guess = "guess-" + "x" * 40
+    with capture_logs() as logs:
+        statuses = [(await _get(site, "/results", token=secret_guess))[0] for _ in range(9)]
+    assert statuses == [401] * 9  # the raw request above was the first failure
+    assert (await _get(site, "/results"))[0] == 429, "locked out, the right token too"
+    async with aiohttp.ClientSession() as session, session.get(
+            site.http + "/results", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 429
+        assert int(response.headers["Retry-After"]) >= 1
+    assert (await _get(site, "/healthz", token=None))[0] == 200
+    failed = [e for e in logs if e["event"] == "http.unauthorized"]
+    assert len(failed) == 9
+    assert failed[-1]["locked_out"] is True
+    assert all(secret_guess not in json.dumps(e, default=str) for e in logs)
+
+
+def test_a_short_bearer_token_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("short\n")
+    config = write_config(tmp_path / "pxsgate.yaml", tmp_path / "data", http_port=free_port(),
+                          http_token_file=tmp_path / "token")
+    run = pxsgate("serve", "--config", config, check=False, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "http.bearer-token-file" in run.stderr
+    assert "fewer than 32" in run.stderr

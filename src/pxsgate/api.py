@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -112,12 +113,66 @@ async def _metrics(request: web.Request) -> web.Response:
 OPEN_PATHS = ("/healthz", "/metrics")
 
 
-def _auth(token: str | None) -> Middleware:
+MIN_TOKEN_LENGTH = 32  # characters: `openssl rand -hex 32` gives 64
+FAILURES_ALLOWED = 10  # failed attempts per peer within FAILURE_WINDOW_S, then 429
+FAILURE_WINDOW_S = 60.0
+MAX_PEERS_TRACKED = 4096
+
+
+class FailedLogins:
+    """Failed token checks per peer address, in a sliding window: beyond FAILURES_ALLOWED a
+    peer is answered 429 (with Retry-After) without its token being looked at, so that
+    guessing is slow. A bounded table: the oldest peer is forgotten first."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds until ``peer`` may try again; 0 when it may now."""
+        times = self._recent(peer)
+        if len(times) < FAILURES_ALLOWED:
+            return 0.0
+        return max(0.0, times[0] + FAILURE_WINDOW_S - self._clock())
+
+    def failed(self, peer: str) -> int:
+        """Count a failure; return the peer's failures in the window."""
+        times = self._recent(peer)
+        times.append(self._clock())
+        self._failures[peer] = times
+        self._failures.move_to_end(peer)
+        while len(self._failures) > MAX_PEERS_TRACKED:
+            self._failures.popitem(last=False)
+        return len(times)
+
+    def _recent(self, peer: str) -> deque[float]:
+        times = self._failures.get(peer, deque())
+        while times and times[0] <= self._clock() - FAILURE_WINDOW_S:
+            times.popleft()
+        return times
+
+
+def _auth(token: str | None, failures: FailedLogins) -> Middleware:
+    # The header as bytes: aiohttp decodes headers as UTF-8 with surrogate escapes, which
+    # a plain .encode() refuses (a 500 for a Latin-1 header, before any login).
+    expected = f"Bearer {token}".encode()
+
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is not None and request.path not in OPEN_PATHS:
+            peer = request.remote or "?"
+            wait = failures.retry_after(peer)
+            if wait > 0:
+                return web.json_response(
+                    {"error": "too many failed attempts: try again later"}, status=429,
+                    headers={"Retry-After": str(max(1, round(wait)))})
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+                count = failures.failed(peer)
+                # Never the token given: the peer, the path and whether one was sent at all.
+                log.warning("http.unauthorized", peer=peer, path=request.path,
+                            token_sent=bool(given), failures_in_window=count,
+                            locked_out=count >= FAILURES_ALLOWED)
                 return web.json_response({"error": "a valid bearer token is required"},
                                          status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
@@ -135,7 +190,7 @@ class Api:
     def __init__(self, config: HttpConfig, store: Store, health: Health,
                  token: str | None = None, metrics: Metrics | None = None) -> None:
         self._config = config
-        app = web.Application(middlewares=[_auth(token)])
+        app = web.Application(middlewares=[_auth(token, FailedLogins())])
         app[STORE_KEY] = store
         app[HEALTH_KEY] = health
         app[METRICS_KEY] = metrics or Metrics()

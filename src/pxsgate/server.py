@@ -29,10 +29,10 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 
-from pxsgate.api import Api
+from pxsgate.api import MIN_TOKEN_LENGTH, Api
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
-from pxsgate.errors import StoreError
+from pxsgate.errors import ConfigError, StoreError
 from pxsgate.export import build_exporters, read_secret
 from pxsgate.failpoints import Failpoints
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
@@ -170,6 +170,10 @@ class Gateway:
         http = self.config.http
         token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
                  if http.bearer_token_file else None)
+        if token is not None and len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError("http.bearer-token-file",
+                              f"the token has {len(token)} characters, fewer than "
+                              f"{MIN_TOKEN_LENGTH}: make one with `openssl rand -hex 32`")
         self._decoder = DecodePool(self.config.preprocess,
                                    self.config.jobs.decode_time_limit_seconds)
         self.notifier.status("loading the model")

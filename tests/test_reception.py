@@ -278,3 +278,103 @@ def test_a_multi_valued_patient_id_is_kept_as_dicom_writes_it(tmp_path: Path) ->
         assert patient_id == "MRN-A\\MRN-B"
     finally:
         assert stop_service(svc) == 0
+
+
+# --- what a data set becomes, and its whole header, before Success (issue 18.1, 18.12) -------
+
+LIMITED = "    max-dataset-mb: 16"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = start_service(tmp_path_factory.mktemp("limited"), extra_scp=LIMITED)
+    yield svc
+    assert stop_service(svc) == 0
+
+
+def _explicit_le(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_deflate_bomb_is_refused_within_bounded_memory(limited: Service, tmp_path: Path
+                                                         ) -> None:
+    """A 0.4 MB Deflated data set that inflates to 400 MB gets 0xA700 (max-dataset-mb is
+    16 here), nothing is spooled, and the service's peak RSS grows by far less than 400 MB."""
+    import zlib
+
+    header = one_ap_study(523, "BOMB").datasets[0]
+    del header.PixelData
+    header.Rows, header.Columns = 10, 10  # the header does not give it away
+    inflated = 400 * 2**20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [compressor.compress(_explicit_le(header)),
+            compressor.compress(b"\xe0\x7f\x10\x00OW\x00\x00" + inflated.to_bytes(4, "little"))]
+    zeros = bytes(2**20)
+    body += [compressor.compress(zeros) for _ in range(inflated // len(zeros))]
+    body.append(compressor.flush())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = header.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID
+    meta.TransferSyntaxUID = DEFLATED
+    buffer = BytesIO()
+    write_file_meta_info(buffer, meta)
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + b"".join(body))
+    assert path.stat().st_size < 2**20
+
+    before = _peak_rss_kib(limited.process.pid)
+    ae = AE(ae_title="ABUSER")
+    ae.add_requested_context(str(header.SOPClassUID), DEFLATED)
+    assoc = ae.associate("127.0.0.1", limited.port, ae_title="PxsScore")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700
+    assert "inflated" in str(status.get("ErrorComment", ""))
+    grown_mib = (_peak_rss_kib(limited.process.pid) - before) / 1024
+    assert grown_mib < 150, f"the service's peak RSS grew by {grown_mib:.0f} MiB"
+    assert instance_rows(limited, str(header.StudyInstanceUID)) == []
+    still_answers(limited)
+
+
+def test_pixel_data_too_large_once_decoded_is_refused(limited: Service) -> None:
+    """Rows x Columns x frames x bytes, from the header, before any decoding."""
+    ds: Dataset = one_ap_study(524, "HUGE").datasets[0]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4096, 4096, 2  # 64 MiB at 16 bits, > 16 MB
+    report = send_datasets("127.0.0.1", limited.port, [ds])
+    assert report.statuses == (0xA700,)
+    assert instance_rows(limited, str(ds.StudyInstanceUID)) == []
+
+
+def test_a_header_damaged_after_the_series_uid_is_refused(limited: Service, tmp_path: Path
+                                                          ) -> None:
+    """An element after (0020,000E) whose declared length runs past the end: 0xC210 now,
+    not Success and a study later found unreadable."""
+    import struct
+
+    ds: Dataset = one_ap_study(525, "DAMAGE").datasets[0]
+    del ds.PixelData
+    payload = _explicit_le(ds)
+    at = payload.find(b"\x28\x00\x10\x00US")  # Rows, well after SeriesInstanceUID
+    assert at > payload.find(b"\x20\x00\x0e\x00UI") > 0
+    damaged = payload[:at + 6] + struct.pack("<H", 0xFFF0) + payload[at + 8:]
+    path = part10(damaged, str(ds.SOPClassUID), str(ds.SOPInstanceUID), tmp_path / "cut.dcm")
+    assert raw_store(limited.port, path) == 0xC210
+    assert instance_rows(limited, str(ds.StudyInstanceUID)) == []
+    still_answers(limited)

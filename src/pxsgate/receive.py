@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from io import BytesIO
@@ -393,13 +394,17 @@ class Receiver:
         if isinstance(verdict, str):
             raise _Refusal(STATUS_OUT_OF_RESOURCES, verdict)
         try:
-            ds = self._identifying_elements(event, received)
+            ds = self._header(event, received)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
             study_uid = str(ds.get("StudyInstanceUID", ""))
             series_uid = str(ds.get("SeriesInstanceUID", ""))
+        except _Refusal:
+            raise
         except Exception as exc:  # a peer's bytes can fail in any way pydicom can
-            raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {exc}") from exc
+            # pxsgate's words only: pydicom's message may quote a value (PHI).
+            raise _Refusal(STATUS_CANNOT_UNDERSTAND,
+                           f"unreadable data set ({type(exc).__name__})") from exc
         if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
             raise _Refusal(STATUS_DATASET_MISMATCH, "SOP UIDs differ from the C-STORE request")
         for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
@@ -434,19 +439,33 @@ class Receiver:
         self._failpoints.hit("after-index")
         return instance, indexed, verdict
 
-    @staticmethod
-    def _identifying_elements(event: evt.Event, received: BytesIO) -> Dataset:
-        """Parse only the elements up to (0020,000E) SeriesInstanceUID: the UIDs this stage
-        needs, without reading (and copying) the pixel data."""
+    def _header(self, event: evt.Event, received: BytesIO) -> Dataset:
+        """Parse the whole header, everything before Pixel Data, without reading (and
+        copying) the pixel data: a data set that cannot be read is refused now, not
+        acknowledged and then found unreadable. A Deflated data set is inflated in bounded
+        chunks first (a decompression bomb is refused before it fills memory). The pixel
+        data it declares must fit max-dataset-mb once decoded."""
         syntax = event.context.transfer_syntax
         if syntax == DeflatedExplicitVRLittleEndian:
-            return event.dataset  # must be inflated first; pynetdicom does that
-        received.seek(0)
+            with received.getbuffer() as deflated:
+                stream = BytesIO(_inflate(deflated, self._max_dataset,
+                                          self._config.max_dataset_mb))
+        else:
+            stream = received
+        stream.seek(0)
         try:
-            return read_dataset(received, syntax.is_implicit_VR, syntax.is_little_endian,
-                                stop_when=lambda tag, vr, length: tag > 0x0020000E)
+            ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                              stop_when=lambda tag, vr, length: tag >= PIXEL_DATA)
         finally:
             received.seek(0)
+        for elem in ds.elements():
+            _check_length(elem)
+        decoded = _decoded_pixel_bytes(ds)
+        if decoded > self._max_dataset:
+            raise _Refusal(STATUS_OUT_OF_RESOURCES,
+                           f"pixel data larger than {self._config.max_dataset_mb:g} MB "
+                           "once decoded")
+        return ds
 
     def _index(self, instance: ReceivedInstance) -> Indexed:
         """Block this association thread until the loop has indexed the instance."""
@@ -464,6 +483,68 @@ class Receiver:
     @staticmethod
     async def _await(awaitable: Awaitable[Indexed]) -> Indexed:
         return await awaitable
+
+
+PIXEL_DATA = 0x7FE00010
+INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
+# Of a Deflated data set, the inflated bytes kept for reading its header: the rest is
+# inflated only to be counted against max-dataset-mb.
+HEADER_KEPT = 64 * 2**20
+
+
+def _inflate(deflated: memoryview, limit: int, limit_mb: float) -> bytes:
+    """A Deflated Explicit VR Little Endian data set (PS3.5 A.5) inflated in chunks, every
+    byte counted and only the first HEADER_KEPT kept: one that inflates past ``limit``
+    bytes is refused with 0xA700 having taken at most about HEADER_KEPT of memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    kept = bytearray()
+    total = 0
+    pending: bytes | memoryview = deflated
+    try:
+        while True:
+            out = inflater.decompress(pending, INFLATE_CHUNK)
+            total += len(out)
+            if total > limit:
+                raise _Refusal(STATUS_OUT_OF_RESOURCES,
+                               f"data set larger than {limit_mb:g} MB once inflated")
+            if len(kept) < HEADER_KEPT:
+                kept += out[:HEADER_KEPT - len(kept)]
+            pending = inflater.unconsumed_tail
+            if inflater.eof or (not pending and len(out) < INFLATE_CHUNK):
+                break
+    except zlib.error as exc:
+        raise _Refusal(STATUS_CANNOT_UNDERSTAND, "the deflated data set does not inflate"
+                       ) from exc
+    return bytes(kept)
+
+
+def _check_length(elem: Any) -> None:
+    """A raw element whose value is shorter than its declared length ran past the end of
+    the data set: pydicom keeps what there was, silently."""
+    length = getattr(elem, "length", None)
+    value = getattr(elem, "value", None)
+    if (length is not None and length != 0xFFFFFFFF and isinstance(value, bytes)
+            and len(value) != length):
+        raise _Refusal(STATUS_CANNOT_UNDERSTAND,
+                       f"element ({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}) runs past "
+                       "the end of the data set")
+
+
+def _decoded_pixel_bytes(ds: Dataset) -> int:
+    """What the declared pixel data takes once decoded: Rows x Columns x frames x samples
+    x bytes per sample, from the header alone (0 without Rows or Columns)."""
+    def number(keyword: str, default: int) -> int:
+        try:
+            value = ds.get(keyword, default)
+            return max(0, int(value if value not in (None, "") else default))
+        except (TypeError, ValueError):
+            return default
+
+    rows, columns = number("Rows", 0), number("Columns", 0)
+    frames = max(1, number("NumberOfFrames", 1))
+    samples = max(1, number("SamplesPerPixel", 1))
+    bits = max(1, number("BitsAllocated", 16))
+    return rows * columns * frames * samples * ((bits + 7) // 8)
 
 
 class _Server(ThreadedAssociationServer):

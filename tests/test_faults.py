@@ -31,7 +31,7 @@ from pxsgate.scu import send_datasets
 from pxsgate.server import Gateway
 
 from .conftest import write_config
-from .inprocess import eventually, result_of, send
+from .inprocess import eventually, gateway, result_of, send
 from .test_lifecycle import ap_study
 
 INFO = ModelInfo("Fault", "1", "tests", "a model that misbehaves on request",
@@ -429,3 +429,47 @@ def test_systemd_hears_ready_watchdog_and_stopping_and_sigterm_lets_associations
     log = (tmp_path / "serve.log").read_text()
     assert '"event": "gateway.stopped"' in log
     assert '"event": "signal.ignored"' in log
+
+
+async def test_healthz_reports_a_store_that_cannot_write(tmp_path: Path) -> None:
+    """A full disk: reads go on, every write fails. /healthz is 503 with the reason while
+    the disk is full, and 200 again once there is room (issue 18.11)."""
+    import aiohttp
+
+    from .conftest import free_port
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    data = tmp_path / "data"
+    data.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)]
+    if (await asyncio.to_thread(subprocess.run, mount, capture_output=True)).returncode:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: a tmpfs must be mountable")
+        pytest.skip("no tmpfs mount possible here")
+    port = free_port()
+    try:
+        async with gateway(tmp_path, http_port=port) as (gw, _):
+            url = f"http://127.0.0.1:{port}/healthz"
+
+            async def healthz() -> tuple[int, dict[str, Any]]:
+                async with aiohttp.ClientSession() as session, session.get(url) as response:
+                    return response.status, await response.json()
+
+            status, body = await healthz()
+            assert (status, body["store"]) == (200, True)
+            filler = gw.config.storage.data_dir / "filler"
+            with filler.open("wb", buffering=0) as out:
+                for size in (2**20, 4096, 1):  # to the last byte
+                    with contextlib.suppress(OSError):
+                        while True:
+                            out.write(bytes(size))
+            status, body = await healthz()
+            assert status == 503
+            assert body["store"] is False
+            assert "full" in body["storeError"]
+            filler.unlink()
+            status, body = await healthz()
+            assert (status, body["store"]) == (200, True)
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(data)], check=False)

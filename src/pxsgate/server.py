@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import functools
 import hashlib
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -95,6 +96,15 @@ def recovered_instance(path: Path) -> ReceivedInstance | None:
             .astimezone().isoformat(timespec="milliseconds"))
     except Exception:  # a file the receiver wrote is readable; anything else is not ours
         return None
+
+
+def _store_problem(exc: BaseException) -> str:
+    """Why the store failed, in words an operator can act on (no paths, no data)."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None and not isinstance(cause, sqlite3.Error):
+        cause = cause.__cause__
+    text = str(cause).split("\n", 1)[0][:200]
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 class Gateway:
@@ -285,17 +295,23 @@ class Gateway:
                  restart_needed=restart)
 
     async def health(self) -> dict[str, Any]:
-        """/healthz: the store answers, the model worker runs, and the outbox's backlog."""
+        """/healthz: the store answers and can write, the model worker runs, and the
+        outbox's backlog. A store that reads but cannot write (a full disk) is unhealthy,
+        with the reason."""
+        store_error = ""
+        deliveries: dict[str, int] = {}
         try:
             deliveries = await self.store.delivery_counts()
-            store_ok = True
+            await self.store.probe_write(now_iso())
         except Exception as exc:
-            log.error("health.store_failed", error=repr(exc))
-            deliveries, store_ok = {}, False
+            store_error = _store_problem(exc)
+            log.error("health.store_failed", error=store_error)
+        store_ok = not store_error
         worker_ok = self.worker.alive
         return {
             "ok": store_ok and worker_ok,
             "store": store_ok,
+            **({"storeError": store_error} if store_error else {}),
             "model": {"ok": worker_ok, "id": self.model.id if self.model else None},
             "dicomPort": self.port,
             "uptimeSeconds": round(time.time() - self._started_at, 1),

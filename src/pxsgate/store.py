@@ -369,6 +369,13 @@ MIGRATIONS: tuple[str, ...] = (
         outcome            TEXT NOT NULL     -- new, changed, duplicate, revived, attached
     );
     CREATE INDEX receptions_study ON receptions (study_instance_uid);
+
+    -- One row that /healthz rewrites: the store answers reads and can still write (a
+    -- full disk fails writes while reads go on).
+    CREATE TABLE health_probe (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at TEXT NOT NULL
+    );
     INSERT INTO receptions
     SELECT sop_instance_uid, study_instance_uid, association_id, calling_ae, called_ae,
            peer_address, received_at, 'new'
@@ -1266,6 +1273,14 @@ class Store:
                     updated_at = ? {clauses}""", (now, at, *params))
         await self.db.commit()
         return int(cur.rowcount)
+
+    @_transaction
+    async def probe_write(self, at: str) -> None:
+        """Write and commit one small row: raises what any write would (a full disk, a
+        database locked by another process past the busy timeout, a read-only file)."""
+        await self.db.execute("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)",
+                              (at,))
+        await self.db.commit()
 
     async def delivery_counts(self) -> dict[str, int]:
         async with self.db.execute(

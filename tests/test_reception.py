@@ -378,3 +378,46 @@ def test_a_header_damaged_after_the_series_uid_is_refused(limited: Service, tmp_
     assert raw_store(limited.port, path) == 0xC210
     assert instance_rows(limited, str(ds.StudyInstanceUID)) == []
     still_answers(limited)
+
+
+@pytest.mark.filterwarnings("ignore:The value length \\(65\\) exceeds:UserWarning")  # ours
+def test_a_65_character_uid_in_the_request_gets_0xc210(svc: Service) -> None:
+    """A C-STORE request whose command set names a 65-character SOP Instance UID (pynetdicom
+    would drop the association without a word while decoding it) is answered 0xC210 and
+    logged as instance.refused; the association goes on (issue 18.13)."""
+    ds: Dataset = one_ap_study(526, "LONGUID").datasets[0]
+    long_uid = "1.2." + "3" * 61
+    assert len(long_uid) == 65
+    ae = AE(ae_title="ABUSER")
+    ae.add_requested_context(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", svc.port, ae_title="PxsScore")
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID = 7
+        req.AffectedSOPClassUID = ds.SOPClassUID
+        req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        req.Priority = 2
+        ds.SOPInstanceUID = long_uid
+        req.DataSet = BytesIO(encode(ds, False, True))
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        msg.command_set.AffectedSOPInstanceUID = long_uid  # past what pynetdicom would send
+        [context] = [c for c in assoc.accepted_contexts
+                     if c.abstract_syntax == ds.SOPClassUID]
+        for primitive in msg.encode_msg(context.context_id, assoc.acceptor.maximum_length):
+            assoc.dul.send_pdu(primitive)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None
+        assert rsp.Status == 0xC210
+        assert rsp.MessageIDBeingRespondedTo == 7
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000  # the association goes on
+    finally:
+        assoc.release()
+    deadline = time.monotonic() + 10
+    while not [e for e in svc.logs if e.get("event") == "instance.refused"
+               and e.get("reason") == "invalid UID in the C-STORE request"]:
+        assert time.monotonic() < deadline, "the refusal is logged"
+        time.sleep(0.05)

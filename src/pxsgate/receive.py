@@ -40,7 +40,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated names
 from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
+from pynetdicom.utils import make_target, validate_uid
 
 from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
@@ -168,6 +168,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         tls = self._config.tls
@@ -329,6 +330,20 @@ class Receiver:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the service stopped
             self._loop.call_soon_threadsafe(self._on_closed, assoc_id)
 
+    @staticmethod
+    def _on_dimse_recv(event: evt.Event) -> None:
+        """A C-STORE request whose command set carries an invalid UID (over 64 characters)
+        would make pynetdicom drop the association without a word when it builds the
+        request: the UID is swapped for a marker here, so that the request reaches
+        _on_store and is answered 0xC210 like an invalid UID in the data set."""
+        command = event.message.command_set
+        if command.get("CommandField") != C_STORE_RQ_FIELD:
+            return
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            value = command.get(keyword)
+            if value is not None and not validate_uid(UID(str(value))):
+                command[keyword].value = INVALID_REQUEST_UID
+
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
@@ -386,6 +401,9 @@ class Receiver:
     def _store_parts(self, event: evt.Event, assoc_id: str, request: C_STORE,
                      received: BytesIO, header: bytes, stream: memoryview
                      ) -> tuple[ReceivedInstance, Indexed, float]:
+        if INVALID_REQUEST_UID in (request.AffectedSOPInstanceUID,
+                                   request.AffectedSOPClassUID):
+            raise _Refusal(STATUS_CANNOT_UNDERSTAND, "invalid UID in the C-STORE request")
         size = len(header) + len(stream)
         if size > self._max_dataset:
             raise _Refusal(STATUS_OUT_OF_RESOURCES,
@@ -486,6 +504,10 @@ class Receiver:
 
 
 PIXEL_DATA = 0x7FE00010
+C_STORE_RQ_FIELD = 0x0001
+# Stands in for an invalid UID of a C-STORE request's command set (_on_dimse_recv): valid
+# syntax, so that pynetdicom accepts it; never a real instance's UID.
+INVALID_REQUEST_UID = "0.0.0.0.0"
 INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
 # Of a Deflated data set, the inflated bytes kept for reading its header: the rest is
 # inflated only to be counted against max-dataset-mb.

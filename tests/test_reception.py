@@ -421,3 +421,31 @@ def test_a_65_character_uid_in_the_request_gets_0xc210(svc: Service) -> None:
                and e.get("reason") == "invalid UID in the C-STORE request"]:
         assert time.monotonic() < deadline, "the refusal is logged"
         time.sleep(0.05)
+
+
+def test_no_data_set_value_reaches_the_log(svc: Service, tmp_path: Path) -> None:
+    """A UID element whose declared length runs over PatientName and PatientID: pydicom
+    warns with the whole value. The warning reaches the log as a JSON line without it
+    (logging.include-phi is off), and every line the service writes is JSON (issue 18.3,
+    18.4)."""
+    import struct
+
+    ds: Dataset = one_ap_study(527, "PHILOG").datasets[0]
+    ds.PatientName, ds.PatientID = "SECRETNAME^PATIENT", "MRN-SECRET-77"
+    del ds.PixelData
+    payload = _explicit_le(ds)
+    at = payload.find(b"\x08\x00\x18\x00UI")  # SOPInstanceUID
+    end = payload.find(b"MRN-SECRET-77") + len(b"MRN-SECRET-77") + 1
+    assert 0 < at < end
+    swallowing = payload[:at + 6] + struct.pack("<H", end - (at + 8)) + payload[at + 8:]
+    lines_before = len(svc.raw_log)
+    path = part10(swallowing, str(ds.SOPClassUID), str(ds.SOPInstanceUID), tmp_path / "x.dcm")
+    assert raw_store(svc.port, path) in (0xA900, 0xC210)
+    still_answers(svc)
+    time.sleep(0.5)
+    written = svc.raw_log[lines_before:]
+    assert any('"library.log"' in line and "py.warnings" in line for line in written), written
+    for line in svc.raw_log:
+        json.loads(line)  # every line
+        assert "SECRETNAME" not in line
+        assert "MRN-SECRET" not in line

@@ -204,7 +204,8 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    configure_logging(config.logging.format, config.logging.level)
+    configure_logging(config.logging.format, config.logging.level,
+                      include_phi=config.logging.include_phi)
     try:
         return int(_run(_serve(config, resolve_config_path(args.config))))
     finally:

@@ -16,8 +16,17 @@ import signal
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def init_worker(parent: int | None = None) -> None:
-    """Lower the process's priority and tie its life to the service's."""
+def init_worker(parent: int | None = None, log_format: str = "auto",
+                include_phi: bool = False) -> None:
+    """Lower the process's priority, tie its life to the service's, and send what the
+    libraries log or warn here (pydicom decoding a peer's file) through the service's
+    format, without data set values unless ``include_phi``."""
+    import sys
+
+    from pxsgate.log import route_library_logs
+
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    route_library_logs(use_json, include_phi)
     # Decoding yields the CPU to reception: a busy decoder must not slow C-STORE answers.
     # Nice 19 weighs 15 against the receiver threads' 1024 in the Linux scheduler.
     with contextlib.suppress(OSError):

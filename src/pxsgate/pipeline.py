@@ -100,7 +100,9 @@ class DecodePool:
     image) fails that image's study with a clear error and the pool is replaced.
     """
 
-    def __init__(self, config: PreprocessConfig, time_limit: float = 120.0) -> None:
+    def __init__(self, config: PreprocessConfig, time_limit: float = 120.0,
+                 log_format: str = "auto", include_phi: bool = False) -> None:
+        self._log = (log_format, include_phi)  # how the workers log (decoding.init_worker)
         self.workers = config.workers or auto_workers(os.cpu_count() or 1)
         self._jpeg = config.jpeg_roundtrip
         self._time_limit = time_limit
@@ -109,7 +111,7 @@ class DecodePool:
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=decoding.init_worker, initargs=(os.getpid(),))
+            initializer=decoding.init_worker, initargs=(os.getpid(), *self._log))
 
     async def start(self) -> None:
         """Start every worker now, so the first study does not pay for the spawns."""

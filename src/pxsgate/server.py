@@ -185,7 +185,8 @@ class Gateway:
                               f"the token has {len(token)} characters, fewer than "
                               f"{MIN_TOKEN_LENGTH}: make one with `openssl rand -hex 32`")
         self._decoder = DecodePool(self.config.preprocess,
-                                   self.config.jobs.decode_time_limit_seconds)
+                                   self.config.jobs.decode_time_limit_seconds,
+                                   self.config.logging.format, self.config.logging.include_phi)
         self.notifier.status("loading the model")
         self.notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)  # torch.compile can take minutes
         model_loading = asyncio.to_thread(self.worker.start)

@@ -5,6 +5,7 @@ Each test runs its own ``pxsgate serve`` process against real DICOM peers."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -260,3 +261,49 @@ def test_restart_resumes_pending_deadlines(tmp_path: Path) -> None:
         assert events(again, "studies.resumed")[0]["studies"] == 1
     finally:
         assert stop_service(again) == 0
+
+
+def test_an_instance_sent_under_another_study_is_a_correction(tmp_path: Path) -> None:
+    """Study A (patient 1) with images X and Y is scored; then X arrives under study B of
+    patient 2 (a technologist moved a wrong-patient image in PACS). Both studies are scored
+    again: A's new current result no longer claims X, B scores X; both are flagged
+    instance-moved and wrong-patient; the move is logged; A's first result stays as history
+    (issue 18.2)."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    svc = start_service(tmp_path)
+    try:
+        x, y = ap_study(3, "MOVED", images=2)
+        study_a = str(x.StudyInstanceUID)
+        assert send_datasets("127.0.0.1", svc.port, [x, y]).ok
+        first = svc.wait_for([study_a])[study_a]
+        assert first["status"] == "SUCCEEDED"
+        claimed = {u for r in first["results"] for d in r["derivedFrom"]
+                   for u in d["refSopInstanceUid"]}
+        assert str(x.SOPInstanceUID) in claimed
+
+        moved = copy.deepcopy(x)
+        moved.StudyInstanceUID = study_b = generate_uid()
+        moved.PatientID, moved.PatientName = "OTHER-PATIENT", "OTHER^PATIENT"
+        assert send_datasets("127.0.0.1", svc.port, [moved]).ok
+        wait_until(lambda: len(svc.results("--study-uid", study_a, "--history")) == 2,
+                   what="study A scored again")
+        b = svc.wait_for([study_b])[study_b]
+        [a] = svc.results("--study-uid", study_a)
+        now_claimed = {u for r in a["results"] for d in r["derivedFrom"]
+                       for u in d["refSopInstanceUid"]}
+        assert now_claimed == {str(y.SOPInstanceUID)}, "A no longer claims X"
+        assert b["status"] == "SUCCEEDED"
+        assert {u for r in b["results"] for d in r["derivedFrom"]
+                for u in d["refSopInstanceUid"]} == {str(x.SOPInstanceUID)}
+        for doc in (a, b):
+            assert {"instance-moved", "wrong-patient"} <= set(doc["pxsgate"]["flags"])
+        history = svc.results("--study-uid", study_a, "--history")
+        assert history[0]["id"] == first["id"]
+        [event] = events(svc, "instance.moved")
+        assert event["patient_changed"] is True
+        assert "OTHER" not in json.dumps(event)
+    finally:
+        assert stop_service(svc) == 0

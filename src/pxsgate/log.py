@@ -2,7 +2,7 @@
 console format on a terminal. Event names are stable so alerts can match on them:
 
     association.accepted / .rejected / .closed   connection.dropped
-    instance.stored / .refused / .duplicate
+    instance.stored / .refused / .duplicate / .moved
     study.ready / .skipped / .retry / .failed / .crashed / .purged   result.stored
     inference.batch / .isolating / .failed / .stuck   export.delivered / .failed / .dead
     gateway.started / .stopping / .stopped / .unhealthy   spool.recovered  studies.resumed

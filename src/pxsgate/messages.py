@@ -51,6 +51,7 @@ class Indexed:
     outcome: InstanceOutcome
     replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
     kind: InstanceKind = "image"
+    moved_from: str | None = None  # the study it was in before, when it changed study
 
 
 @dataclass(frozen=True)

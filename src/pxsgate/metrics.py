@@ -39,6 +39,10 @@ class Metrics:
             registry=r)
         self.instance_bytes = Counter(
             "pxsgate_instance_bytes_received", "bytes of the instances stored", registry=r)
+        self.instances_moved = Counter(
+            "pxsgate_instances_moved",
+            "instances sent again under another study (corrections): both studies rescored",
+            registry=r)
         self.instances_refused = Counter(
             "pxsgate_instances_refused", "C-STORE requests answered with an error status",
             ["status"], registry=r)

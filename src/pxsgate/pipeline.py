@@ -13,6 +13,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -340,6 +341,10 @@ class Pipeline:
         instances = await self._store.instances_for_study(study_uid)
         headers = await self._in_executor(read_headers, instances)
         decision = rules.select(headers, self.selection)
+        moved = await self._store.move_flags(study_uid)  # a PACS correction touched it
+        if moved:
+            decision = dataclasses.replace(
+                decision, flags=tuple(sorted(set(decision.flags) | set(moved))))
         await self._store.record_decisions(study_uid, decision, now_iso())
         identity = identity_of(study_uid, headers)
         stages = {"received": row.received_at if row else None,

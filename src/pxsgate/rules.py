@@ -36,6 +36,9 @@ FLAG_MULTIPLE = "multiple-ap-images"
 FLAG_MANY = "many-ap-images"
 FLAG_WRONG_PATIENT = "wrong-patient"
 FLAG_RESCORED = "rescored"
+# An instance of the study was sent again under another study (a PACS correction): both
+# studies are scored again and flagged; wrong-patient too when its PatientID changed.
+FLAG_INSTANCE_MOVED = "instance-moved"
 
 
 @dataclass(frozen=True)

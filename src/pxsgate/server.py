@@ -98,6 +98,18 @@ def recovered_instance(path: Path) -> ReceivedInstance | None:
         return None
 
 
+def _patient_id(path: Path | None) -> str | None:
+    """A file's PatientID as DICOM writes it (None: no file, or unreadable)."""
+    if path is None:
+        return None
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # gone meanwhile (retention), or unreadable: unknown
+        return None
+    value = ds.get("PatientID", "")
+    return "\\".join(map(str, value)) if isinstance(value, list) else str(value or "")
+
+
 def _store_problem(exc: BaseException) -> str:
     """Why the store failed, in words an operator can act on (no paths, no data)."""
     cause: BaseException = exc
@@ -478,6 +490,8 @@ class Gateway:
                 self.retention.added(instance.size)
             return indexed
         self.retention.added(instance.size)
+        if indexed.moved_from is not None:
+            await self._instance_moved(instance, indexed.moved_from, indexed.replaced)
         if indexed.replaced is not None:
             # The instance moved to another study: its old file is no longer its own.
             await asyncio.to_thread(indexed.replaced.unlink, True)
@@ -489,6 +503,31 @@ class Gateway:
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
                                          settle, quiet)
         return indexed
+
+    async def _instance_moved(self, instance: ReceivedInstance, old_study: str,
+                              old_file: Path | None) -> None:
+        """An instance sent again under another study: a PACS correction (an image moved
+        to the right study, or the right patient), never silent. The move is recorded
+        (both studies' next results are flagged instance-moved, and wrong-patient when
+        its PatientID changed), logged and counted, and the study it left is scored again,
+        so that its current result no longer claims the image; history is kept."""
+        loop = asyncio.get_running_loop()
+        before, after = await asyncio.gather(
+            loop.run_in_executor(self._executor, _patient_id, old_file),
+            loop.run_in_executor(self._executor, _patient_id, instance.path))
+        changed = before is not None and after is not None and before != after
+        await self.store.record_move(instance.sop_instance_uid, old_study,
+                                     instance.study_instance_uid, changed, now_iso())
+        self.metrics.instances_moved.inc()
+        log.warning("instance.moved", association_id=instance.association_id,
+                    from_study=self.store.study_label(old_study),
+                    to_study=self.store.study_label(instance.study_instance_uid),
+                    patient_changed=changed)
+        assert self._pipeline is not None
+        assert self._assembler is not None
+        self._pipeline.reopened(old_study)
+        settle, quiet = self.config.timings(instance.called_ae)
+        self._assembler.resume(old_study, settle, settle, quiet)
 
     def _association_closed(self, association_id: str) -> None:
         assert self._assembler is not None

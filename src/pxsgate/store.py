@@ -370,6 +370,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX receptions_study ON receptions (study_instance_uid);
 
+    -- An instance sent again under another study (a PACS correction moving an image to
+    -- the right study or patient): both studies are scored again and flagged.
+    CREATE TABLE instance_moves (
+        sop_instance_uid   TEXT NOT NULL,
+        from_study_uid     TEXT NOT NULL,
+        to_study_uid       TEXT NOT NULL,
+        patient_changed    INTEGER NOT NULL,   -- 1: its PatientID differs from before
+        moved_at           TEXT NOT NULL
+    );
+    CREATE INDEX instance_moves_from ON instance_moves (from_study_uid);
+    CREATE INDEX instance_moves_to ON instance_moves (to_study_uid);
+
     -- One row that /healthz rewrites: the store answers reads and can still write (a
     -- full disk fails writes while reads go on).
     CREATE TABLE health_probe (
@@ -714,11 +726,42 @@ class Store:
                                         reopen=kind == "image")
         moved = (Path(row[2]) if row is not None and row[2] != str(inst.path)
                  and row[3] is None else None)
+        moved_from = (str(row[1]) if row is not None and row[1] != inst.study_instance_uid
+                      else None)
+        if moved_from is not None:
+            # A correction: the study it left is scored again (its result must no longer
+            # claim the image), at the same deadline as the one it joined.
+            await self.db.execute(
+                """UPDATE studies SET state = 'receiving', reason = '', updated_at = ?,
+                       deadline = ?, settle_seconds = ?, attempts = 0
+                   WHERE study_instance_uid = ?""",
+                (inst.received_at, deadline, settle_seconds, moved_from))
         outcome: InstanceOutcome = ("attached" if not opened
                                     else "new" if row is None else "changed")
         await self._add_reception(inst, outcome)
         await self.db.commit()
-        return Indexed(outcome, moved, kind)
+        return Indexed(outcome, moved, kind, moved_from)
+
+    @_transaction
+    async def record_move(self, sop_uid: str, from_study: str, to_study: str,
+                          patient_changed: bool, at: str) -> None:
+        await self.db.execute(
+            """INSERT INTO instance_moves (sop_instance_uid, from_study_uid, to_study_uid,
+                   patient_changed, moved_at) VALUES (?, ?, ?, ?, ?)""",
+            (sop_uid, from_study, to_study, int(patient_changed), at))
+        await self.db.commit()
+
+    async def move_flags(self, study_uid: str) -> tuple[str, ...]:
+        """Review flags from instances that moved into or out of the study: instance-moved,
+        and wrong-patient when a moved instance changed PatientID."""
+        async with self.db.execute(
+                """SELECT max(patient_changed) FROM instance_moves
+                   WHERE from_study_uid = ? OR to_study_uid = ?""",
+                (study_uid, study_uid)) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return ()
+        return ("instance-moved", "wrong-patient") if row[0] else ("instance-moved",)
 
     async def _instance_kind(self, inst: ReceivedInstance) -> InstanceKind:
         async with self.db.execute(

@@ -307,3 +307,42 @@ def test_an_instance_sent_under_another_study_is_a_correction(tmp_path: Path) ->
         assert "OTHER" not in json.dumps(event)
     finally:
         assert stop_service(svc) == 0
+
+
+def test_an_image_that_cannot_be_scored_does_not_fail_its_study(tmp_path: Path) -> None:
+    """A 50-frame AP beside a valid AP: the valid one is scored (SUCCEEDED), the multi-frame
+    one is recorded as not used with its reason and the study flagged image-failed, on the
+    first try. A study of only such an image fails at once: its bytes will not change, so it
+    is not tried again (issue 18.9)."""
+    import numpy as np
+
+    good, multi = ap_study(4, "MULTIFRAME", images=2)
+    frames = np.stack([multi.pixel_array] * 50)
+    multi.NumberOfFrames = 50
+    multi.PixelData = frames.tobytes()
+    alone = ap_study(5, "ONLYMULTI")[0]
+    alone_frames = np.stack([alone.pixel_array] * 50)
+    alone.NumberOfFrames = 50
+    alone.PixelData = alone_frames.tobytes()
+    svc = start_service(tmp_path)
+    try:
+        assert send_datasets("127.0.0.1", svc.port, [good, multi]).ok
+        assert send_datasets("127.0.0.1", svc.port, [alone]).ok
+        mixed_uid, alone_uid = str(good.StudyInstanceUID), str(alone.StudyInstanceUID)
+        docs = svc.wait_for([mixed_uid, alone_uid])
+        mixed, failed = docs[mixed_uid], docs[alone_uid]
+        assert mixed["status"] == "SUCCEEDED"
+        assert [r["derivedFrom"][0]["refSopInstanceUid"] for r in mixed["results"]] == [
+            [str(good.SOPInstanceUID)]]
+        assert "image-failed" in mixed["pxsgate"]["flags"]
+        [entry] = [i for i in mixed["pxsgate"]["selection"]["images"]
+                   if i["sopInstanceUid"] == str(multi.SOPInstanceUID)]
+        assert (entry["selected"], entry["rule"]) == (False, "unscorable")
+        assert "multi-frame" in entry["reason"]
+        assert mixed["pxsgate"]["inference"]["attempts"] == 1
+        assert (failed["status"], failed["exitCode"]) == ("FAILED", 1)
+        assert "multi-frame" in failed["errorMessage"]
+        assert failed["pxsgate"]["inference"]["attempts"] == 1
+        assert events(svc, "study.retry") == []
+    finally:
+        assert stop_service(svc) == 0

@@ -5,7 +5,9 @@
     ├── SpoolError         an instance could not be made durable (disk full, bad UID)
     │   └── DiskFloorError    the spool's free space is below storage.min-free-mb
     ├── DicomInputError    a DICOM object pxsgate cannot use (malformed, unsupported)
-    │   └── PreprocessError   pixel data the model cannot take (multi-frame, colour)
+    │   └── PreprocessError   pixel data the model cannot take (multi-frame, colour):
+    │       │                 the image's own bytes, so trying again cannot help
+    │       └── DecodeFailed  the decoder failed on it (time limit, process died): may pass
     ├── ModelError         weights or anchors cannot be loaded, or inference failed
     ├── StoreError         the SQLite store is unusable
     └── ExportError        a delivery failed; tried again later
@@ -44,6 +46,11 @@ class DicomInputError(PxsgateError):
 
 class PreprocessError(DicomInputError):
     """Pixel data that the model cannot take (multi-frame, colour, empty)."""
+
+
+class DecodeFailed(PreprocessError):
+    """The decoder, not the image, failed (its time limit passed, its process died): a
+    later try may succeed, unlike a plain PreprocessError."""
 
 
 class ModelError(PxsgateError):

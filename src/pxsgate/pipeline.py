@@ -31,9 +31,16 @@ from pydicom import dcmread
 
 from pxsgate import change, decoding, rules
 from pxsgate.config import Config, PreprocessConfig, SelectionConfig
-from pxsgate.errors import ModelError, PreprocessError, PxsgateError, StoreError
+from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import ImageResult, InferenceWorker
-from pxsgate.messages import PriorImage, ScoredImage, StoredInstance, StudyDecision, now_iso
+from pxsgate.messages import (
+    ImageDecision,
+    PriorImage,
+    ScoredImage,
+    StoredInstance,
+    StudyDecision,
+    now_iso,
+)
 from pxsgate.metrics import Metrics
 from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
@@ -41,6 +48,14 @@ from pxsgate.rules import Header
 from pxsgate.store import UNFINISHED_STATES, ImageEmbedding, Store, StudyEmbeddings
 
 log = structlog.get_logger("pxsgate.pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """A study's try: the images scored, and those whose own pixel data could not be."""
+
+    images: list[ScoredImage]
+    unscorable: list[tuple[ImageDecision, str]]
 R = TypeVar("R")
 
 EXIT_PREPROCESS = 1  # the image could not be decoded or prepared
@@ -133,13 +148,13 @@ class DecodePool:
                 log.error("decode.timeout", time_limit_s=self._time_limit)
                 self._pool = self._new()
                 _terminate(pool)
-            raise PreprocessError(
+            raise DecodeFailed(
                 f"decoding took longer than {self._time_limit:g} s") from None
         except BrokenProcessPool as exc:
             if pool is self._pool:
                 log.error("decode.worker_died")
                 self._pool = self._new()
-            raise PreprocessError("the decoder process died on this image") from exc
+            raise DecodeFailed("the decoder process died on this image") from exc
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the processes; one still busy after ``timeout`` seconds is terminated."""
@@ -371,13 +386,35 @@ class Pipeline:
                       error=str(scores), exit_code=code, attempts=attempts)
             return
         stages["inferred"] = now_iso()
+        images, decision = await self._without_unscorable(study_uid, scores, decision)
         flags = decision.flags
         if await self._store.scored_before(study_uid):
             flags = tuple(sorted((*flags, rules.FLAG_RESCORED)))
         await self._store_outcome("SUCCEEDED", identity, decision, stages, created_at, senders,
-                                  scores=scores, flags=flags, attempts=attempts)
-        log.info("result.stored", study=self._store.study_label(study_uid), images=len(scores),
+                                  scores=images, flags=flags, attempts=attempts)
+        log.info("result.stored", study=self._store.study_label(study_uid), images=len(images),
                  flags=list(flags), attempts=attempts, **_stage_durations(stages))
+
+    async def _without_unscorable(self, study_uid: str, scored: Scored,
+                                  decision: StudyDecision
+                                  ) -> tuple[list[ScoredImage], StudyDecision]:
+        """The scores, and the decision with each image that could not be scored marked
+        as not used with its reason (rule ``unscorable``) and the study flagged
+        ``image-failed``; recorded in the store as the study's decisions."""
+        if not scored.unscorable:
+            return scored.images, decision
+        reasons = {d.sop_instance_uid: reason for d, reason in scored.unscorable}
+        images = tuple(
+            dataclasses.replace(d, selected=False, rule="unscorable",
+                                reason=f"could not be scored: {reasons[d.sop_instance_uid]}")
+            if d.sop_instance_uid in reasons else d
+            for d in decision.images)
+        flags = tuple(sorted({*decision.flags, rules.FLAG_IMAGE_FAILED}))
+        decision = dataclasses.replace(decision, images=images, flags=flags)
+        await self._store.record_decisions(study_uid, decision, now_iso())
+        log.warning("study.images_unscorable", study=self._store.study_label(study_uid),
+                    images=len(reasons), scored=len(scored.images))
+        return scored.images, decision
 
     async def _store_internal_failure(self, study_uid: str, error: str) -> None:
         """FAILED with exitCode 3, from what the store alone knows of the study."""
@@ -399,7 +436,7 @@ class Pipeline:
 
     async def _score_with_retries(self, study_uid: str, instances: Sequence[StoredInstance],
                                   decision: StudyDecision, attempts: int
-                                  ) -> tuple[list[ScoredImage] | PxsgateError, int]:
+                                  ) -> tuple[Scored | PxsgateError, int]:
         """Score the study, trying again with backoff after a failure; after
         jobs.max-attempts tries (``attempts`` were made before, interrupted by a stop or a
         crash) the last error. Each try is counted in the store before it starts."""
@@ -425,23 +462,30 @@ class Pipeline:
                     return await self._score(study_uid, instances, decision), attempts
                 except PxsgateError as exc:
                     error = exc
+            if isinstance(error, PreprocessError) and not isinstance(error, DecodeFailed):
+                return error, attempts  # the images' own bytes: another try reads the same
             suspect = False
         return error or ModelError(
             f"scoring was interrupted {attempts} times (the service stopped or crashed "
             f"while this study was on the model)"), attempts
 
     async def _score(self, study_uid: str, instances: Sequence[StoredInstance],
-                     decision: StudyDecision) -> list[ScoredImage]:
+                     decision: StudyDecision) -> Scored:
         paths = {inst.sop_instance_uid: inst.path for inst in instances}
         chosen = decision.inputs
         tag = self._store.study_label(study_uid)
 
-        async def one(sop_uid: str) -> ImageResult:
+        async def one(sop_uid: str) -> ImageResult | PreprocessError:
             async with self._decoded:
-                image = await self._decoder.preprocess(paths[sop_uid])
+                try:
+                    image = await self._decoder.preprocess(paths[sop_uid])
+                except PreprocessError as exc:
+                    if isinstance(exc, DecodeFailed):
+                        raise  # the decoder's failure, not the image's: the try again
+                    return exc  # this image's own bytes: the others are still scored
                 return await self._worker.score_image(image, tag)
 
-        # One failed image fails the study: its siblings are cancelled, so they give back
+        # A model failure fails the try: the siblings are cancelled, so they give back
         # their decoded-image slots instead of going through the model for nothing.
         try:
             async with asyncio.TaskGroup() as group:
@@ -449,9 +493,15 @@ class Pipeline:
         except* PxsgateError as failed:
             raise failed.exceptions[0] from None
         answers = [t.result() for t in tasks]
-        return [ScoredImage(d.sop_instance_uid, d.series_instance_uid, a.score, a.batch_size,
-                            a.embedding)
-                for d, a in zip(chosen, answers, strict=True)]
+        unscorable = [(d, a) for d, a in zip(chosen, answers, strict=True)
+                      if isinstance(a, PreprocessError)]
+        if len(unscorable) == len(chosen):
+            raise unscorable[0][1]  # nothing to score: the study fails (not retried)
+        return Scored(
+            [ScoredImage(d.sop_instance_uid, d.series_instance_uid, a.score, a.batch_size,
+                         a.embedding)
+             for d, a in zip(chosen, answers, strict=True) if not isinstance(a, PxsgateError)],
+            [(d, str(error)) for d, error in unscorable])
 
     def _embeddings(self, identity: StudyIdentity, created_at: str,
                     scores: Sequence[ScoredImage]) -> StudyEmbeddings | None:

@@ -39,6 +39,9 @@ FLAG_RESCORED = "rescored"
 # An instance of the study was sent again under another study (a PACS correction): both
 # studies are scored again and flagged; wrong-patient too when its PatientID changed.
 FLAG_INSTANCE_MOVED = "instance-moved"
+# A selected image whose own pixel data could not be scored (multi-frame, colour, corrupt):
+# the others are scored, and the image is recorded as not used with the reason.
+FLAG_IMAGE_FAILED = "image-failed"
 
 
 @dataclass(frozen=True)

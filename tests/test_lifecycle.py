@@ -346,3 +346,49 @@ def test_an_image_that_cannot_be_scored_does_not_fail_its_study(tmp_path: Path) 
         assert events(svc, "study.retry") == []
     finally:
         assert stop_service(svc) == 0
+
+
+async def test_decode_slots_go_round_robin_between_studies() -> None:
+    """FairSlots: a one-image study queued behind a big study's images gets the next slot
+    but one, not the last (issue 18.10)."""
+    import asyncio
+
+    from pxsgate.pipeline import FairSlots
+
+    slots = FairSlots(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def image(study: str, n: int) -> None:
+        async with slots.slot(study):
+            order.append(f"{study}{n}")
+            await release.wait()
+
+    big = [asyncio.create_task(image("A", n)) for n in range(1, 6)]
+    await asyncio.sleep(0)
+    small = asyncio.create_task(image("B", 1))
+    await asyncio.sleep(0)
+    assert order == ["A1"]
+    release.set()
+    await asyncio.gather(*big, small)
+    assert order == ["A1", "A2", "B1", "A3", "A4", "A5"]
+
+
+def test_a_study_of_many_images_is_capped(tmp_path: Path) -> None:
+    """Twelve AP images with max-images-per-study 4: the latest four are scored, the rest
+    recorded as not used (rule over-limit), the study flagged images-capped."""
+    svc = start_service(tmp_path, extra="selection:\n  max-images-per-study: 4\n")
+    try:
+        study = ap_study(6, "CAPPED", images=12)
+        for n, ds in enumerate(study):
+            ds.AcquisitionDateTime = f"20260101{n:02d}0000"
+        uid = str(study[0].StudyInstanceUID)
+        assert send_datasets("127.0.0.1", svc.port, study).ok
+        doc = svc.wait_for([uid])[uid]
+        scored = [r["derivedFrom"][0]["refSopInstanceUid"][0] for r in doc["results"]]
+        assert scored == [str(ds.SOPInstanceUID) for ds in reversed(study[-4:])]
+        assert "images-capped" in doc["pxsgate"]["flags"]
+        capped = [i for i in doc["pxsgate"]["selection"]["images"] if i["rule"] == "over-limit"]
+        assert len(capped) == 8
+    finally:
+        assert stop_service(svc) == 0

@@ -283,6 +283,9 @@ class SelectionConfig:
                                           metadata={"parse": _image_rules})
     # More model-input images than this in one study: flagged many-ap-images for review.
     many_ap_images: int = field(default=3, metadata=_check(_check_positive))
+    # At most this many model-input images of one study are scored (the latest acquired);
+    # the rest are recorded as not used and the study is flagged images-capped.
+    max_images_per_study: int = field(default=8, metadata=_check(_check_positive))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,61 @@ from pxsgate.store import UNFINISHED_STATES, ImageEmbedding, Store, StudyEmbeddi
 log = structlog.get_logger("pxsgate.pipeline")
 
 
+class FairSlots:
+    """A bounded number of slots (decoded images in flight), handed out in turn between
+    studies: when one frees, it goes to the next study in rotation that is waiting, not to
+    the study that queued the most images. A one-image study arriving behind a study of
+    hundreds waits for one slot, not for all of the big study's images."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiting: collections.OrderedDict[str, collections.deque[asyncio.Future[None]]] \
+            = collections.OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        await self._acquire(key)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, key: str) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, collections.deque()).append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # granted as it was cancelled: pass the slot on
+            else:
+                self._forget(key, future)
+            raise
+
+    def _release(self) -> None:
+        self._free += 1
+        while self._free > 0 and self._waiting:
+            key, queue = next(iter(self._waiting.items()))
+            future = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(key)  # this study's next image waits its turn
+            else:
+                del self._waiting[key]
+            if not future.done():
+                self._free -= 1
+                future.set_result(None)
+
+    def _forget(self, key: str, future: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(key)
+        if queue is not None and future in queue:
+            queue.remove(future)
+            if not queue:
+                del self._waiting[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """A study's try: the images scored, and those whose own pixel data could not be."""
@@ -252,7 +307,7 @@ class Pipeline:
         # next one filling, and one image per decode process. However many studies arrive
         # together, memory stays bounded; the rest wait as files in the spool.
         self.max_decoded = decoded_image_bound(config.model.batch.max_size, decoder.workers)
-        self._decoded = asyncio.Semaphore(self.max_decoded)
+        self._decoded = FairSlots(self.max_decoded)
 
     @property
     def busy(self) -> int:
@@ -476,7 +531,7 @@ class Pipeline:
         tag = self._store.study_label(study_uid)
 
         async def one(sop_uid: str) -> ImageResult | PreprocessError:
-            async with self._decoded:
+            async with self._decoded.slot(study_uid):
                 try:
                     image = await self._decoder.preprocess(paths[sop_uid])
                 except PreprocessError as exc:

@@ -42,6 +42,8 @@ FLAG_INSTANCE_MOVED = "instance-moved"
 # A selected image whose own pixel data could not be scored (multi-frame, colour, corrupt):
 # the others are scored, and the image is recorded as not used with the reason.
 FLAG_IMAGE_FAILED = "image-failed"
+# More model-input images than selection.max-images-per-study: only the latest are scored.
+FLAG_CAPPED = "images-capped"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,18 @@ def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
         flags.append(FLAG_MULTIPLE)
     if len(chosen) > cfg.many_ap_images:
         flags.append(FLAG_MANY)
+    if len(chosen) > cfg.max_images_per_study:
+        # One study of hundreds of images must not hold the model while others wait: the
+        # latest acquired are scored, the rest recorded as not used, and the study flagged.
+        keep = {d.sop_instance_uid for d in StudyDecision(
+            True, "", "", tuple(chosen)).inputs[:cfg.max_images_per_study]}
+        images = [d if not d.selected or d.sop_instance_uid in keep else ImageDecision(
+            d.sop_instance_uid, d.series_instance_uid, False, "over-limit",
+            f"{d.reason}; not scored: only the latest {cfg.max_images_per_study} of "
+            f"{len(chosen)} model input images are (selection.max-images-per-study)",
+            d.acquired) for d in images]
+        flags.append(FLAG_CAPPED)
+        chosen = [d for d in images if d.selected]
     rule_name, why = accepted_by[0]
     return StudyDecision(True, rule_name, f"{why}; {len(chosen)} model input image(s)",
                          tuple(images), tuple(sorted(flags)))

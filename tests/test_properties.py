@@ -101,6 +101,9 @@ FLAGS = {FLAG_MULTIPLE, FLAG_MANY, FLAG_WRONG_PATIENT}
 
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC210
 DOCUMENTED = {SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND}
+# Rows and Columns: with both 65535 the decoded size is over 1 GB whatever the other factors
+# (frames, samples, bits) say, each counted at least once.
+PIXEL_SIZE_TAGS = {0x00280010, 0x00280011}
 
 # Reproducible in CI: the same examples on every run, nothing read from or written to a
 # local example database.
@@ -490,6 +493,11 @@ def wires(draw: st.DrawFn) -> Wire:
         item.ReferencedSOPInstanceUID = draw(st.one_of(fresh_uids, odd_uids))
         ds.ReferencedImageSequence = DicomSequence([item])
     draw(pixel_module(ds, syntax))
+    # Sizes that lie: a header declaring far more pixel data than max-dataset-mb (1 GB
+    # here) once decoded, whatever Pixel Data follows (issue 18.1).
+    huge = draw(st.integers(0, 11)) == 0
+    if huge:
+        ds.Rows = ds.Columns = 65535
     raws = draw(raw_elements(syntax))
     payload = encode_dataset(ds, raws, syntax)
     # Corruption of the bytes as sent.
@@ -514,7 +522,11 @@ def wires(draw: st.DrawFn) -> Wire:
             expected = CANNOT_UNDERSTAND
         else:
             expected = SUCCESS
-    note(f"syntax {syntax.name}; request {sop_class} / {affected!r}; data set class "
+    if huge and intact:
+        # Decided from the header, before the identifiers; unknown when a random raw
+        # element replaced Rows or Columns.
+        expected = None if PIXEL_SIZE_TAGS & raws.keys() else OUT_OF_RESOURCES
+    note(f"huge {huge}; syntax {syntax.name}; request {sop_class} / {affected!r}; data set class "
          f"{ds_class!r} study {study!r} series {series!r} sop {ds_sop!r}; raw elements "
          f"{sorted(f'{t:08X}' for t in raws)}; corruption {corruption}")
     return Wire(sop_class, affected, syntax, study, expected, payload)

@@ -559,7 +559,7 @@ def _decoded_pixel_bytes(ds: Dataset) -> int:
         try:
             value = ds.get(keyword, default)
             return max(0, int(value if value not in (None, "") else default))
-        except (TypeError, ValueError):
+        except Exception:  # a value pydicom cannot convert: the pipeline judges the image
             return default
 
     rows, columns = number("Rows", 0), number("Columns", 0)

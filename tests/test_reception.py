@@ -449,3 +449,25 @@ def test_no_data_set_value_reaches_the_log(svc: Service, tmp_path: Path) -> None
         json.loads(line)  # every line
         assert "SECRETNAME" not in line
         assert "MRN-SECRET" not in line
+
+
+def test_an_overlong_url_is_answered_and_logged_as_json(tmp_path: Path) -> None:
+    """aiohttp's own error for a request line over 8,190 bytes (a traceback on stderr
+    before) is one JSON line without the URL (issue 18.4)."""
+    from .conftest import free_port
+
+    http_port = free_port()
+    svc = start_service(tmp_path, http_port=http_port)
+    try:
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
+            sock.sendall(b"GET /results?patient_id=SECRET-" + b"A" * 9000
+                         + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = sock.recv(4096)
+        assert answer.split(b" ")[1].startswith(b"4"), answer[:100]
+        still_answers(svc)
+        time.sleep(0.5)
+    finally:
+        assert stop_service(svc) == 0
+    for line in svc.raw_log:
+        json.loads(line)
+        assert "SECRET-" not in line

@@ -30,6 +30,7 @@ from pxsgate.scu import echo, send_datasets
 from .conftest import SAMPLES, Service, dcmtk, pxsgate, start_service, stop_service
 
 LIMITS = """    max-associations: 2
+    max-dataset-mb: 16
     acse-timeout: 1
     artim-timeout: 1
     network-timeout: 2
@@ -282,15 +283,7 @@ def test_a_multi_valued_patient_id_is_kept_as_dicom_writes_it(tmp_path: Path) ->
 
 # --- what a data set becomes, and its whole header, before Success (issue 18.1, 18.12) -------
 
-LIMITED = "    max-dataset-mb: 16"
 DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("limited"), extra_scp=LIMITED)
-    yield svc
-    assert stop_service(svc) == 0
 
 
 def _explicit_le(ds: Dataset) -> bytes:
@@ -310,8 +303,7 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_a_deflate_bomb_is_refused_within_bounded_memory(limited: Service, tmp_path: Path
-                                                         ) -> None:
+def test_a_deflate_bomb_is_refused_within_bounded_memory(svc: Service, tmp_path: Path) -> None:
     """A 0.4 MB Deflated data set that inflates to 400 MB gets 0xA700 (max-dataset-mb is
     16 here), nothing is spooled, and the service's peak RSS grows by far less than 400 MB."""
     import zlib
@@ -336,10 +328,10 @@ def test_a_deflate_bomb_is_refused_within_bounded_memory(limited: Service, tmp_p
     path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + b"".join(body))
     assert path.stat().st_size < 2**20
 
-    before = _peak_rss_kib(limited.process.pid)
+    before = _peak_rss_kib(svc.process.pid)
     ae = AE(ae_title="ABUSER")
     ae.add_requested_context(str(header.SOPClassUID), DEFLATED)
-    assoc = ae.associate("127.0.0.1", limited.port, ae_title="PxsScore")
+    assoc = ae.associate("127.0.0.1", svc.port, ae_title="PxsScore")
     assert assoc.is_established
     try:
         status = assoc.send_c_store(path)
@@ -347,23 +339,22 @@ def test_a_deflate_bomb_is_refused_within_bounded_memory(limited: Service, tmp_p
         assoc.release()
     assert status.Status == 0xA700
     assert "inflated" in str(status.get("ErrorComment", ""))
-    grown_mib = (_peak_rss_kib(limited.process.pid) - before) / 1024
+    grown_mib = (_peak_rss_kib(svc.process.pid) - before) / 1024
     assert grown_mib < 150, f"the service's peak RSS grew by {grown_mib:.0f} MiB"
-    assert instance_rows(limited, str(header.StudyInstanceUID)) == []
-    still_answers(limited)
+    assert instance_rows(svc, str(header.StudyInstanceUID)) == []
+    still_answers(svc)
 
 
-def test_pixel_data_too_large_once_decoded_is_refused(limited: Service) -> None:
+def test_pixel_data_too_large_once_decoded_is_refused(svc: Service) -> None:
     """Rows x Columns x frames x bytes, from the header, before any decoding."""
     ds: Dataset = one_ap_study(524, "HUGE").datasets[0]
     ds.Rows, ds.Columns, ds.NumberOfFrames = 4096, 4096, 2  # 64 MiB at 16 bits, > 16 MB
-    report = send_datasets("127.0.0.1", limited.port, [ds])
+    report = send_datasets("127.0.0.1", svc.port, [ds])
     assert report.statuses == (0xA700,)
-    assert instance_rows(limited, str(ds.StudyInstanceUID)) == []
+    assert instance_rows(svc, str(ds.StudyInstanceUID)) == []
 
 
-def test_a_header_damaged_after_the_series_uid_is_refused(limited: Service, tmp_path: Path
-                                                          ) -> None:
+def test_a_header_damaged_after_the_series_uid_is_refused(svc: Service, tmp_path: Path) -> None:
     """An element after (0020,000E) whose declared length runs past the end: 0xC210 now,
     not Success and a study later found unreadable."""
     import struct
@@ -375,9 +366,9 @@ def test_a_header_damaged_after_the_series_uid_is_refused(limited: Service, tmp_
     assert at > payload.find(b"\x20\x00\x0e\x00UI") > 0
     damaged = payload[:at + 6] + struct.pack("<H", 0xFFF0) + payload[at + 8:]
     path = part10(damaged, str(ds.SOPClassUID), str(ds.SOPInstanceUID), tmp_path / "cut.dcm")
-    assert raw_store(limited.port, path) == 0xC210
-    assert instance_rows(limited, str(ds.StudyInstanceUID)) == []
-    still_answers(limited)
+    assert raw_store(svc.port, path) == 0xC210
+    assert instance_rows(svc, str(ds.StudyInstanceUID)) == []
+    still_answers(svc)
 
 
 @pytest.mark.filterwarnings("ignore:The value length \\(65\\) exceeds:UserWarning")  # ours

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -473,3 +474,21 @@ async def test_healthz_reports_a_store_that_cannot_write(tmp_path: Path) -> None
             assert (status, body["store"]) == (200, True)
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(data)], check=False)
+
+
+def test_after_a_sigkill_nothing_but_json_reaches_the_log(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, a crash) leaves multiprocessing's resource tracker to clean
+    up the decode pool's semaphores; it used to say so in a plain-text warning on the
+    service's stderr, which journald keeps beside the JSON lines (issue 18.4)."""
+    from .conftest import start_service
+
+    svc = start_service(tmp_path)
+    study = ap_study(541, "KILLED")
+    uid = str(study[0].StudyInstanceUID)
+    assert send_datasets("127.0.0.1", svc.port, study).ok
+    assert svc.wait_for([uid])[uid]["status"] == "SUCCEEDED"  # the decode pool has worked
+    svc.process.kill()
+    svc.process.wait(30)
+    time.sleep(3)  # the tracker notices its parent is gone and writes what it writes
+    for line in svc.raw_log:
+        json.loads(line)

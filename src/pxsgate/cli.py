@@ -206,6 +206,11 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     configure_logging(config.logging.format, config.logging.level,
                       include_phi=config.logging.include_phi)
+    # multiprocessing's resource tracker (a process of its own, started with the decode
+    # pool, that inherits these -W options) warns in plain text about the semaphores a
+    # killed service left behind, which it then cleans up: nothing an operator can act on,
+    # and not a JSON line. The service's own stop or crash is logged already.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     try:
         return int(_run(_serve(config, resolve_config_path(args.config))))
     finally:

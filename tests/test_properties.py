@@ -101,9 +101,9 @@ FLAGS = {FLAG_MULTIPLE, FLAG_MANY, FLAG_WRONG_PATIENT}
 
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC210
 DOCUMENTED = {SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND}
-# Rows and Columns: with both 65535 the decoded size is over 1 GB whatever the other factors
-# (frames, samples, bits) say, each counted at least once.
-PIXEL_SIZE_TAGS = {0x00280010, 0x00280011}
+# Rows, Columns, BitsAllocated: with 65535 x 65535 at 16 bits the decoded size is over 1 GB
+# whatever frames and samples say (each counted at least once).
+PIXEL_SIZE_TAGS = {0x00280010, 0x00280011, 0x00280100}
 
 # Reproducible in CI: the same examples on every run, nothing read from or written to a
 # local example database.
@@ -498,6 +498,7 @@ def wires(draw: st.DrawFn) -> Wire:
     huge = draw(st.integers(0, 11)) == 0
     if huge:
         ds.Rows = ds.Columns = 65535
+        ds.BitsAllocated = 16
     raws = draw(raw_elements(syntax))
     payload = encode_dataset(ds, raws, syntax)
     # Corruption of the bytes as sent.

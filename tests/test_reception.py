@@ -462,3 +462,16 @@ def test_an_overlong_url_is_answered_and_logged_as_json(tmp_path: Path) -> None:
     for line in svc.raw_log:
         json.loads(line)
         assert "SECRET-" not in line
+
+
+def test_pixel_data_cut_short_is_refused(svc: Service, tmp_path: Path) -> None:
+    """Pixel Data whose declared length runs past the end of the data set (the element
+    most often cut short): 0xC210, not Success and a decode failure later."""
+    ds: Dataset = one_ap_study(528, "CUTPIXELS").datasets[0]
+    payload = _explicit_le(ds)
+    cut = payload[:len(payload) - 15000]
+    path = part10(cut, str(ds.SOPClassUID), str(ds.SOPInstanceUID), tmp_path / "cut.dcm")
+    assert raw_store(svc.port, path) == 0xC210
+    assert instance_rows(svc, str(ds.StudyInstanceUID)) == []
+    whole = part10(payload, str(ds.SOPClassUID), str(ds.SOPInstanceUID), tmp_path / "ok.dcm")
+    assert raw_store(svc.port, whole) == 0x0000  # the same data set, whole

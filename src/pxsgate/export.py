@@ -158,6 +158,11 @@ class DicomSrExporter:
                 f"{len(missing)} source image(s) of the result are no longer in the spool")
         result_id = str(document["id"])
         study_uid = str(document.get("studyInstanceUid") or "")
+        if not await self._store.is_current(result_id):
+            # The study was scored again while this delivery waited: an SR of the old score
+            # would take the next number and supersede the newer one in PACS.
+            raise PermanentExportError(
+                "superseded: the study was scored again; its newer result's SR is sent")
         made, previous = await self._store.made_instance(
             result_id=result_id, exporter=self.name, study_uid=study_uid,
             sop_class_uid=COMPREHENSIVE_SR,

@@ -29,9 +29,10 @@ Format = Literal["auto", "json", "console"]
 
 
 # Library loggers whose messages may quote a data set's values (pydicom's warnings quote
-# the value they could not read, a patient's name included) or a request's URL: their text
-# is withheld unless logging.include-phi says otherwise.
-_QUOTING_LOGGERS = ("py.warnings", "pydicom", "aiohttp")
+# the value they could not read, a patient's name included; pynetdicom quotes a request's
+# non-conformant UIDs) or a request's URL: their text is withheld unless
+# logging.include-phi says otherwise.
+_QUOTING_LOGGERS = ("py.warnings", "pydicom", "pynetdicom", "aiohttp")
 WITHHELD = "message withheld: it may quote data set values (logging.include-phi shows it)"
 
 

@@ -52,6 +52,7 @@ class Indexed:
     replaced: Path | None = None  # the file of the instance's earlier version, elsewhere
     kind: InstanceKind = "image"
     moved_from: str | None = None  # the study it was in before, when it changed study
+    rescore_old: bool = False  # that study was re-opened, to be scored again without it
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image
 
-from pxsgate.errors import PreprocessError
+from pxsgate.errors import DecodeFailed, PreprocessError
 
 __all__ = [
     "center_crop",
@@ -273,6 +273,8 @@ def preprocess_file(path: Path, *, jpeg_roundtrip: bool = False) -> U8Array:
     """A DICOM file -> the 8-bit 320x320 model image; unreadable files raise PreprocessError."""
     try:
         ds = pydicom.dcmread(path)
+    except OSError as exc:  # the disk, not the image: another try may read it
+        raise DecodeFailed(f"cannot read the file: {_reason(exc)}") from exc
     except Exception as exc:  # dcmread raises many types on malformed input; translate here
         raise PreprocessError(f"not a readable DICOM file: {_reason(exc)}") from exc
     try:

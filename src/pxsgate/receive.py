@@ -29,7 +29,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import structlog
 from pydicom import Dataset
@@ -246,10 +246,14 @@ class Receiver:
         accepts connections (where a silent peer would stop every other from connecting),
         within the ARTIM time. A failed one closes the connection."""
         previous = sock.gettimeout()
+        started = time.monotonic()
         try:
             sock.settimeout(self._config.artim_timeout)
             sock.do_handshake()
             sock.settimeout(previous)
+            # The A-ASSOCIATE-RQ gets what is left of the ARTIM time, not a second one.
+            left = self._config.artim_timeout - (time.monotonic() - started)
+            assoc.acse_timeout = max(0.1, left)
         except (OSError, ValueError) as exc:
             log.warning("connection.dropped", reason="TLS handshake failed",
                         peer=assoc.requestor.address, error=type(exc).__name__)
@@ -466,14 +470,18 @@ class Receiver:
         syntax = event.context.transfer_syntax
         if syntax == DeflatedExplicitVRLittleEndian:
             with received.getbuffer() as deflated:
-                stream = BytesIO(_inflate(deflated, self._max_dataset,
-                                          self._config.max_dataset_mb))
+                kept, total = _inflate(deflated, self._max_dataset,
+                                       self._config.max_dataset_mb)
+            stream = BytesIO(kept)
         else:
             stream = received
+            total = len(received.getbuffer())
         stream.seek(0)
         try:
             ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                               stop_when=lambda tag, vr, length: tag >= PIXEL_DATA)
+            _check_pixel_data_length(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                                     total)
         finally:
             received.seek(0)
         for elem in ds.elements():
@@ -514,7 +522,7 @@ INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
 HEADER_KEPT = 64 * 2**20
 
 
-def _inflate(deflated: memoryview, limit: int, limit_mb: float) -> bytes:
+def _inflate(deflated: memoryview, limit: int, limit_mb: float) -> tuple[bytes, int]:
     """A Deflated Explicit VR Little Endian data set (PS3.5 A.5) inflated in chunks, every
     byte counted and only the first HEADER_KEPT kept: one that inflates past ``limit``
     bytes is refused with 0xA700 having taken at most about HEADER_KEPT of memory."""
@@ -537,7 +545,31 @@ def _inflate(deflated: memoryview, limit: int, limit_mb: float) -> bytes:
     except zlib.error as exc:
         raise _Refusal(STATUS_CANNOT_UNDERSTAND, "the deflated data set does not inflate"
                        ) from exc
-    return bytes(kept)
+    return bytes(kept), total
+
+
+def _check_pixel_data_length(stream: BytesIO, implicit: bool, little: bool, total: int
+                             ) -> None:
+    """The header was read up to Pixel Data (the stream is at its tag, if it has one): a
+    defined length must fit the ``total`` bytes of the data set. The element most often
+    cut short, and the one read_dataset stopped before."""
+    start = stream.tell()
+    head = stream.read(12)
+    stream.seek(start)
+    if len(head) < 8 or int.from_bytes(head[0:2], "little" if little else "big") != 0x7FE0:
+        return  # no Pixel Data (an SR, a header alone)
+    order: Literal["little", "big"] = "little" if little else "big"
+    if implicit:
+        length, header = int.from_bytes(head[4:8], order), 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        if len(head) < 12:
+            raise _Refusal(STATUS_CANNOT_UNDERSTAND, "Pixel Data runs past the end")
+        length, header = int.from_bytes(head[8:12], order), 12
+    else:
+        length, header = int.from_bytes(head[6:8], order), 8
+    if length != 0xFFFFFFFF and start + header + length > total:
+        raise _Refusal(STATUS_CANNOT_UNDERSTAND,
+                       "Pixel Data runs past the end of the data set")
 
 
 def _check_length(elem: Any) -> None:
@@ -566,7 +598,7 @@ def _decoded_pixel_bytes(ds: Dataset) -> int:
     frames = max(1, number("NumberOfFrames", 1))
     samples = max(1, number("SamplesPerPixel", 1))
     bits = max(1, number("BitsAllocated", 16))
-    return rows * columns * frames * samples * ((bits + 7) // 8)
+    return (rows * columns * frames * samples * bits + 7) // 8
 
 
 class _Server(ThreadedAssociationServer):

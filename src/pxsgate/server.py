@@ -491,7 +491,7 @@ class Gateway:
             return indexed
         self.retention.added(instance.size)
         if indexed.moved_from is not None:
-            await self._instance_moved(instance, indexed.moved_from, indexed.replaced)
+            await self._instance_moved(instance, indexed)
         if indexed.replaced is not None:
             # The instance moved to another study: its old file is no longer its own.
             await asyncio.to_thread(indexed.replaced.unlink, True)
@@ -504,30 +504,39 @@ class Gateway:
                                          settle, quiet)
         return indexed
 
-    async def _instance_moved(self, instance: ReceivedInstance, old_study: str,
-                              old_file: Path | None) -> None:
+    async def _instance_moved(self, instance: ReceivedInstance, indexed: Indexed) -> None:
         """An instance sent again under another study: a PACS correction (an image moved
-        to the right study, or the right patient), never silent. The move is recorded
-        (both studies' next results are flagged instance-moved, and wrong-patient when
-        its PatientID changed), logged and counted, and the study it left is scored again,
+        to the right study, or the right patient), never silent. The store recorded the
+        move with the instance (both studies' next results are flagged instance-moved,
+        and wrong-patient when its PatientID changed, found here from the two files); it is
+        logged and counted, and the study it left, re-opened by the store, is scored again
         so that its current result no longer claims the image; history is kept."""
-        loop = asyncio.get_running_loop()
-        before, after = await asyncio.gather(
-            loop.run_in_executor(self._executor, _patient_id, old_file),
-            loop.run_in_executor(self._executor, _patient_id, instance.path))
-        changed = before is not None and after is not None and before != after
-        await self.store.record_move(instance.sop_instance_uid, old_study,
-                                     instance.study_instance_uid, changed, now_iso())
-        self.metrics.instances_moved.inc()
-        log.warning("instance.moved", association_id=instance.association_id,
-                    from_study=self.store.study_label(old_study),
-                    to_study=self.store.study_label(instance.study_instance_uid),
-                    patient_changed=changed)
-        assert self._pipeline is not None
-        assert self._assembler is not None
-        self._pipeline.reopened(old_study)
-        settle, quiet = self.config.timings(instance.called_ae)
-        self._assembler.resume(old_study, settle, settle, quiet)
+        old_study = indexed.moved_from
+        assert old_study is not None
+        changed = False
+        try:
+            loop = asyncio.get_running_loop()
+            before, after = await asyncio.gather(
+                loop.run_in_executor(self._executor, _patient_id, indexed.replaced),
+                loop.run_in_executor(self._executor, _patient_id, instance.path))
+            changed = before is not None and after is not None and before != after
+            if changed:
+                await self.store.set_move_patient_changed(instance.sop_instance_uid,
+                                                          instance.study_instance_uid)
+        except Exception as exc:  # the instance is indexed: this must not refuse it
+            log.error("instance.move_check_failed", error=type(exc).__name__)
+        finally:
+            self.metrics.instances_moved.inc()
+            log.warning("instance.moved", association_id=instance.association_id,
+                        from_study=self.store.study_label(old_study),
+                        to_study=self.store.study_label(instance.study_instance_uid),
+                        patient_changed=changed, rescored=indexed.rescore_old)
+            if indexed.rescore_old:
+                assert self._pipeline is not None
+                assert self._assembler is not None
+                self._pipeline.reopened(old_study)
+                settle, quiet = self.config.timings(instance.called_ae)
+                self._assembler.resume(old_study, settle, settle, quiet)
 
     def _association_closed(self, association_id: str) -> None:
         assert self._assembler is not None

@@ -728,28 +728,44 @@ class Store:
                  and row[3] is None else None)
         moved_from = (str(row[1]) if row is not None and row[1] != inst.study_instance_uid
                       else None)
+        rescore_old = False
         if moved_from is not None:
-            # A correction: the study it left is scored again (its result must no longer
-            # claim the image), at the same deadline as the one it joined.
+            # A correction, recorded with the instance (whether its PatientID changed is
+            # filled in by the caller, which reads the files). An image's old study is
+            # scored again, so that its result no longer claims it, at the deadline of the
+            # study it joined; not one retention has emptied (nothing left to score).
             await self.db.execute(
-                """UPDATE studies SET state = 'receiving', reason = '', updated_at = ?,
-                       deadline = ?, settle_seconds = ?, attempts = 0
-                   WHERE study_instance_uid = ?""",
-                (inst.received_at, deadline, settle_seconds, moved_from))
+                """INSERT INTO instance_moves (sop_instance_uid, from_study_uid, to_study_uid,
+                       patient_changed, moved_at) VALUES (?, ?, ?, 0, ?)""",
+                (inst.sop_instance_uid, moved_from, inst.study_instance_uid,
+                 inst.received_at))
+            if kind == "image":
+                cursor = await self.db.execute(
+                    """UPDATE studies SET state = 'receiving', reason = '', updated_at = ?,
+                           deadline = ?, settle_seconds = ?, attempts = 0
+                       WHERE study_instance_uid = ? AND purged_at IS NULL""",
+                    (inst.received_at, deadline, settle_seconds, moved_from))
+                rescore_old = cursor.rowcount == 1
         outcome: InstanceOutcome = ("attached" if not opened
                                     else "new" if row is None else "changed")
         await self._add_reception(inst, outcome)
         await self.db.commit()
-        return Indexed(outcome, moved, kind, moved_from)
+        return Indexed(outcome, moved, kind, moved_from, rescore_old)
 
     @_transaction
-    async def record_move(self, sop_uid: str, from_study: str, to_study: str,
-                          patient_changed: bool, at: str) -> None:
+    async def set_move_patient_changed(self, sop_uid: str, to_study: str) -> None:
+        """The moved instance's PatientID differs from its earlier version's."""
         await self.db.execute(
-            """INSERT INTO instance_moves (sop_instance_uid, from_study_uid, to_study_uid,
-                   patient_changed, moved_at) VALUES (?, ?, ?, ?, ?)""",
-            (sop_uid, from_study, to_study, int(patient_changed), at))
+            """UPDATE instance_moves SET patient_changed = 1
+               WHERE sop_instance_uid = ? AND to_study_uid = ?""", (sop_uid, to_study))
         await self.db.commit()
+
+    async def is_current(self, result_id: str) -> bool:
+        """Whether the result is its study's current one (not superseded by a rescore)."""
+        async with self.db.execute("SELECT current FROM results WHERE id = ?",
+                                   (result_id,)) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def move_flags(self, study_uid: str) -> tuple[str, ...]:
         """Review flags from instances that moved into or out of the study: instance-moved,
@@ -789,7 +805,15 @@ class Store:
             (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at,
              deadline, settle_seconds),
         )
-        return reopen or cursor.rowcount == 1
+        if reopen or cursor.rowcount == 1:
+            return True
+        # Attached to a study whose files retention had deleted: its new file must be
+        # deleted in turn, so the study is purgeable again (as a revived instance makes it).
+        await self.db.execute(
+            """UPDATE studies SET purged_at = NULL, finished_at = ?
+               WHERE study_instance_uid = ? AND purged_at IS NOT NULL""",
+            (time.time(), inst.study_instance_uid))
+        return False
 
     async def _add_reception(self, inst: ReceivedInstance, outcome: InstanceOutcome) -> None:
         await self.db.execute(

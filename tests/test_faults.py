@@ -206,12 +206,14 @@ db.execute("COMMIT")
 async def test_the_database_locked_by_another_process(tmp_path: Path) -> None:
     """Another process holds SQLite's write lock for longer than the busy timeout (5 s):
     an instance cannot be indexed, so it is refused with 0xA700, never acknowledged and
-    lost; a study that became ready meanwhile is finished once the lock is gone."""
+    lost; a study that became ready meanwhile is finished once the lock is gone. The lock
+    is held for 16 s: the C-STORE's write may first wait behind the ready study's (the
+    service's writers take turns), 5 s each, and must still find the lock held."""
     async with running(tmp_path, Model(), JOBS) as gw:
         first = ap_study(505, "BEFORE")
         await send(gw, first)  # acknowledged; becomes ready while the lock is held
         locker = subprocess.Popen(  # noqa: ASYNC220  # starting it does not block
-            [sys.executable, "-c", LOCKER, str(gw.config.db_path), "9"],
+            [sys.executable, "-c", LOCKER, str(gw.config.db_path), "16"],
             stdout=subprocess.PIPE, text=True)
         assert locker.stdout is not None
         assert (await asyncio.to_thread(locker.stdout.readline)).strip() == "locked"

@@ -397,9 +397,18 @@ def test_a_65_character_uid_in_the_request_gets_0xc210(svc: Service) -> None:
         msg.command_set.AffectedSOPInstanceUID = long_uid  # past what pynetdicom would send
         [context] = [c for c in assoc.accepted_contexts
                      if c.abstract_syntax == ds.SOPClassUID]
-        for primitive in msg.encode_msg(context.context_id, assoc.acceptor.maximum_length):
-            assoc.dul.send_pdu(primitive)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # Pause the association's reactor, as pynetdicom's own send_c_echo does, so that
+        # it does not take the response first ("unexpected C-STORE service message").
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            for primitive in msg.encode_msg(context.context_id,
+                                            assoc.acceptor.maximum_length):
+                assoc.dul.send_pdu(primitive)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
         assert rsp is not None
         assert rsp.Status == 0xC210
         assert rsp.MessageIDBeingRespondedTo == 7

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import structlog
 from pydicom import Dataset, dcmread
+from pydicom.uid import ComprehensiveSRStorage
 
 from pxsgate import __version__
 from pxsgate.config import ExporterConfig
@@ -37,7 +38,6 @@ log = structlog.get_logger("pxsgate.export")
 RETRYABLE_HTTP = frozenset({408, 425, 429})
 # C-STORE statuses that mean stored (PS3.4 B.2.3): success and the three warnings.
 STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the SOP class build_pxs_sr makes
 
 
 def read_secret(path: Path, key: str) -> str:
@@ -165,7 +165,7 @@ class DicomSrExporter:
                 "superseded: the study was scored again; its newer result's SR is sent")
         made, previous = await self._store.made_instance(
             result_id=result_id, exporter=self.name, study_uid=study_uid,
-            sop_class_uid=COMPREHENSIVE_SR,
+            sop_class_uid=ComprehensiveSRStorage,  # what build_pxs_sr makes
             sop_instance_uid=sr.uid_from_id(f"{result_id}/{self.name}/sr"),
             series_instance_uid=sr.uid_from_id(f"{study_uid}/{self.name}/sr-series"),
             at=now_iso())

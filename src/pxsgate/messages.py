@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,10 +93,13 @@ class StudyDecision:
     @property
     def inputs(self) -> tuple[ImageDecision, ...]:
         """The model-input images, latest acquired first (the study's headline image)."""
-        chosen = [d for d in self.images if d.selected]
-        # Stable sort: images with equal (or unknown) times keep their arrival order, and
-        # of those the last to arrive counts as the latest.
-        return tuple(sorted(reversed(chosen), key=lambda d: d.acquired, reverse=True))
+        return latest_first(d for d in self.images if d.selected)
+
+
+def latest_first(images: Iterable[ImageDecision]) -> tuple[ImageDecision, ...]:
+    """Images latest acquired first. Stable: images with equal (or unknown) times keep
+    their arrival order, and of those the last to arrive counts as the latest."""
+    return tuple(sorted(reversed(list(images)), key=lambda d: d.acquired, reverse=True))
 
 
 @dataclass(frozen=True)

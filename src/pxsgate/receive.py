@@ -416,7 +416,7 @@ class Receiver:
         if isinstance(verdict, str):
             raise _Refusal(STATUS_OUT_OF_RESOURCES, verdict)
         try:
-            ds = self._header(event, received)
+            ds = self._header(event, received, stream)
             sop_uid = str(ds.SOPInstanceUID)
             sop_class = str(ds.SOPClassUID)
             study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -461,7 +461,7 @@ class Receiver:
         self._failpoints.hit("after-index")
         return instance, indexed, verdict
 
-    def _header(self, event: evt.Event, received: BytesIO) -> Dataset:
+    def _header(self, event: evt.Event, received: BytesIO, data: memoryview) -> Dataset:
         """Parse the whole header, everything before Pixel Data, without reading (and
         copying) the pixel data: a data set that cannot be read is refused now, not
         acknowledged and then found unreadable. A Deflated data set is inflated in bounded
@@ -469,13 +469,10 @@ class Receiver:
         data it declares must fit max-dataset-mb once decoded."""
         syntax = event.context.transfer_syntax
         if syntax == DeflatedExplicitVRLittleEndian:
-            with received.getbuffer() as deflated:
-                kept, total = _inflate(deflated, self._max_dataset,
-                                       self._config.max_dataset_mb)
+            kept, total = _inflate(data, self._max_dataset, self._config.max_dataset_mb)
             stream = BytesIO(kept)
         else:
-            stream = received
-            total = len(received.getbuffer())
+            stream, total = received, len(data)
         stream.seek(0)
         try:
             ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,

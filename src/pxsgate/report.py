@@ -219,8 +219,7 @@ def trace_text(detail: Mapping[str, Any], *, phi: bool = False) -> str:
     # Associations and the instances they brought; instances numbered as they first came.
     add("")
     by_uid = {str(inst["sop_instance_uid"]): inst for inst in instances}
-    receptions: Sequence[Mapping[str, Any]] = detail.get("receptions") or [
-        {**inst, "outcome": "new"} for inst in instances]  # a detail from before receptions
+    receptions: Sequence[Mapping[str, Any]] = detail.get("receptions") or []
     groups = _group_associations(
         [r for r in receptions if str(r.get("sop_instance_uid")) in by_uid])
     label: dict[str, str] = {}

@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 
 from pxsgate.config import SelectionConfig
 from pxsgate.matchers import first_match
-from pxsgate.messages import ImageDecision, StoredInstance, StudyDecision
+from pxsgate.messages import ImageDecision, StoredInstance, StudyDecision, latest_first
 
 FLAG_MULTIPLE = "multiple-ap-images"
 FLAG_MANY = "many-ap-images"
@@ -55,19 +55,8 @@ class Header:
     error: str = ""
 
     def text(self, keyword: str) -> str:
-        """The element's value as text; "" when absent or when its bytes cannot be read as
-        its VR (a peer's malformed element must not stop the study's decision)."""
-        if self.dataset is None:
-            return ""
-        try:
-            value = self.dataset.get(keyword, "")
-            if isinstance(value, MultiValue):
-                # DICOM's own encoding of several values (a PatientID "A\\B"), not Python's
-                # list text "['A', 'B']", which nothing outside pxsgate would search for.
-                return "\\".join(str(v).strip() for v in value)
-            return "" if value is None else str(value).strip()
-        except Exception:  # pydicom converts lazily: any malformed value fails here
-            return ""
+        """The element's value as text (element_text)."""
+        return "" if self.dataset is None else element_text(self.dataset, keyword)
 
     def acquired(self) -> str:
         """Acquisition time as sortable text, from the most specific tags present."""
@@ -79,6 +68,20 @@ class Header:
                 return value[:21]
             if date and (value := self.text(date)):
                 return f"{value}{self.text(time)}"[:21]
+        return ""
+
+
+def element_text(ds: Dataset, keyword: str) -> str:
+    """An element's value as text; "" when absent or when its bytes cannot be read as its
+    VR (a peer's malformed element must not stop the study's decision)."""
+    try:
+        value = ds.get(keyword, "")
+        if isinstance(value, MultiValue):
+            # DICOM's own encoding of several values (a PatientID "A\\B"), not Python's
+            # list text "['A', 'B']", which nothing outside pxsgate would search for.
+            return "\\".join(str(v).strip() for v in value)
+        return "" if value is None else str(value).strip()
+    except Exception:  # pydicom converts lazily: any malformed value fails here
         return ""
 
 
@@ -148,8 +151,8 @@ def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
     if len(chosen) > cfg.max_images_per_study:
         # One study of hundreds of images must not hold the model while others wait: the
         # latest acquired are scored, the rest recorded as not used, and the study flagged.
-        keep = {d.sop_instance_uid for d in StudyDecision(
-            True, "", "", tuple(chosen)).inputs[:cfg.max_images_per_study]}
+        keep = {d.sop_instance_uid
+                for d in latest_first(chosen)[:cfg.max_images_per_study]}
         images = [d if not d.selected or d.sop_instance_uid in keep else ImageDecision(
             d.sop_instance_uid, d.series_instance_uid, False, "over-limit",
             f"{d.reason}; not scored: only the latest {cfg.max_images_per_study} of "

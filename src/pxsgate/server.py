@@ -44,6 +44,7 @@ from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
 from pxsgate.results import ModelInfo
 from pxsgate.retention import Retention
+from pxsgate.rules import element_text
 from pxsgate.sdnotify import Notifier
 from pxsgate.spool import Spool
 from pxsgate.store import Store
@@ -106,8 +107,7 @@ def _patient_id(path: Path | None) -> str | None:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
     except Exception:  # gone meanwhile (retention), or unreadable: unknown
         return None
-    value = ds.get("PatientID", "")
-    return "\\".join(map(str, value)) if isinstance(value, list) else str(value or "")
+    return element_text(ds, "PatientID")
 
 
 def _store_problem(exc: BaseException) -> str:

@@ -43,6 +43,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM
 from pynetdicom import AE
+from pynetdicom.events import EVT_PDU_RECV, Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from pxsgate import __version__
 from pxsgate.errors import ExportError, PermanentExportError
@@ -295,14 +297,12 @@ _REJECT_REASONS = {
 }
 
 
-def _rejection(assoc: Any, calling_ae: str) -> str:
+def _rejection(rejection: A_ASSOCIATE_RJ, calling_ae: str) -> str:
     """Why the peer rejected the association, in words, when its A-ASSOCIATE-RJ says."""
-    rejection = getattr(assoc.acceptor, "primitive", None)
-    source = getattr(rejection, "result_source", None)
-    if source == 1:  # the service user: the PACS itself
-        reason = _REJECT_REASONS.get(getattr(rejection, "diagnostic", 0), "no reason given")
+    if rejection.source == 1:  # the service user: the PACS itself
+        reason = _REJECT_REASONS.get(rejection.reason_diagnostic or 0, "no reason given")
         return f" ({reason.format(calling=calling_ae)})"
-    if source in (2, 3):  # its service provider
+    if rejection.source in (2, 3):  # its service provider
         return " (by the peer's service provider: busy, or no association slot free)"
     return ""
 
@@ -322,9 +322,18 @@ def send_dataset(ds: Dataset, *, host: str, port: int, called_ae: str, calling_a
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if assoc.is_rejected:
-        raise SendError(f"association with {peer} was rejected{_rejection(assoc, calling_ae)}")
+    # The A-ASSOCIATE-RJ is kept as it arrives: a peer that closes the connection right after
+    # it (DCMTK does) can leave pynetdicom's association aborted rather than rejected.
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def on_pdu(event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(EVT_PDU_RECV, on_pdu)])
+    if rejections:
+        raise SendError(f"association with {peer} was rejected"
+                        f"{_rejection(rejections[0], calling_ae)}")
     if not assoc.is_established:
         raise SendError(f"no association with {peer} (refused, aborted or timed out)")
     try:

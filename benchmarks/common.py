@@ -34,7 +34,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from pxsgate import synth
+from pxsgate.tools import synth
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

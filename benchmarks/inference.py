@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from pxsgate import synth
 from pxsgate.anchors import anchor_images
 from pxsgate.config import BatchConfig, ModelConfig
 from pxsgate.infer import InferenceWorker, PxsScorer, Runtime, batch_tensor, pick_device
 from pxsgate.preprocess import preprocess_pixels, to_model_input
 from pxsgate.pxs import PxsSiamese, reference_pxs_score
+from pxsgate.tools import synth
 
 
 def cpu_name() -> str:

@@ -33,10 +33,10 @@ from pydicom.uid import JPEG2000Lossless
 
 from benchmarks import common
 from benchmarks.common import STORESCP, STORESCU, free_port
-from pxsgate import synth
 from pxsgate.config import Config
 from pxsgate.pipeline import auto_workers
-from pxsgate.server import Gateway
+from pxsgate.service.gateway import Gateway
+from pxsgate.tools import synth
 
 
 def make_files(directory: Path, count: int, rows: int, cols: int, *, j2k: bool = False,

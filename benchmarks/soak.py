@@ -69,8 +69,8 @@ from benchmarks.common import (
     stop_service,
     write_config,
 )
-from pxsgate import synth
-from pxsgate.scu import send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import send_datasets
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")

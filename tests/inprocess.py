@@ -17,9 +17,9 @@ from pxsgate.config import load_config
 from pxsgate.errors import ModelError
 from pxsgate.log import configure_logging
 from pxsgate.results import ModelInfo
-from pxsgate.scu import send_datasets
-from pxsgate.server import Gateway
+from pxsgate.service.gateway import Gateway
 from pxsgate.store import ResultFilter
+from pxsgate.tools.scu import send_datasets
 
 from .conftest import write_config
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
-from pxsgate import synth
-from pxsgate.scu import echo, send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import echo, send_datasets
 
 from .conftest import Service, dcmtk, start_service, stop_service
 

@@ -25,17 +25,18 @@ import pytest
 import torch
 from pydicom import Dataset
 
-from pxsgate import change, synth
+from pxsgate import change
 from pxsgate.config import BatchConfig, ModelConfig, config_from_mapping, load_config
 from pxsgate.errors import ConfigError
 from pxsgate.infer import InferenceWorker, PxsScorer
 from pxsgate.log import configure_logging
-from pxsgate.messages import ScoredImage
 from pxsgate.preprocess import preprocess_file, preprocess_pixels
 from pxsgate.pxs import pxs_scores
+from pxsgate.records import ScoredImage
 from pxsgate.results import CHANGE_CODE, PXS_CODE, ModelInfo, StudyIdentity, build_document
-from pxsgate.server import Gateway
+from pxsgate.service.gateway import Gateway
 from pxsgate.store import MIGRATIONS, PRIOR_IMAGE_SQL, ImageEmbedding, Store, StudyEmbeddings
+from pxsgate.tools import synth
 
 from .conftest import pxsgate, write_config
 from .inprocess import gateway, result_of, send, stand_in_embedding

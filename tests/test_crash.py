@@ -4,7 +4,7 @@ current result, however often the service is killed.
 The real ``pxsgate serve`` (the real model, on the CPU) runs as a subprocess; DCMTK's
 storescu sends it a stream of studies, as a router would, and sends again what was not
 acknowledged. In each round the service is killed with SIGKILL at a chosen moment, by a
-failpoint (pxsgate.failpoints: after an instance file is durable but before it is indexed,
+failpoint (pxsgate.service.failpoints: after an instance file is durable but before it is indexed,
 after indexing but before the C-STORE response, during inference, inside the result's
 transaction before COMMIT, after COMMIT) or by the test at a random time. Then it is
 started again. The seed is fixed, so CI runs the same rounds every time.

@@ -20,8 +20,8 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pxsgate import synth
-from pxsgate.sr import build_pxs_sr, uid_from_id
+from pxsgate.delivery.sr import build_pxs_sr, uid_from_id
+from pxsgate.tools import synth
 
 from .conftest import SAMPLES
 from .inprocess import eventually, gateway, send

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pxsgate.messages import ScoredImage
+from pxsgate.records import ScoredImage
 from pxsgate.results import ModelInfo, StudyIdentity, build_document
 from pxsgate.store import Store
 
@@ -323,7 +323,7 @@ def test_single_class_resamples_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_bootstrap_auc_equals_roc_auc_score_on_each_resample() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from pxsgate.evaluate import weighted_auc
+    from pxsgate.tools.evaluate import weighted_auc
 
     rng = np.random.default_rng(3)
     scores = np.sort(rng.integers(0, 6, 30).astype(float))  # many ties

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 
-from pxsgate import synth
-from pxsgate.scu import echo, send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import echo, send_datasets
 
 from .conftest import Service, dcmtk
 

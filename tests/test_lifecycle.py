@@ -15,8 +15,8 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from pxsgate import synth
-from pxsgate.scu import echo, send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import echo, send_datasets
 
 from .conftest import Service, start_service, stop_service
 

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from pydicom.uid import ComputedRadiographyImageStorage
 
-from pxsgate import synth
 from pxsgate.anchors import anchor_images, load_anchor_file
 from pxsgate.cli import main
 from pxsgate.config import BatchConfig, ModelConfig
@@ -29,6 +28,7 @@ from pxsgate.preprocess import (
     to_model_input,
 )
 from pxsgate.pxs import demo_embedding_net, file_sha256
+from pxsgate.tools import synth
 
 from .conftest import write_config
 

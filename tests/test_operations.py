@@ -11,7 +11,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 
-from pxsgate.scu import send_datasets
+from pxsgate.tools.scu import send_datasets
 
 from .conftest import free_port, start_service, stop_service
 from .inprocess import gateway, result_of, send

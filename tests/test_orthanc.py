@@ -30,9 +30,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from pxsgate import synth
 from pxsgate.results import pxs_entries
-from pxsgate.scu import send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import send_datasets
 
 from .conftest import Service, free_port, pxsgate, start_service, stop_service
 from .orthanc import JPEG2000_LOSSLESS, Orthanc, orthanc_binary, orthanc_server

@@ -184,7 +184,7 @@ def test_sigkill_mid_delivery_resends_the_same_delivery(tmp_path: Path) -> None:
         svc: Service = start_service(tmp_path, extra=http_exporter(receiver.url))
         study = ap_study(68, "KILLED")
         try:
-            from pxsgate.scu import send_datasets
+            from pxsgate.tools.scu import send_datasets
             assert send_datasets("127.0.0.1", svc.port, study).ok
             wait_until(lambda: receiver.arrived > 0, what="the POST to arrive")
         finally:
@@ -241,7 +241,7 @@ async def test_sr_reaches_the_pacs_once_it_listens(tmp_path: Path) -> None:
     import highdicom as hd
     import pydicom
 
-    from pxsgate.sr import uid_from_id
+    from pxsgate.delivery.sr import uid_from_id
 
     from .conftest import free_port
     from .test_sr import PXS_SCORE, _storescp
@@ -281,7 +281,7 @@ def test_backoff_doubles_up_to_the_cap_with_half_of_it_jitter() -> None:
     import random
 
     from pxsgate.config import ExporterConfig
-    from pxsgate.outbox import backoff_seconds
+    from pxsgate.delivery.outbox import backoff_seconds
 
     config = ExporterConfig(name="x", type="http", url="https://x", backoff_initial_seconds=2,
                             backoff_max_seconds=60)
@@ -293,7 +293,7 @@ def test_backoff_doubles_up_to_the_cap_with_half_of_it_jitter() -> None:
 
 
 async def test_rate_limit_spaces_deliveries() -> None:
-    from pxsgate.outbox import throttler
+    from pxsgate.delivery.outbox import throttler
 
     limiter = throttler(20.0)  # 20 per second, in bursts of at most 20
     loop = asyncio.get_running_loop()

@@ -73,9 +73,9 @@ from pynetdicom import _config as pynetdicom_config
 
 from pxsgate.config import SelectionConfig
 from pxsgate.errors import PreprocessError
-from pxsgate.messages import ImageDecision, StoredInstance, StudyDecision
 from pxsgate.pipeline import read_headers
 from pxsgate.preprocess import preprocess_file
+from pxsgate.records import ImageDecision, StoredInstance, StudyDecision
 from pxsgate.rules import FLAG_MANY, FLAG_MULTIPLE, FLAG_WRONG_PATIENT, Header, select
 from pxsgate.spool import Spool, is_valid_uid
 from pxsgate.store import ResultFilter

@@ -24,8 +24,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
-from pxsgate import synth
-from pxsgate.scu import echo, send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import echo, send_datasets
 
 from .conftest import SAMPLES, Service, dcmtk, pxsgate, start_service, stop_service
 

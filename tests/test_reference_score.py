@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from pydicom import Dataset
 
-from pxsgate import synth
 from pxsgate.anchors import DEMO_ANCHOR_COUNT, DEMO_ANCHOR_SEED
 from pxsgate.cli import main
 from pxsgate.pxs import PxsSiamese, demo_embedding_net, reference_pxs_score
-from pxsgate.scu import send_datasets
+from pxsgate.tools import synth
+from pxsgate.tools.scu import send_datasets
 
 from .conftest import SAMPLES, Service, write_config
 

@@ -19,7 +19,7 @@ import aiohttp
 import jsonschema
 import pytest
 
-from pxsgate.server import Gateway
+from pxsgate.service.gateway import Gateway
 from pxsgate.store import MIGRATIONS, Store
 
 from .conftest import free_port, pxsgate, write_config

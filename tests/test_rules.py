@@ -14,7 +14,7 @@ from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pxsgate.config import Config, SelectionConfig, config_from_mapping
-from pxsgate.messages import StoredInstance
+from pxsgate.records import StoredInstance
 from pxsgate.rules import Header, dry_run, select
 
 from .conftest import SAMPLES
@@ -180,7 +180,7 @@ def test_shared_samples_pa_chests_and_ap_extremity_are_not_selected() -> None:
 
 
 def test_rules_test_command_prints_decisions_and_json(tmp_path: Path) -> None:
-    from pxsgate import synth
+    from pxsgate.tools import synth
 
     feed = tmp_path / "feed"
     synth.write_feed(synth.hospital_feed(seed=3, rows=64, cols=64, prefix="RT"), feed)

@@ -1,4 +1,4 @@
-"""pxsgate.sdnotify against real AF_UNIX datagram sockets standing in for systemd."""
+"""pxsgate.service.sdnotify against real AF_UNIX datagram sockets standing in for systemd."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pxsgate.sdnotify import MAX_STATUS_BYTES, Notifier
+from pxsgate.service.sdnotify import MAX_STATUS_BYTES, Notifier
 
 RECV_TIMEOUT_S = 2.0
 # sun_path holds 108 bytes; pytest's tmp_path can be longer on some machines.

@@ -21,8 +21,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
-from pxsgate.errors import ExportError, PermanentExportError
-from pxsgate.sr import (
+from pxsgate.delivery.sr import (
     PXS_SCORE,
     SendError,
     SrError,
@@ -30,6 +29,7 @@ from pxsgate.sr import (
     send_dataset,
     uid_from_id,
 )
+from pxsgate.errors import ExportError, PermanentExportError
 
 from .conftest import SAMPLES, dcmtk, free_port
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic hospital feed (pxsgate.synth)."""
+"""Tests of the synthetic hospital feed (pxsgate.tools.synth)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pxsgate import synth
+from pxsgate.tools import synth
 
 from .conftest import dcmtk
 

@@ -32,9 +32,9 @@ import structlog
 import torch
 from torch import Tensor
 
-from pxsgate import synth
 from pxsgate.errors import ModelError, PreprocessError
 from pxsgate.preprocess import U8Array, is_image_file, load_model_image, preprocess_pixels
+from pxsgate.tools import synth
 
 __all__ = [
     "DEMO_ANCHOR_COUNT",

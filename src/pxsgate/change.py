@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pxsgate.messages import PriorImage, ScoredImage
+from pxsgate.records import PriorImage, ScoredImage
 from pxsgate.results import CHANGE_CODE, format_score, reference
 
 VECTOR_DTYPE = np.dtype("<f2")  # float16, little-endian

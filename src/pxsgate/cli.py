@@ -24,7 +24,7 @@ from pxsgate import __version__
 from pxsgate.config import Config, load_config, resolve_config_path
 from pxsgate.errors import ConfigError, PxsgateError
 from pxsgate.log import configure_logging
-from pxsgate.messages import now_iso
+from pxsgate.records import now_iso
 from pxsgate.store import ResultFilter, Store
 
 R = TypeVar("R")
@@ -225,9 +225,9 @@ async def _serve(config: Config, path: Path) -> int:
     finds itself unable to go on (exit 1, so that systemd restarts it)."""
     import structlog
 
-    from pxsgate.failpoints import Failpoints
-    from pxsgate.sdnotify import Notifier
-    from pxsgate.server import Gateway  # torch loads here, not for check-config/results
+    from pxsgate.service.failpoints import Failpoints
+    from pxsgate.service.gateway import Gateway  # torch loads here, not for check-config/results
+    from pxsgate.service.sdnotify import Notifier
 
     log = structlog.get_logger("pxsgate.cli")
     stop = asyncio.Event()
@@ -307,7 +307,7 @@ async def _reload(gateway: Any, path: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    from pxsgate.demo import run_demo
+    from pxsgate.tools.demo import run_demo
 
     configure_logging("console", "warning", sys.stderr)  # stdout is the demo's report
     return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
@@ -324,7 +324,7 @@ def _store_path(args: argparse.Namespace, config: Config) -> Path:
 def _since(value: str) -> str:
     """``--since``: an ISO 8601 date or date-time, as the store compares it (a bad value is
     argparse's usage error, exit 2)."""
-    from pxsgate.api import parse_since  # aiohttp only for the commands that take --since
+    from pxsgate.service.api import parse_since  # aiohttp only for the commands that take --since
 
     try:
         return parse_since(value)
@@ -562,7 +562,7 @@ def _health(config: Config, timeout: float = 2.0) -> tuple[dict[str, Any] | None
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from pxsgate.report import gather_summary, status_text
+    from pxsgate.tools.report import gather_summary, status_text
 
     db = _store_path(args, config)
     data_dir = args.data_dir or config.storage.data_dir
@@ -581,7 +581,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_trace(args: argparse.Namespace, config: Config) -> int:
-    from pxsgate.report import redact_detail, trace_text
+    from pxsgate.tools.report import redact_detail, trace_text
 
     db = _store_path(args, config)
 
@@ -605,7 +605,7 @@ def cmd_trace(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
-    from pxsgate import evaluate
+    from pxsgate.tools import evaluate
 
     try:
         evaluate.require_extras()  # scikit-learn, matplotlib: the optional extra

@@ -42,10 +42,10 @@ from pxsgate import anchors as anchor_pool
 from pxsgate import pxs
 from pxsgate.config import BatchConfig, ModelConfig
 from pxsgate.errors import ModelError, PxsgateError
-from pxsgate.failpoints import Failpoints
-from pxsgate.metrics import Metrics
 from pxsgate.preprocess import CROP_TO, U8Array
 from pxsgate.results import ModelInfo
+from pxsgate.service.failpoints import Failpoints
+from pxsgate.service.metrics import Metrics
 
 log = structlog.get_logger("pxsgate.infer")
 

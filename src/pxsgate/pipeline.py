@@ -29,11 +29,13 @@ from typing import Any, TypeVar
 import structlog
 from pydicom import dcmread
 
-from pxsgate import change, decoding, rules
+from pxsgate import change, rules
+from pxsgate import decode as decoding
 from pxsgate.config import Config, PreprocessConfig, SelectionConfig
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import ImageResult, InferenceWorker
-from pxsgate.messages import (
+from pxsgate.preprocess import U8Array, preprocess_file
+from pxsgate.records import (
     ImageDecision,
     PriorImage,
     ScoredImage,
@@ -41,10 +43,9 @@ from pxsgate.messages import (
     StudyDecision,
     now_iso,
 )
-from pxsgate.metrics import Metrics
-from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
 from pxsgate.rules import Header
+from pxsgate.service.metrics import Metrics
 from pxsgate.store import UNFINISHED_STATES, ImageEmbedding, Store, StudyEmbeddings
 
 log = structlog.get_logger("pxsgate.pipeline")

@@ -44,9 +44,9 @@ from pynetdicom.utils import make_target, validate_uid
 
 from pxsgate.config import DicomConfig, TlsConfig
 from pxsgate.errors import SpoolError
-from pxsgate.failpoints import Failpoints
-from pxsgate.messages import Indexed, ReceivedInstance, now_iso
-from pxsgate.metrics import Metrics
+from pxsgate.records import Indexed, ReceivedInstance, now_iso
+from pxsgate.service.failpoints import Failpoints
+from pxsgate.service.metrics import Metrics
 from pxsgate.spool import Spool, is_valid_uid
 
 log = structlog.get_logger("pxsgate.receive")

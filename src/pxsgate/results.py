@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pxsgate import __version__
-from pxsgate.messages import ScoredImage, StudyDecision
+from pxsgate.records import ScoredImage, StudyDecision
 
 DOCUMENT_VERSION = "0.2.4"  # Listing 3's version field
 PXS_CODE = "partners.clara.pxs.score"

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from pxsgate.config import StorageConfig
-from pxsgate.messages import now_iso
+from pxsgate.records import now_iso
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 

@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 
 from pxsgate.config import SelectionConfig
 from pxsgate.matchers import first_match
-from pxsgate.messages import ImageDecision, StoredInstance, StudyDecision, latest_first
+from pxsgate.records import ImageDecision, StoredInstance, StudyDecision, latest_first
 
 FLAG_MULTIPLE = "multiple-ap-images"
 FLAG_MANY = "many-ap-images"

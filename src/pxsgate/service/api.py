@@ -28,7 +28,7 @@ from aiohttp.typedefs import Middleware
 
 from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, HttpConfig
-from pxsgate.metrics import CONTENT_TYPE, Metrics
+from pxsgate.service.metrics import CONTENT_TYPE, Metrics
 from pxsgate.store import ResultFilter, Store
 
 log = structlog.get_logger("pxsgate.api")

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from pxsgate import __version__
 from pxsgate.errors import PxsgateError
-from pxsgate.messages import now_iso
+from pxsgate.records import now_iso
 
 INSTALL_HINT = "pip install 'pxsgate[evaluate]'"
 

@@ -30,8 +30,7 @@ from typing import Any, Literal, TypeVar, cast
 import aiosqlite
 
 from pxsgate.errors import StoreError
-from pxsgate.failpoints import Failpoints
-from pxsgate.messages import (
+from pxsgate.records import (
     ImageDecision,
     Indexed,
     InstanceKind,
@@ -41,6 +40,7 @@ from pxsgate.messages import (
     StoredInstance,
     StudyDecision,
 )
+from pxsgate.service.failpoints import Failpoints
 from pxsgate.sopclass import is_image
 
 MIGRATIONS: tuple[str, ...] = (

@@ -18,12 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from pxsgate import synth
 from pxsgate.config import Config
 from pxsgate.results import pxs_entries
-from pxsgate.scu import send_datasets
-from pxsgate.server import Gateway
+from pxsgate.service.gateway import Gateway
 from pxsgate.store import ResultFilter
+from pxsgate.tools import synth
+from pxsgate.tools.scu import send_datasets
 
 
 def demo_config(base: Config, data_dir: Path) -> Config:

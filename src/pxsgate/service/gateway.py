@@ -30,22 +30,23 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 
-from pxsgate.api import MIN_TOKEN_LENGTH, Api
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
+from pxsgate.delivery import build_exporters
+from pxsgate.delivery.http import read_secret
+from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
-from pxsgate.export import build_exporters, read_secret
-from pxsgate.failpoints import Failpoints
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
-from pxsgate.messages import Indexed, ReceivedInstance, now_iso
-from pxsgate.metrics import Metrics
-from pxsgate.outbox import Outbox
 from pxsgate.pipeline import DecodePool, Pipeline
 from pxsgate.receive import Receiver
+from pxsgate.records import Indexed, ReceivedInstance, now_iso
 from pxsgate.results import ModelInfo
 from pxsgate.retention import Retention
 from pxsgate.rules import element_text
-from pxsgate.sdnotify import Notifier
+from pxsgate.service.api import MIN_TOKEN_LENGTH, Api
+from pxsgate.service.failpoints import Failpoints
+from pxsgate.service.metrics import Metrics
+from pxsgate.service.sdnotify import Notifier
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 

@@ -26,8 +26,8 @@ from asyncio_throttle.throttler import Throttler
 
 from pxsgate.config import ExporterConfig
 from pxsgate.errors import PermanentExportError
-from pxsgate.messages import now_iso
-from pxsgate.metrics import Metrics
+from pxsgate.records import now_iso
+from pxsgate.service.metrics import Metrics
 from pxsgate.store import Delivery, Store
 
 log = structlog.get_logger("pxsgate.outbox")

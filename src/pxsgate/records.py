@@ -1,16 +1,73 @@
-"""The small frozen records that stages hand to each other, in data-flow order."""
+"""The small frozen records that stages hand to each other, in data-flow order, and the
+words they share: a result's Status, a study job's StudyState with the transitions allowed
+between states (the store enforces them), a delivery's DeliveryState."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # numpy only for the annotation: this module stays light to import
     import numpy as np
     import numpy.typing as npt
+
+
+class Status(StrEnum):
+    """A result's status (the result document's ``status``, its JSON Schema's enum)."""
+
+    SUCCEEDED = "SUCCEEDED"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+
+
+class StudyState(StrEnum):
+    """A study job's state: receiving -> ready -> selected -> inferring -> stored -> exported,
+    or failed. The first four are unfinished work that a start-up resumes."""
+
+    RECEIVING = "receiving"
+    READY = "ready"
+    SELECTED = "selected"
+    INFERRING = "inferring"
+    STORED = "stored"
+    EXPORTED = "exported"
+    FAILED = "failed"
+
+
+UNFINISHED_STATES: tuple[StudyState, ...] = (
+    StudyState.RECEIVING, StudyState.READY, StudyState.SELECTED, StudyState.INFERRING)
+DONE_STATES: tuple[StudyState, ...] = (StudyState.STORED, StudyState.EXPORTED, StudyState.FAILED)
+
+# The state machine of a study job: the states each state may move to. Any state may go back
+# to receiving (a late or changed instance re-opens the study); the store enforces the rest.
+TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVING: frozenset({StudyState.READY}),
+    StudyState.READY: frozenset({StudyState.SELECTED, StudyState.STORED, StudyState.FAILED}),
+    StudyState.SELECTED: frozenset({StudyState.INFERRING, StudyState.STORED, StudyState.FAILED}),
+    StudyState.INFERRING: frozenset({StudyState.INFERRING, StudyState.STORED,
+                                     StudyState.FAILED}),
+    StudyState.STORED: frozenset({StudyState.EXPORTED}),
+    StudyState.EXPORTED: frozenset(),
+    StudyState.FAILED: frozenset({StudyState.EXPORTED}),
+}
+
+
+def may_move(to: StudyState) -> tuple[StudyState, ...]:
+    """The states from which a study may move to ``to``: every ``only_from`` guard."""
+    if to is StudyState.RECEIVING:
+        return tuple(StudyState)
+    return tuple(s for s, targets in TRANSITIONS.items() if to in targets)
+
+
+class DeliveryState(StrEnum):
+    """A delivery's state in the outbox."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
 
 
 def now_iso() -> str:

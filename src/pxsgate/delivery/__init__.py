@@ -1,0 +1,26 @@
+"""Delivery of stored results: the outbox (:mod:`.outbox`: retries, dead letters,
+idempotent delivery ids) and the exporters behind it, one module a protocol:
+
+- :mod:`.http`: the result document POSTed as JSON;
+- :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pxsgate.config import ExporterConfig
+from pxsgate.delivery.dicom import DicomSrExporter
+from pxsgate.delivery.http import HttpExporter
+from pxsgate.delivery.outbox import Exporter
+from pxsgate.store import Store
+
+
+def build_exporters(configs: Sequence[ExporterConfig], store: Store) -> dict[str, Exporter]:
+    exporters: dict[str, Exporter] = {}
+    for i, config in enumerate(configs):
+        if config.type == "http":
+            exporters[config.name] = HttpExporter(config, f"exporters[{i}]")
+        else:
+            exporters[config.name] = DicomSrExporter(config, store)
+    return exporters

@@ -43,15 +43,20 @@ DONE_STATES: tuple[StudyState, ...] = (StudyState.STORED, StudyState.EXPORTED, S
 
 # The state machine of a study job: the states each state may move to. Any state may go back
 # to receiving (a late or changed instance re-opens the study); the store enforces the rest.
+# Every unfinished state may move to ready: processing starts there, also for a job resumed
+# at start-up. A failed study stays failed when its deliveries settle (only stored moves on
+# to exported).
 TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     StudyState.RECEIVING: frozenset({StudyState.READY}),
-    StudyState.READY: frozenset({StudyState.SELECTED, StudyState.STORED, StudyState.FAILED}),
-    StudyState.SELECTED: frozenset({StudyState.INFERRING, StudyState.STORED, StudyState.FAILED}),
-    StudyState.INFERRING: frozenset({StudyState.INFERRING, StudyState.STORED,
-                                     StudyState.FAILED}),
+    StudyState.READY: frozenset({StudyState.READY, StudyState.SELECTED, StudyState.STORED,
+                                 StudyState.FAILED}),
+    StudyState.SELECTED: frozenset({StudyState.READY, StudyState.INFERRING, StudyState.STORED,
+                                    StudyState.FAILED}),
+    StudyState.INFERRING: frozenset({StudyState.READY, StudyState.INFERRING,
+                                     StudyState.STORED, StudyState.FAILED}),
     StudyState.STORED: frozenset({StudyState.EXPORTED}),
     StudyState.EXPORTED: frozenset(),
-    StudyState.FAILED: frozenset({StudyState.EXPORTED}),
+    StudyState.FAILED: frozenset(),
 }
 
 

@@ -27,7 +27,6 @@ import importlib.util
 import io
 import json
 import math
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -40,6 +39,7 @@ import numpy.typing as npt
 from pxsgate import __version__
 from pxsgate.errors import PxsgateError
 from pxsgate.records import now_iso
+from pxsgate.store import queries
 
 INSTALL_HINT = "pip install 'pxsgate[evaluate]'"
 
@@ -216,36 +216,9 @@ class ScoredStudy:
 
 
 def read_scored_studies(db: Path) -> list[ScoredStudy]:
-    """Each study's current SUCCEEDED result, read without writing: no migration, and
-    ``query_only`` refuses any change (WAL readers never block the running service).
-
-    Not ``mode=ro``: a read-only connection to a WAL store whose service is stopped
-    creates the -wal and -shm files and cannot remove them, so run as root it would leave
-    files that the service's user cannot open at its next start. This connection, like the
-    other one-shot commands', removes them when it closes; ``mode=rw`` never creates the
-    store, and falls back to reading only where the file is not writable."""
-    uri = f"{db.resolve().as_uri()}?mode=rw"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=5)
-    except sqlite3.Error as exc:
-        raise PxsgateError(f"cannot open the store {db}: {exc}") from exc
-    try:
-        conn.execute("PRAGMA query_only = ON")
-        rows = conn.execute(
-            # The score is radiologist_view.pxs_score's expression.
-            """SELECT study_instance_uid, accession_number,
-                      CAST(json_extract(document, '$.pxsgate.headline.value') AS REAL),
-                      json_extract(document, '$.pxsgate.studyDateTime'), model_id,
-                      coalesce(json_extract(document, '$.model.weightsSha256'), ''),
-                      coalesce(json_extract(document, '$.model.anchorsSha256'), '')
-               FROM results
-               WHERE current = 1 AND status = 'SUCCEEDED'
-                 AND json_extract(document, '$.pxsgate.headline.value') IS NOT NULL
-               ORDER BY created_utc, rowid""").fetchall()
-    except sqlite3.Error as exc:
-        raise PxsgateError(f"cannot read results from the store {db}: {exc}") from exc
-    finally:
-        conn.close()
+    """Each study's current SUCCEEDED result, read from the store's file without writing
+    (pxsgate.store.queries.read_scored_studies)."""
+    rows = queries.read_scored_studies(db)
     studies = []
     for uid, accession, score, when, model_id, weights, anchors in rows:
         try:

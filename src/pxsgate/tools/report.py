@@ -22,8 +22,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pxsgate.records import DeliveryState
 from pxsgate.results import CHANGE_CODE, pxs_entries
-from pxsgate.store import UNFINISHED_STATES, Store
+from pxsgate.store import Store
 
 UID_TAIL = 12  # characters of a UID shown where the whole one would be too long
 REDACTED = "[redacted: --phi to show]"
@@ -401,52 +402,19 @@ async def gather_summary(store: Store, data_dir: Path, *, min_free_mb: float = 0
     by UID tail, results without patient or accession)."""
     now = time.time() if now is None else now
     cutoff = _utc_cutoff(now, window_s)
-    db = store.db
-
-    async with db.execute(
-            "SELECT status, count(*) FROM results WHERE created_utc >= ? GROUP BY status",
-            (cutoff,)) as cur:
-        by_status = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
-    async with db.execute(
-            """SELECT created_at, study_instance_uid, status,
-                      json_extract(document, '$.pxsgate.headline.value'),
-                      json_extract(document, '$.pxsgate.selection.rule'), flags,
-                      json_extract(document, '$.exitCode')
-               FROM results ORDER BY created_utc DESC, rowid DESC LIMIT 5""") as cur:
-        last = [{"createdAt": r[0], "study": store.study_label(str(r[1])), "status": r[2],
-                 "score": r[3], "rule": r[4] or "", "flags": r[5] or "", "exitCode": r[6]}
-                for r in await cur.fetchall()]
-    async with db.execute(
-            """SELECT created_at, study_instance_uid, json_extract(document, '$.exitCode'),
-                      json_extract(document, '$.errorMessage')
-               FROM results WHERE status = 'FAILED' AND created_utc >= ?
-               ORDER BY created_utc DESC, rowid DESC""", (cutoff,)) as cur:
-        failed = [{"createdAt": r[0], "study": store.study_label(str(r[1])), "exitCode": r[2],
-                   "errorMessage": truncate(str(r[3] or ""), 160)}
-                  for r in await cur.fetchall()]
-    async with db.execute(
-            """SELECT o.id, o.exporter, o.attempts, o.last_error, o.updated_at,
-                       r.study_instance_uid,
-                       strftime('%Y-%m-%dT%H:%M:%fZ', o.updated_at) >= ?
-                FROM deliveries o JOIN results r ON r.id = o.result_id
-                WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT 5""",
-            (cutoff,)) as cur:
-        dead = [{"id": r[0], "exporter": r[1], "attempts": int(r[2]),
-                 "lastError": truncate(str(r[3] or ""), 160), "updatedAt": r[4],
-                 "study": store.study_label(str(r[5])), "lastHour": bool(r[6])}
-                for r in await cur.fetchall()]
-    async with db.execute(
-            """SELECT count(*) FROM deliveries
-               WHERE state = 'dead' AND strftime('%Y-%m-%dT%H:%M:%fZ', updated_at) >= ?""",
-            (cutoff,)) as cur:
-        row = await cur.fetchone()
-        dead_last_hour = int(row[0]) if row else 0
-    marks = ",".join("?" * len(UNFINISHED_STATES))
-    async with db.execute(
-            f"SELECT state, count(*) FROM studies WHERE state IN ({marks}) GROUP BY state",
-            UNFINISHED_STATES) as cur:
-        found = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
-    unfinished = {state: found.get(state, 0) for state in UNFINISHED_STATES}
+    by_status = await store.results_by_status(cutoff)
+    last = [{"createdAt": r[0], "study": store.study_label(str(r[1])), "status": r[2],
+             "score": r[3], "rule": r[4] or "", "flags": r[5] or "", "exitCode": r[6]}
+            for r in await store.last_results(5)]
+    failed = [{"createdAt": r[0], "study": store.study_label(str(r[1])), "exitCode": r[2],
+               "errorMessage": truncate(str(r[3] or ""), 160)}
+              for r in await store.failed_results(cutoff)]
+    dead = [{"id": r[0], "exporter": r[1], "attempts": int(r[2]),
+             "lastError": truncate(str(r[3] or ""), 160), "updatedAt": r[4],
+             "study": store.study_label(str(r[5])), "lastHour": bool(r[6])}
+            for r in await store.dead_deliveries(cutoff, 5)]
+    dead_last_hour = await store.dead_deliveries_since(cutoff)
+    unfinished = await store.unfinished_counts()
     deliveries = await store.delivery_counts()
     spool = await store.spool_bytes()
     try:
@@ -463,7 +431,7 @@ async def gather_summary(store: Store, data_dir: Path, *, min_free_mb: float = 0
         "failedLastHour": failed,
         "deadDeliveries": dead,
         "deadDeliveriesLastHour": dead_last_hour,
-        "deliveries": {k: deliveries.get(k, 0) for k in ("pending", "delivered", "dead")},
+        "deliveries": {k.value: deliveries.get(k, 0) for k in DeliveryState},
         "unfinishedStudies": unfinished,
         "disk": {"dataDir": str(data_dir), "spoolBytes": spool, "freeBytes": free,
                  "totalBytes": total, "minFreeMb": min_free_mb, "maxSpoolGb": max_spool_gb},

@@ -104,7 +104,7 @@ async def test_a_move_the_table_does_not_allow_is_refused(store: Store,
     await finished(store, tmp_path, "SUCCEEDED")
     with pytest.raises(ValueError, match="exported"):
         await store.mark_study(STUDY, "inferring", now_iso(), only_from=("exported",))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scored"):
         await store.mark_study(STUDY, "scored", now_iso())  # no such state
     assert await state(store) == StudyState.EXPORTED
 

@@ -113,6 +113,9 @@ class ResultsMixin(StoreBase):
         ``with_prior`` given, the patient's prior scored image is looked up first, in the
         same transaction (so a result stored just before is seen), and when there is one
         the document stored is ``with_prior(document, prior)``."""
+        # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps its
+        # deadline): it is processed again.
+        guard = moves_to(state)
         patient_key = self.patient_key(document["patientId"])
         if (embeddings is not None and with_prior is not None and embeddings.images
                 and embeddings.prior_from is not None and patient_key):
@@ -157,11 +160,9 @@ class ResultsMixin(StoreBase):
         ids = await queue_deliveries(self.db, result_id, exporters, due,
                                      document["updatedAt"])
         await self.db.execute(
-            # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps
-            # its deadline): it is processed again.
             f"""UPDATE studies SET state = ?, outcome = ?, reason = ?, updated_at = ?,
                    deadline = NULL, finished_at = ?
-               WHERE study_instance_uid = ? AND {moves_to(state)}""",
+               WHERE study_instance_uid = ? AND {guard}""",
             (state, document["status"], reason, document["updatedAt"], due,
              document["studyInstanceUid"]),
         )

@@ -1,7 +1,7 @@
 """The study pipeline: ready study -> select -> preprocess -> infer -> result -> store.
 
 A study handed here by the assembler is processed as one asyncio task. Header reads run on
-a thread pool, pixel decoding and preprocessing in the :class:`DecodePool` processes,
+a thread pool, pixel decoding and preprocessing in the decode.DecodePool processes,
 inference on the worker thread; the loop only coordinates. A study that becomes ready
 again while it is being processed (late instances) is processed once more afterwards, so
 the newest instances always get a result.
@@ -16,25 +16,19 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import multiprocessing
-import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 from pydicom import dcmread
 
 from pxsgate import change, rules
-from pxsgate import decode as decoding
-from pxsgate.config import Config, PreprocessConfig, SelectionConfig
+from pxsgate.config import Config, SelectionConfig
+from pxsgate.decode import DecodePool, decoded_image_bound
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError, StoreError
 from pxsgate.infer import ImageResult, InferenceWorker
-from pxsgate.preprocess import U8Array, preprocess_file
 from pxsgate.records import (
     ImageDecision,
     PriorImage,
@@ -150,94 +144,6 @@ def _stage_durations(stages: dict[str, str | None]) -> dict[str, float]:
              if stages.get(n)]
     return {f"{a}_to_{b}_ms": round(_seconds_between(str(stages[a]), str(stages[b])) * 1000, 1)
             for a, b in itertools.pairwise(names)}
-
-
-def auto_workers(cores: int) -> int:
-    """Decode processes when ``preprocess.workers`` is 0: every core but one, which is left
-    to reception and the loop; at least one, and no more than 8 (a DGX has 128 cores, and a
-    study is a handful of images)."""
-    return max(1, min(8, cores - 1))
-
-
-def decoded_image_bound(batch_size: int, decode_workers: int) -> int:
-    """How many decoded images the service holds at most (see Pipeline)."""
-    return 2 * batch_size + decode_workers
-
-
-class DecodePool:
-    """Processes that decode and preprocess images, owned by the service.
-
-    Spawned, not forked: the service has threads (pynetdicom, torch) and forking a threaded
-    process can deadlock the child. A worker that dies (a codec crashing on a malformed
-    image) fails that image's study with a clear error and the pool is replaced.
-    """
-
-    def __init__(self, config: PreprocessConfig, time_limit: float = 120.0,
-                 log_format: str = "auto", include_phi: bool = False) -> None:
-        self._log = (log_format, include_phi)  # how the workers log (decoding.init_worker)
-        self.workers = config.workers or auto_workers(os.cpu_count() or 1)
-        self._jpeg = config.jpeg_roundtrip
-        self._time_limit = time_limit
-        self._pool = self._new()
-
-    def _new(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=decoding.init_worker, initargs=(os.getpid(), *self._log))
-
-    async def start(self) -> None:
-        """Start every worker now, so the first study does not pay for the spawns."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._pool, decoding.warm)
-                               for _ in range(self.workers)))
-
-    async def preprocess(self, path: Path) -> U8Array:
-        pool = self._pool
-        call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
-        try:
-            return await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(pool, call), self._time_limit)
-        except TimeoutError:
-            # A codec looping on a malformed image: its process cannot be interrupted, so
-            # the pool is replaced (images decoding beside it fail too, and are retried).
-            if pool is self._pool:
-                log.error("decode.timeout", time_limit_s=self._time_limit)
-                self._pool = self._new()
-                _terminate(pool)
-            raise DecodeFailed(
-                f"decoding took longer than {self._time_limit:g} s") from None
-        except BrokenProcessPool as exc:
-            if pool is self._pool:
-                log.error("decode.worker_died")
-                self._pool = self._new()
-            raise DecodeFailed("the decoder process died on this image") from exc
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the processes; one still busy after ``timeout`` seconds is terminated."""
-        pool = self._pool
-        processes = _processes(pool)
-        pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + timeout
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-
-
-def _processes(pool: concurrent.futures.ProcessPoolExecutor) -> list[Any]:
-    """A pool's worker processes (ProcessPoolExecutor keeps them private; None once shut
-    down)."""
-    return list((getattr(pool, "_processes", None) or {}).values())
-
-
-def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Kill a pool's worker processes (ProcessPoolExecutor has no public way to)."""
-    processes = _processes(pool)
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
 
 
 class ModelGate:

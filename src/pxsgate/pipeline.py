@@ -28,7 +28,7 @@ from pxsgate import change, rules
 from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool, decoded_image_bound
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError, StoreError
-from pxsgate.infer import ImageResult, InferenceWorker
+from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
 from pxsgate.records import (
     ImageDecision,
     PriorImage,
@@ -144,46 +144,6 @@ def _stage_durations(stages: dict[str, str | None]) -> dict[str, float]:
              if stages.get(n)]
     return {f"{a}_to_{b}_ms": round(_seconds_between(str(stages[a]), str(stages[b])) * 1000, 1)
             for a, b in itertools.pairwise(names)}
-
-
-class ModelGate:
-    """Shared use of the model by studies, or one study alone (a readers-writer lock; a
-    study waiting for the model alone goes before new shared users)."""
-
-    def __init__(self) -> None:
-        self._turn = asyncio.Condition()
-        self._shared = 0
-        self._alone = False
-        self._waiting_alone = 0
-
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        async with self._turn:
-            await self._turn.wait_for(lambda: not self._alone and not self._waiting_alone)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            async with self._turn:
-                self._shared -= 1
-                self._turn.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._turn:
-            self._waiting_alone += 1
-            try:
-                await self._turn.wait_for(lambda: not self._alone and not self._shared)
-            finally:
-                self._waiting_alone -= 1
-                self._turn.notify_all()
-            self._alone = True
-        try:
-            yield
-        finally:
-            async with self._turn:
-                self._alone = False
-                self._turn.notify_all()
 
 
 class Pipeline:

@@ -34,7 +34,7 @@ from pydicom.uid import JPEG2000Lossless
 from benchmarks import common
 from benchmarks.common import STORESCP, STORESCU, free_port
 from pxsgate.config import Config
-from pxsgate.pipeline import auto_workers
+from pxsgate.decode import auto_workers
 from pxsgate.service.gateway import Gateway
 from pxsgate.tools import synth
 

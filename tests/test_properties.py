@@ -6,7 +6,7 @@ Selection, ``rules.select`` with the default rules (``SelectionConfig()``):
 * over headers built in memory with random, missing and odd values of the tags the rules
   read (empty, multi-valued, non-ASCII, very long, numbers, bytes and sequences where text
   belongs), mixed with unreadable files;
-* over headers read back by ``pipeline.read_headers`` from random Part-10 files, as the
+* over headers read back by ``study.read_headers`` from random Part-10 files, as the
   service reads them, including elements whose VR on the wire is not the dictionary's.
 
   select never raises and returns a StudyDecision naming a rule and a reason; every instance
@@ -73,12 +73,12 @@ from pynetdicom import _config as pynetdicom_config
 
 from pxsgate.config import SelectionConfig
 from pxsgate.errors import PreprocessError
-from pxsgate.pipeline import read_headers
 from pxsgate.preprocess import preprocess_file
 from pxsgate.records import ImageDecision, StoredInstance, StudyDecision
 from pxsgate.rules import FLAG_MANY, FLAG_MULTIPLE, FLAG_WRONG_PATIENT, Header, select
 from pxsgate.spool import Spool, is_valid_uid
 from pxsgate.store import ResultFilter
+from pxsgate.study import read_headers
 
 from .inprocess import gateway, result_of, send
 from .test_lifecycle import ap_study

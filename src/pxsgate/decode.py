@@ -1,17 +1,37 @@
-"""What runs first in each decode process (see pipeline.DecodePool).
+"""Decoding and preprocessing in processes of their own: the :class:`DecodePool` the service
+owns, and what runs first in each of its processes (``init_worker``, ``warm``).
 
-Kept apart from pipeline.py on purpose: a spawned process imports the module of every
-function it is given, and pipeline.py imports torch (through infer.py). From here and
+Kept apart from the pipeline on purpose: a spawned process imports the module of every
+function it is given, and the pipeline imports torch (through infer.py). From here and
 preprocess.py a decode process loads numpy, pydicom and PIL only: about 50 MB instead of
-250 MB each.
+250 MB each. Nothing here may import infer.py (or, at run time, config.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
+import functools
+import multiprocessing
 import os
 import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pxsgate.errors import DecodeFailed
+from pxsgate.preprocess import U8Array, preprocess_file
+
+if TYPE_CHECKING:  # config only for the annotation: a decode process does not load it
+    from pxsgate.config import PreprocessConfig
+
+# The logger the pipeline's decode events always had (decode.timeout, decode.worker_died).
+log = structlog.get_logger("pxsgate.pipeline")
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -43,3 +63,91 @@ def init_worker(parent: int | None = None, log_format: str = "auto",
 def warm() -> int:
     """A no-op task: starting every process before the first study needs one."""
     return os.getpid()
+
+
+def auto_workers(cores: int) -> int:
+    """Decode processes when ``preprocess.workers`` is 0: every core but one, which is left
+    to reception and the loop; at least one, and no more than 8 (a DGX has 128 cores, and a
+    study is a handful of images)."""
+    return max(1, min(8, cores - 1))
+
+
+def decoded_image_bound(batch_size: int, decode_workers: int) -> int:
+    """How many decoded images the service holds at most (see pipeline.Pipeline)."""
+    return 2 * batch_size + decode_workers
+
+
+class DecodePool:
+    """Processes that decode and preprocess images, owned by the service.
+
+    Spawned, not forked: the service has threads (pynetdicom, torch) and forking a threaded
+    process can deadlock the child. A worker that dies (a codec crashing on a malformed
+    image) fails that image's study with a clear error and the pool is replaced.
+    """
+
+    def __init__(self, config: PreprocessConfig, time_limit: float = 120.0,
+                 log_format: str = "auto", include_phi: bool = False) -> None:
+        self._log = (log_format, include_phi)  # how the workers log (init_worker)
+        self.workers = config.workers or auto_workers(os.cpu_count() or 1)
+        self._jpeg = config.jpeg_roundtrip
+        self._time_limit = time_limit
+        self._pool = self._new()
+
+    def _new(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker, initargs=(os.getpid(), *self._log))
+
+    async def start(self) -> None:
+        """Start every worker now, so the first study does not pay for the spawns."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._pool, warm)
+                               for _ in range(self.workers)))
+
+    async def preprocess(self, path: Path) -> U8Array:
+        pool = self._pool
+        call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(pool, call), self._time_limit)
+        except TimeoutError:
+            # A codec looping on a malformed image: its process cannot be interrupted, so
+            # the pool is replaced (images decoding beside it fail too, and are retried).
+            if pool is self._pool:
+                log.error("decode.timeout", time_limit_s=self._time_limit)
+                self._pool = self._new()
+                _terminate(pool)
+            raise DecodeFailed(
+                f"decoding took longer than {self._time_limit:g} s") from None
+        except BrokenProcessPool as exc:
+            if pool is self._pool:
+                log.error("decode.worker_died")
+                self._pool = self._new()
+            raise DecodeFailed("the decoder process died on this image") from exc
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the processes; one still busy after ``timeout`` seconds is terminated."""
+        pool = self._pool
+        processes = _processes(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+
+def _processes(pool: concurrent.futures.ProcessPoolExecutor) -> list[Any]:
+    """A pool's worker processes (ProcessPoolExecutor keeps them private; None once shut
+    down)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes (ProcessPoolExecutor has no public way to)."""
+    processes = _processes(pool)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()

@@ -1,4 +1,5 @@
-"""Inference: the Scorer seam, the torch PXS scorer, and the worker thread that owns it.
+"""Inference: the Scorer seam, the torch PXS scorer, the worker thread that owns it, and
+the ModelGate by which studies share it (or one study has it alone).
 
 One thread owns the model and the device (CUDA when there is one, else the CPU): torch and
 CUDA contexts are happiest on one thread, and the event loop must never wait on a forward
@@ -26,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -559,3 +560,43 @@ def _settle(future: concurrent.futures.Future[ImageResult],
             future.set_result(outcome)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+class ModelGate:
+    """Shared use of the model by studies, or one study alone (a readers-writer lock; a
+    study waiting for the model alone goes before new shared users)."""
+
+    def __init__(self) -> None:
+        self._turn = asyncio.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._turn:
+            await self._turn.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self._shared -= 1
+                self._turn.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._turn:
+            self._waiting_alone += 1
+            try:
+                await self._turn.wait_for(lambda: not self._alone and not self._shared)
+            finally:
+                self._waiting_alone -= 1
+                self._turn.notify_all()
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self._alone = False
+                self._turn.notify_all()

@@ -32,12 +32,13 @@ from pydicom import dcmread
 
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
+from pxsgate.decode import DecodePool
 from pxsgate.delivery import build_exporters
 from pxsgate.delivery.http import read_secret
 from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
-from pxsgate.pipeline import DecodePool, Pipeline
+from pxsgate.pipeline import Pipeline
 from pxsgate.receive import Receiver
 from pxsgate.records import Indexed, ReceivedInstance, now_iso
 from pxsgate.results import ModelInfo

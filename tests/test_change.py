@@ -32,8 +32,15 @@ from pxsgate.infer import InferenceWorker, PxsScorer
 from pxsgate.log import configure_logging
 from pxsgate.preprocess import preprocess_file, preprocess_pixels
 from pxsgate.pxs import pxs_scores
-from pxsgate.records import ScoredImage
-from pxsgate.results import CHANGE_CODE, PXS_CODE, ModelInfo, StudyIdentity, build_document
+from pxsgate.records import ScoredImage, StudyState
+from pxsgate.results import (
+    CHANGE_CODE,
+    PXS_CODE,
+    ModelInfo,
+    ResultDocument,
+    StudyIdentity,
+    build_document,
+)
 from pxsgate.service.gateway import Gateway
 from pxsgate.store import MIGRATIONS, PRIOR_IMAGE_SQL, ImageEmbedding, Store, StudyEmbeddings
 from pxsgate.tools import synth
@@ -324,15 +331,13 @@ async def put(store: Store, study: str, patient: str, when: str | None, vector: 
                         len(vector), change.pack(np.array(vector))),),
         time_key, model.weights_sha256, model.anchors_sha256,
         prior_from="" if find_prior else None) if scores else None
-    stored: list[dict[str, Any]] = [doc]
-
-    def with_prior(d: dict[str, Any], prior: Any) -> dict[str, Any]:
-        entry = change.change_entry(image, change.pack(np.array(vector)), time_key, prior)
-        stored[0] = change.with_change(d, entry)
-        return stored[0]
-
-    await store.store_result(doc, "stored", embeddings=embeddings, with_prior=with_prior)
-    return stored[0]
+    async with store.transaction() as tx:  # as the study's code stores a result
+        prior = await tx.prior_image(doc, embeddings)
+        if prior is not None:
+            entry = change.change_entry(image, change.pack(np.array(vector)), time_key, prior)
+            doc = doc.with_entry(entry)
+        await tx.add_result(doc, StudyState.STORED, embeddings=embeddings)
+    return doc.to_json()
 
 
 async def test_only_current_succeeded_results_of_the_same_weights_are_priors(
@@ -410,8 +415,12 @@ async def test_the_schema_knows_the_change_entry(tmp_path: Path) -> None:
     try:
         await put(store, "1.7.1", "MRN7", "2020-01-01", [0.0, 1.0])
         doc = await put(store, "1.7.2", "MRN7", "2020-01-02", [1.0, 1.0], find_prior=True)
+        stored = await store.result(doc["id"])
     finally:
         await store.close()
+    assert stored == doc
+    # The typed document reads the stored one back to the same JSON, key order included.
+    assert json.dumps(ResultDocument.from_json(doc).to_json()) == json.dumps(doc)
     validator = schema_validator()
     assert validator.is_valid(doc)
     score, entry = doc["results"]

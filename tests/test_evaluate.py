@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pxsgate.records import ScoredImage
-from pxsgate.results import ModelInfo, StudyIdentity, build_document
+from pxsgate.results import ModelInfo, ResultDocument, StudyIdentity, build_document
 from pxsgate.store import Store
 
 from .conftest import pxsgate, write_config
@@ -55,7 +55,7 @@ class Study:
     def patient(self) -> str:
         return f"MRN{900000 + self.n}"
 
-    def document(self, score: float | None = None) -> dict[str, Any]:
+    def document(self, score: float | None = None) -> ResultDocument:
         identity = StudyIdentity(self.uid, self.patient, self.acc, self.time)
         value = self.score if score is None else score
         ok = self.status == "SUCCEEDED"

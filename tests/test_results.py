@@ -19,6 +19,7 @@ import aiohttp
 import jsonschema
 import pytest
 
+from pxsgate.results import ResultDocument
 from pxsgate.service.gateway import Gateway
 from pxsgate.store import MIGRATIONS, Store
 
@@ -80,6 +81,10 @@ async def test_every_outcome_validates_against_the_schema(site: Site) -> None:
                         "failed": ("FAILED", 2)}
     for doc in site.docs.values():
         assert_valid(doc)
+        # The typed document reads a stored one back to the same JSON, key order included.
+        again = ResultDocument.from_json(doc)
+        assert json.dumps(again.to_json()) == json.dumps(doc)
+        assert again.status == doc["status"]
     stages = site.docs["scored"]["pxsgate"]["stages"]
     assert list(stages) == ["received", "released", "ready", "inferred", "stored"]
     assert stages["received"] <= stages["ready"] <= stages["inferred"] <= stages["stored"]

@@ -7,7 +7,6 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,7 +17,7 @@ from pxsgate.records import (
     StudyState,
     now_iso,
 )
-from pxsgate.results import ModelInfo, StudyIdentity, build_document
+from pxsgate.results import ModelInfo, ResultDocument, StudyIdentity, build_document
 from pxsgate.store import MIGRATIONS, Store
 
 MODEL = ModelInfo("PxsScore", "0.1", "tests", "state machine tests",
@@ -59,7 +58,7 @@ async def receive(store: Store, tmp: Path) -> None:
     await store.record_instance(inst, deadline=time.time(), settle_seconds=0.0)
 
 
-def document(status: str) -> dict[str, Any]:
+def document(status: str) -> ResultDocument:
     ok = status == "SUCCEEDED"
     return build_document(
         status=status, identity=StudyIdentity(STUDY, "MRN1", "ACC1"), site_id="TEST",

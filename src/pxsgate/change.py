@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pxsgate.document import CHANGE_CODE, Change, ResultEntry, reference
 from pxsgate.records import PriorImage, ScoredImage
-from pxsgate.results import CHANGE_CODE, format_score, reference
+from pxsgate.results import format_score
 
 VECTOR_DTYPE = np.dtype("<f2")  # float16, little-endian
 _F16_MAX = float(np.finfo(np.float16).max)  # 65504: beyond it float16 is infinite
@@ -87,33 +88,26 @@ def interval_days(prior_time: str, study_time: str) -> float:
 
 
 def change_entry(headline: ScoredImage, vector: bytes, study_time: str,
-                 prior: PriorImage) -> dict[str, Any]:
+                 prior: PriorImage) -> ResultEntry:
     """The ``pxs.change`` result entry of ``headline`` (stored as ``vector``) against
     ``prior``."""
     dim = len(vector) // VECTOR_DTYPE.itemsize
     if dim != prior.dim:
         raise ValueError(f"embeddings of {dim} and {prior.dim} dimensions")
     value = distance(vector, prior.vector, dim)
-    return {
-        "code": CHANGE_CODE,
-        "value": format_score(value),
-        "description": CHANGE_DESCRIPTION,
-        "derivedFrom": [reference(headline.series_instance_uid, headline.sop_instance_uid),
-                        reference(prior.series_instance_uid, prior.sop_instance_uid)],
-        "presentOn": [reference(headline.series_instance_uid, headline.sop_instance_uid)],
-        "refEntities": [],
-        "change": {
-            "distance": value,
-            "scoreDifference": headline.score - prior.score,
-            "priorScore": prior.score,
-            "priorStudyInstanceUid": prior.study_instance_uid,
-            "priorSopInstanceUid": prior.sop_instance_uid,
-            "priorStudyDate": prior.study_datetime or prior.study_time,
-            "intervalDays": interval_days(prior.study_time, study_time),
-        },
-    }
-
-
-def with_change(document: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """The document with ``entry`` after its PXS score entries."""
-    return {**document, "results": [*document["results"], entry]}
+    this = reference(headline.series_instance_uid, headline.sop_instance_uid)
+    return ResultEntry(
+        code=CHANGE_CODE,
+        value=format_score(value),
+        description=CHANGE_DESCRIPTION,
+        derived_from=(this, reference(prior.series_instance_uid, prior.sop_instance_uid)),
+        present_on=(this,),
+        change=Change(
+            distance=value,
+            score_difference=headline.score - prior.score,
+            prior_score=prior.score,
+            prior_study_instance_uid=prior.study_instance_uid,
+            prior_sop_instance_uid=prior.sop_instance_uid,
+            prior_study_date=prior.study_datetime or prior.study_time,
+            interval_days=interval_days(prior.study_time, study_time)),
+    )

@@ -23,49 +23,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from pxsgate import __version__
-from pxsgate.records import ScoredImage, StudyDecision
+from pxsgate.document import (
+    CHANGE_CODE,
+    DOCUMENT_VERSION,
+    PXS_CODE,
+    Headline,
+    ImageChoice,
+    Inference,
+    ModelInfo,
+    Pxsgate,
+    Reference,
+    ResultDocument,
+    ResultEntry,
+    Selection,
+    reference,
+)
+from pxsgate.records import ScoredImage, Status, StudyDecision
 
-DOCUMENT_VERSION = "0.2.4"  # Listing 3's version field
-PXS_CODE = "partners.clara.pxs.score"
-CHANGE_CODE = "pxs.change"  # the distance to the patient's prior scored image
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What every result says about the model that made it (Listing 3 ``model``)."""
-
-    name: str
-    version: str
-    author: str
-    description: str
-    created_at: str
-    weights_sha256: str
-    # The anchor pool is part of what a score means: same weights, other anchors, other
-    # scores. Device and precision say how the forward pass ran.
-    anchors_sha256: str = ""
-    anchor_count: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}-{self.version}"
-
-    def block(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "displayName": self.name,
-            "version": self.version,
-            "author": self.author,
-            "description": self.description,
-            "createdAt": self.created_at,
-            "weightsSha256": self.weights_sha256,
-            "anchorsSha256": self.anchors_sha256,
-            "anchorCount": self.anchor_count,
-            "runtime": {"device": self.device, "precision": self.precision},
-        }
-
+__all__ = ["CHANGE_CODE", "DOCUMENT_VERSION", "PXS_CODE", "ModelInfo", "ResultDocument",
+           "StudyIdentity", "build_document", "dicom_datetime", "format_score", "pxs_entries",
+           "reference"]
 
 @dataclass(frozen=True)
 class StudyIdentity:
@@ -97,14 +74,8 @@ def format_score(score: float) -> str:
     return f"{score:.6f}".rstrip("0").rstrip(".")
 
 
-def reference(series_instance_uid: str, sop_instance_uid: str) -> dict[str, Any]:
-    """One image as Listing 3 references it (derivedFrom, presentOn)."""
-    return {"refSeriesInstanceUid": series_instance_uid,
-            "refSopInstanceUid": [sop_instance_uid]}
-
-
-def _derived_from(images: Sequence[ScoredImage]) -> list[dict[str, Any]]:
-    return [reference(img.series_instance_uid, img.sop_instance_uid) for img in images]
+def _derived_from(image: ScoredImage) -> tuple[Reference, ...]:
+    return (reference(image.series_instance_uid, image.sop_instance_uid),)
 
 
 def pxs_entries(document: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -115,24 +86,17 @@ def pxs_entries(document: Mapping[str, Any]) -> list[dict[str, Any]]:
             if isinstance(r, dict) and r.get("code", PXS_CODE) == PXS_CODE]
 
 
-def _selection(decision: StudyDecision | None) -> dict[str, Any] | None:
+def _selection(decision: StudyDecision | None) -> Selection | None:
     if decision is None:
         return None
-    return {
-        "candidate": decision.candidate,
-        "rule": decision.rule,
-        "reason": decision.reason,
-        "images": [
-            {"sopInstanceUid": d.sop_instance_uid, "selected": d.selected, "rule": d.rule,
-             "reason": d.reason, "acquired": d.acquired}
-            for d in decision.images
-        ],
-    }
+    return Selection(decision.candidate, decision.rule, decision.reason, tuple(
+        ImageChoice(d.sop_instance_uid, d.selected, d.rule, d.reason, d.acquired)
+        for d in decision.images))
 
 
 def build_document(
     *,
-    status: str,
+    status: Status,
     identity: StudyIdentity,
     site_id: str,
     model: ModelInfo,
@@ -147,45 +111,32 @@ def build_document(
     senders: Sequence[str] = (),
     attempts: int = 0,
     batch_sizes: Sequence[int] = (),
-) -> dict[str, Any]:
+) -> ResultDocument:
     """One Listing-3 document. ``createdAt`` is when inference started, ``updatedAt`` when it
     finished (the paper's definitions). ``scores`` come headline first (the latest acquired
     image); ``pxsgate.headline`` names it and ``pxsgate.flags`` lists the review flags."""
-    results = [
-        {
-            "code": PXS_CODE,
-            "value": format_score(img.score),
-            "description": "PXS Score",
-            "derivedFrom": _derived_from([img]),
-            "presentOn": _derived_from([img]),
-            "refEntities": [],
-        }
-        for img in scores
-    ]
-    return {
-        "version": DOCUMENT_VERSION,
-        "id": str(uuid.uuid4()),
-        "status": status,
-        "studyInstanceUid": identity.study_instance_uid,
-        "patientId": identity.patient_id,
-        "accessionNumber": identity.accession_number,
-        "siteId": site_id,
-        "createdAt": created_at,
-        "updatedAt": updated_at,
-        "exitCode": exit_code,
-        "errorMessage": error_message,
-        "model": model.block(),
-        "results": results,
-        "entities": [],
-        "pxsgate": {
-            "version": __version__,
-            "flags": list(flags),
-            "headline": ({"sopInstanceUid": scores[0].sop_instance_uid,
-                          "value": format_score(scores[0].score)} if scores else None),
-            "selection": _selection(decision),
-            "stages": dict(stages or {}),
-            "studyDateTime": identity.study_datetime,
-            "senders": list(senders),
-            "inference": {"attempts": attempts, "batchSizes": list(batch_sizes)},
-        },
-    }
+    results = tuple(
+        ResultEntry(code=PXS_CODE, value=format_score(img.score), description="PXS Score",
+                    derived_from=_derived_from(img), present_on=_derived_from(img))
+        for img in scores)
+    headline = (Headline(scores[0].sop_instance_uid, format_score(scores[0].score))
+                if scores else None)
+    return ResultDocument(
+        id=str(uuid.uuid4()),
+        status=Status(status),
+        study_instance_uid=identity.study_instance_uid,
+        patient_id=identity.patient_id,
+        accession_number=identity.accession_number,
+        site_id=site_id,
+        created_at=created_at,
+        updated_at=updated_at,
+        exit_code=exit_code,
+        error_message=error_message,
+        model=model,
+        results=results,
+        pxsgate=Pxsgate(
+            version=__version__, flags=tuple(flags), headline=headline,
+            selection=_selection(decision), stages=tuple((stages or {}).items()),
+            study_datetime=identity.study_datetime, senders=tuple(senders),
+            inference=Inference(attempts, tuple(batch_sizes))),
+    )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -40,7 +40,13 @@ from pxsgate.records import (
     StudyState,
     now_iso,
 )
-from pxsgate.results import ModelInfo, StudyIdentity, build_document, dicom_datetime
+from pxsgate.results import (
+    ModelInfo,
+    ResultDocument,
+    StudyIdentity,
+    build_document,
+    dicom_datetime,
+)
 from pxsgate.rules import Header
 from pxsgate.service.metrics import Metrics
 from pxsgate.store import ImageEmbedding, Store, StudyEmbeddings, StudyRow
@@ -147,28 +153,20 @@ class Outcome:
         return StudyState.FAILED if self.status is Status.FAILED else StudyState.STORED
 
 
-class ChangeToPrior:
-    """``Store.store_result``'s ``with_prior``: the document with the change from the
-    patient's prior scored image to this study's headline image; the interval is kept for
-    the log line."""
-
-    def __init__(self, scores: Sequence[ScoredImage], embeddings: StudyEmbeddings | None,
-                 study_label: str) -> None:
-        self._scores = scores
-        self._embeddings = embeddings
-        self._label = study_label
-        self.interval_days: float | None = None  # set when a change was computed
-
-    def __call__(self, doc: dict[str, Any], prior: PriorImage) -> dict[str, Any]:
-        assert self._embeddings is not None
-        try:
-            entry = change.change_entry(self._scores[0], self._embeddings.images[0].vector,
-                                        self._embeddings.study_time, prior)
-        except ValueError as exc:  # a stored vector of another size: no change entry
-            log.warning("change.skipped", study=self._label, error=str(exc))
-            return doc
-        self.interval_days = entry["change"]["intervalDays"]
-        return change.with_change(doc, entry)
+def with_change(document: ResultDocument, scores: Sequence[ScoredImage],
+                embeddings: StudyEmbeddings, prior: PriorImage,
+                study_label: str) -> tuple[ResultDocument, float | None]:
+    """The document with the change from the patient's prior scored image to this study's
+    headline image, and the interval in days; the document as it was (and None) when the
+    prior's embedding cannot be compared."""
+    try:
+        entry = change.change_entry(scores[0], embeddings.images[0].vector,
+                                    embeddings.study_time, prior)
+    except ValueError as exc:  # a stored vector of another size: no change entry
+        log.warning("change.skipped", study=study_label, error=str(exc))
+        return document, None
+    assert entry.change is not None
+    return document.with_entry(entry), entry.change.interval_days
 
 
 class StudyProcessor:
@@ -389,10 +387,9 @@ class StudyProcessor:
 
     # --- document, store ------------------------------------------------------------------
 
-    def _document(self, outcome: Outcome, stages: Stages, stored_at: str) -> dict[str, Any]:
-        """The result document (the status a plain string, as JSON has it)."""
+    def _document(self, outcome: Outcome, stages: Stages, stored_at: str) -> ResultDocument:
         return build_document(
-            status=outcome.status.value, identity=outcome.identity,
+            status=outcome.status, identity=outcome.identity,
             site_id=self._config.results.site_id, model=self._model,
             created_at=outcome.created_at, updated_at=stored_at, scores=outcome.scores,
             decision=outcome.decision, exit_code=outcome.exit_code,
@@ -431,13 +428,19 @@ class StudyProcessor:
         embeddings = (self._embeddings(outcome.identity, outcome.created_at, outcome.scores)
                       if status is Status.SUCCEEDED else None)
         label = self._store.study_label(outcome.identity.study_instance_uid)
-        with_prior = ChangeToPrior(outcome.scores, embeddings, label)
-        deliveries = await self._store.store_result(document, outcome.state, outcome.error,
-                                                    exporters, embeddings=embeddings,
-                                                    with_prior=with_prior)
-        if with_prior.interval_days is not None:
+        interval: float | None = None
+        async with self._store.transaction() as tx:
+            # The prior is read in the transaction that stores the result: a result of the
+            # same patient stored just before is seen.
+            prior = await tx.prior_image(document, embeddings)
+            if prior is not None and embeddings is not None:
+                document, interval = with_change(document, outcome.scores, embeddings, prior,
+                                                 label)
+            deliveries = await tx.add_result(document, outcome.state, outcome.error,
+                                             exporters, embeddings=embeddings)
+        if interval is not None:
             # No UIDs or dates: the study's log key and how far back its prior is.
-            log.info("change.computed", study=label, interval_days=with_prior.interval_days)
+            log.info("change.computed", study=label, interval_days=interval)
         self._metrics.studies.labels(outcome=status.value).inc()
         if status is not Status.SKIPPED and stages.received is not None:
             # Skips take no inference: counting them would flatter the percentiles.

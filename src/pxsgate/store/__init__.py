@@ -32,8 +32,8 @@ from pxsgate.store.results import (
     ImageEmbedding,
     ResultFilter,
     ResultsMixin,
+    ResultTransaction,
     StudyEmbeddings,
-    WithPrior,
 )
 from pxsgate.store.schema import MIGRATIONS
 
@@ -49,10 +49,10 @@ __all__ = [
     "MadeInstance",
     "PendingStudy",
     "ResultFilter",
+    "ResultTransaction",
     "Store",
     "StudyEmbeddings",
     "StudyRow",
-    "WithPrior",
     "delivery_id",
 ]
 

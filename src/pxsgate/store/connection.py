@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -38,17 +38,8 @@ def transaction(method: F) -> F:
 
     @functools.wraps(method)
     async def guarded(self: StoreBase, *args: Any, **kwargs: Any) -> Any:
-        async with self._write_lock:
-            try:
-                return await method(self, *args, **kwargs)
-            except BaseException:
-                # Always: after a cancellation the interrupted statement may still be
-                # queued on aiosqlite's thread; the rollback runs after it (and is a no-op
-                # when no transaction is open).
-                if self._db is not None:
-                    with contextlib.suppress(sqlite3.Error, ValueError):
-                        await asyncio.shield(self._db.rollback())
-                raise
+        async with self.writing():
+            return await method(self, *args, **kwargs)
 
     return cast(F, guarded)
 
@@ -64,6 +55,22 @@ class StoreBase:
         self.reveal_uids = False  # study_label: the UID itself (logging.include-phi)
         self._db: aiosqlite.Connection | None = None
         self._patient_secret = b""
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """The write turn of one transaction (see :func:`transaction`): what fails inside is
+        rolled back, leaving no transaction open behind it."""
+        async with self._write_lock:
+            try:
+                yield
+            except BaseException:
+                # Always: after a cancellation the interrupted statement may still be
+                # queued on aiosqlite's thread; the rollback runs after it (and is a no-op
+                # when no transaction is open).
+                if self._db is not None:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        await asyncio.shield(self._db.rollback())
+                raise
 
     @property
     def db(self) -> aiosqlite.Connection:

@@ -9,13 +9,15 @@ PatientID and StudyInstanceUID).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision
+from pxsgate.document import ResultDocument
+from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision, StudyState
 from pxsgate.store.connection import StoreBase, transaction
 from pxsgate.store.jobs import moves_to
 from pxsgate.store.jsonpaths import STUDY_DATETIME, doc
@@ -65,10 +67,6 @@ class StudyEmbeddings:
     prior_from: str | None = None
 
 
-# Given the stored document and the prior image found, the document to store instead.
-WithPrior = Callable[[dict[str, Any], PriorImage], dict[str, Any]]
-
-
 @dataclass(frozen=True)
 class ResultFilter:
     study_uid: str | None = None
@@ -80,6 +78,73 @@ class ResultFilter:
     flagged: bool = False
     history: bool = False  # every result, not only each study's current one
     limit: int | None = None
+
+
+class ResultTransaction:
+    """What a study's code does inside :meth:`ResultsMixin.transaction`: read the patient's
+    prior scored image, then add the result. Nothing is committed until the block ends."""
+
+    def __init__(self, store: ResultsMixin) -> None:
+        self._store = store
+
+    async def prior_image(self, document: ResultDocument,
+                          embeddings: StudyEmbeddings | None) -> PriorImage | None:
+        """The patient's prior scored image for change over time; None when nothing was
+        scored, change detection is off, the patient has no ID, or there is no prior."""
+        patient_key = self._store.patient_key(document.patient_id)
+        if (embeddings is None or not embeddings.images or embeddings.prior_from is None
+                or not patient_key):
+            return None
+        return await self._store.prior_image(
+            patient_key, embeddings.weights_sha256, before=embeddings.study_time,
+            not_before=embeddings.prior_from, study_uid=document.study_instance_uid)
+
+    async def add_result(self, document: ResultDocument, state: StudyState,
+                         reason: str = "", exporters: Sequence[str] = (),
+                         now: float | None = None, *,
+                         embeddings: StudyEmbeddings | None = None) -> list[str]:
+        """Insert one result document as its study's current one (earlier ones stay, as
+        history), with its images' ``embeddings``, move the study to ``state``, and queue
+        one delivery per exporter named: a result is never stored without its deliveries,
+        nor a delivery without its result. Returns the delivery ids."""
+        # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps its
+        # deadline): it is processed again.
+        guard = moves_to(state)
+        db = self._store.db
+        patient_key = self._store.patient_key(document.patient_id)
+        study_uid = document.study_instance_uid
+        await db.execute(
+            "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
+            (study_uid,))
+        await db.execute(
+            f"""INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
+                   model_id, status, created_at, document, flags, current, created_utc,
+                   patient_key)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, strftime('{UTC_FORMAT}', ?), ?)""",
+            (document.id, study_uid, document.patient_id, document.accession_number,
+             document.model.id, str(document.status), document.created_at,
+             json.dumps(document.to_json(), separators=(",", ":")),
+             " ".join(document.pxsgate.flags), document.created_at, patient_key))
+        for i, e in enumerate(embeddings.images if embeddings is not None else ()):
+            assert embeddings is not None
+            cur = await db.execute(
+                "INSERT INTO embedding_vectors (vector) VALUES (?)", (e.vector,))
+            await db.execute(
+                """INSERT INTO embeddings (result_id, sop_instance_uid, series_instance_uid,
+                       study_instance_uid, patient_key, study_time, headline, score,
+                       weights_sha256, anchors_sha256, dim, vector_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (document.id, e.sop_instance_uid, e.series_instance_uid, study_uid,
+                 patient_key, embeddings.study_time, int(i == 0), e.score,
+                 embeddings.weights_sha256, embeddings.anchors_sha256, e.dim, cur.lastrowid))
+        due = time.time() if now is None else now
+        ids = await queue_deliveries(db, document.id, exporters, due, document.updated_at)
+        await db.execute(
+            f"""UPDATE studies SET state = ?, outcome = ?, reason = ?, updated_at = ?,
+                   deadline = NULL, finished_at = ?
+               WHERE study_instance_uid = ? AND {guard}""",
+            (str(state), str(document.status), reason, document.updated_at, due, study_uid))
+        return ids
 
 
 class ResultsMixin(StoreBase):
@@ -99,77 +164,26 @@ class ResultsMixin(StoreBase):
         )
         await self.db.commit()
 
-    @transaction
-    async def store_result(self, document: dict[str, Any], state: str, reason: str = "",
-                           exporters: Sequence[str] = (), now: float | None = None, *,
-                           embeddings: StudyEmbeddings | None = None,
-                           with_prior: WithPrior | None = None) -> list[str]:
-        """Insert one result document as its study's current one (earlier ones stay, as
-        history), move the study to ``state``, and queue one delivery per exporter named,
-        all in one transaction: a result is never stored without its deliveries, nor a
-        delivery without its result. Returns the delivery ids.
-
-        ``embeddings``: its images' embeddings, stored with it. With ``prior_from`` set and
-        ``with_prior`` given, the patient's prior scored image is looked up first, in the
-        same transaction (so a result stored just before is seen), and when there is one
-        the document stored is ``with_prior(document, prior)``."""
-        # A study re-opened by a late instance meanwhile stays 'receiving' (and keeps its
-        # deadline): it is processed again.
-        guard = moves_to(state)
-        patient_key = self.patient_key(document["patientId"])
-        if (embeddings is not None and with_prior is not None and embeddings.images
-                and embeddings.prior_from is not None and patient_key):
-            prior = await self.prior_image(patient_key, embeddings.weights_sha256,
-                                           before=embeddings.study_time,
-                                           not_before=embeddings.prior_from,
-                                           study_uid=document["studyInstanceUid"])
-            if prior is not None:
-                document = with_prior(document, prior)
-        result_id = document["id"]
-        await self.db.execute(
-            "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
-            (document["studyInstanceUid"],),
-        )
-        await self.db.execute(
-            f"""INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
-                   model_id, status, created_at, document, flags, current, created_utc,
-                   patient_key)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, strftime('{UTC_FORMAT}', ?), ?)""",
-            (
-                result_id, document["studyInstanceUid"], document["patientId"],
-                document["accessionNumber"], document["model"]["id"], document["status"],
-                document["createdAt"], json.dumps(document, separators=(",", ":")),
-                " ".join(document["pxsgate"].get("flags", [])), document["createdAt"],
-                patient_key,
-            ),
-        )
-        for i, e in enumerate(embeddings.images if embeddings is not None else ()):
-            assert embeddings is not None
-            cur = await self.db.execute(
-                "INSERT INTO embedding_vectors (vector) VALUES (?)", (e.vector,))
-            await self.db.execute(
-                """INSERT INTO embeddings (result_id, sop_instance_uid, series_instance_uid,
-                       study_instance_uid, patient_key, study_time, headline, score,
-                       weights_sha256, anchors_sha256, dim, vector_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (result_id, e.sop_instance_uid, e.series_instance_uid,
-                 document["studyInstanceUid"], patient_key, embeddings.study_time, int(i == 0),
-                 e.score, embeddings.weights_sha256, embeddings.anchors_sha256, e.dim,
-                 cur.lastrowid))
-        due = time.time() if now is None else now
-        ids = await queue_deliveries(self.db, result_id, exporters, due,
-                                     document["updatedAt"])
-        await self.db.execute(
-            f"""UPDATE studies SET state = ?, outcome = ?, reason = ?, updated_at = ?,
-                   deadline = NULL, finished_at = ?
-               WHERE study_instance_uid = ? AND {guard}""",
-            (state, document["status"], reason, document["updatedAt"], due,
-             document["studyInstanceUid"]),
-        )
-        self._failpoints.hit("before-result-commit")
-        await self.db.commit()
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[ResultTransaction]:
+        """One result's transaction: ``async with store.transaction() as tx:``, then read
+        the patient's prior and add the result; it commits at the end of the block (and
+        rolls back what a failure inside left). Writers take turns, so a prior read here
+        sees a result of the same patient stored just before."""
+        async with self.writing():
+            yield ResultTransaction(self)
+            self._failpoints.hit("before-result-commit")
+            await self.db.commit()
         self._failpoints.hit("after-result-commit")
-        return ids
+
+    async def store_result(self, document: ResultDocument, state: StudyState,
+                           reason: str = "", exporters: Sequence[str] = (),
+                           now: float | None = None, *,
+                           embeddings: StudyEmbeddings | None = None) -> list[str]:
+        """:meth:`ResultTransaction.add_result` in a transaction of its own."""
+        async with self.transaction() as tx:
+            return await tx.add_result(document, state, reason, exporters, now,
+                                       embeddings=embeddings)
 
     async def prior_image(self, patient_key: str, weights_sha256: str, *, before: str,
                           not_before: str = "", study_uid: str = "") -> PriorImage | None:

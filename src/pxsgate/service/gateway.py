@@ -5,7 +5,8 @@ model (worker thread, anchors embedded) -> pipeline -> assembler -> resume every
 job (service.recovery) -> HTTP -> receiver (the port opens last, once everything behind it
 can take work, with backpressure from service.admission) -> READY=1 to systemd. The
 supervisor (service.supervisor) then feeds systemd's watchdog while the model worker is
-healthy, updates STATUS=, enforces the batch time limit and runs retention.
+healthy, updates STATUS=, enforces the batch time limit and runs retention. Signals, the
+notifier and the wait for a stop are service.serve's.
 
 Shutdown (SIGTERM) runs in reverse: STOPPING=1; the port closes and associations in
 progress get ``jobs.shutdown-grace-seconds`` to finish; studies in progress get as long
@@ -96,7 +97,7 @@ class Gateway:
                  failpoints: Failpoints | None = None) -> None:
         self.config = config
         self.failpoints = failpoints or Failpoints()
-        self.notifier = notifier or Notifier({})  # systemd: the CLI passes the real one
+        self.notifier = notifier or Notifier({})  # systemd: serve() passes the real one
         self.metrics = Metrics()
         self.store = Store(config.db_path, self.failpoints)
         self.store.reveal_uids = config.logging.include_phi
@@ -108,8 +109,8 @@ class Gateway:
                                       nice=runs_on_cpu(config.model.device),
                                       time_limit=config.jobs.batch_time_limit_seconds,
                                       failpoints=self.failpoints, metrics=self.metrics)
-        # Set when the service cannot go on (the model worker is stuck): the CLI stops it
-        # and exits non-zero, so that systemd restarts it and the unfinished jobs resume.
+        # Set when the service cannot go on (the model worker is stuck): serve() stops it
+        # and the CLI exits non-zero, so that systemd restarts it and the jobs resume.
         self.fatal = asyncio.Event()
         self.fatal_reason = ""
         # Header reads (small, I/O-bound); pixel work goes to the decode processes.
@@ -169,6 +170,8 @@ class Gateway:
                  ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
                  model=model.id, weights_sha256=model.weights_sha256[:16],
                  startup_s=round(time.perf_counter() - started, 2))
+        # Here, before the supervisor's first WATCHDOG=1 and STATUS= (its task runs at the
+        # next await): READY=1 is the first thing systemd hears of the started service.
         self.notifier.ready(self.status_line())
 
     async def _open_storage(self) -> None:
@@ -378,7 +381,7 @@ class Gateway:
 
     def _unhealthy(self, reason: str) -> None:
         """The supervisor found that the service cannot go on: said once (log, STATUS=),
-        then ``fatal`` is set for the CLI to stop it."""
+        then ``fatal`` is set for serve() to stop it."""
         if self.fatal.is_set():
             return
         self.fatal_reason = reason

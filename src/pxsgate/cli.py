@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import dataclasses
 import json
@@ -18,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pxsgate import __version__
 from pxsgate.config import Config, load_config, resolve_config_path
@@ -30,6 +29,7 @@ from pxsgate.store import ResultFilter, Store
 R = TypeVar("R")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pxsgate: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(coro: Any) -> Any:
@@ -204,6 +204,10 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    """Run the gateway until SIGTERM or SIGINT (graceful, exit 0; a second SIGINT exits
+    130 at once, which loses nothing acknowledged: it is all on disk), or until the service
+    finds itself unable to go on (exit 1, so that systemd restarts it). See
+    pxsgate.service.serve."""
     configure_logging(config.logging.format, config.logging.level,
                       include_phi=config.logging.include_phi)
     # multiprocessing's resource tracker (a process of its own, started with the decode
@@ -212,98 +216,27 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     # and not a JSON line. The service's own stop or crash is logged already.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     try:
-        return int(_run(_serve(config, resolve_config_path(args.config))))
+        return _serve(config, resolve_config_path(args.config))
     finally:
         # The loop has closed and restored the default handlers; a SIGHUP in the moment
         # before the process exits must not turn a clean stop into exit 129.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-async def _serve(config: Config, path: Path) -> int:
-    """Run until SIGTERM or SIGINT (graceful: see server.Gateway.stop; a second SIGINT exits
-    at once, which loses nothing acknowledged: it is all on disk), or until the service
-    finds itself unable to go on (exit 1, so that systemd restarts it)."""
-    import structlog
+def _serve(config: Config, path: Path) -> int:
+    """serve()'s outcome as an exit code; a start-up error goes up to main()."""
+    from pxsgate.service.serve import serve  # torch loads here, not for check-config/results
 
-    from pxsgate.service.failpoints import Failpoints
-    from pxsgate.service.gateway import Gateway  # torch loads here, not for check-config/results
-    from pxsgate.service.sdnotify import Notifier
-
-    log = structlog.get_logger("pxsgate.cli")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set() and sig == signal.SIGINT:
-            log.warning("gateway.forced_exit", signal=sig.name)
-            os._exit(130)
-        log.info("gateway.stopping", signal=sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    gateway = Gateway(config, notifier=Notifier(), failpoints=Failpoints.from_env())
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(_reload(gateway, path))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    def ignore_hup() -> None:
-        log.info("signal.ignored", signal="SIGHUP", reason="the service is stopping")
-
-    def stopping_now() -> None:
-        # Not remove_signal_handler: that restores SIGHUP's default, which kills the process
-        # (exit 129) and aborts the associations its graceful stop is waiting for.
-        loop.add_signal_handler(signal.SIGHUP, ignore_hup)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    # A SIGTERM while the model loads (minutes, with torch.compile) stops the start-up.
-    starting = loop.create_task(gateway.start())
-    stopping = loop.create_task(stop.wait())
-    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        stopping_now()
-        starting.cancel()  # Gateway.start stops what it had started
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-        return EXIT_OK
-    stopping.cancel()
-    starting.result()  # a start-up error goes up from here
-    try:
-        waits = [loop.create_task(stop.wait()), loop.create_task(gateway.fatal.wait())]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in waits:
-            task.cancel()
-    finally:
-        stopping_now()
-        await gateway.stop()
-    if gateway.fatal.is_set():
-        print(f"pxsgate: {gateway.fatal_reason}; stopped so that it is restarted",
-              file=sys.stderr)
+    outcome = _run(serve(config, path, force_exit=_forced_exit))
+    if outcome.fatal:
+        print(f"pxsgate: {outcome.fatal}; stopped so that it is restarted", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
 
-async def _reload(gateway: Any, path: Path) -> None:
-    """SIGHUP: re-read the config file; an invalid one keeps what is running."""
-    import structlog
-
-    log = structlog.get_logger("pxsgate.cli")
-    try:
-        new = await asyncio.to_thread(load_config, path)
-    except ConfigError as exc:
-        log.error("config.reload_failed", path=str(path), key=exc.path, reason=exc.reason,
-                  kept="the rules and timings already running")
-        return
-    except Exception as exc:  # never let a reload take the service down
-        log.error("config.reload_failed", path=str(path), key="", reason=repr(exc),
-                  kept="the rules and timings already running")
-        return
-    gateway.notifier.reloading()
-    gateway.reload(new)
-    gateway.notifier.ready()
+def _forced_exit() -> NoReturn:
+    """A second SIGINT during the graceful stop: exit at once, skipping the clean-up."""
+    os._exit(EXIT_INTERRUPTED)
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:

@@ -2,9 +2,11 @@
 
 Start-up order: store -> spool (files a crash left unindexed are indexed) -> outbox ->
 model (worker thread, anchors embedded) -> pipeline -> assembler -> resume every unfinished
-job -> HTTP -> receiver (the port opens last, once everything behind it can take work) ->
-READY=1 to systemd. A supervisor task then feeds systemd's watchdog while the model worker
-is healthy, updates STATUS=, enforces the batch time limit and runs retention.
+job (service.recovery) -> HTTP -> receiver (the port opens last, once everything behind it
+can take work, with backpressure from service.admission) -> READY=1 to systemd. The
+supervisor (service.supervisor) then feeds systemd's watchdog while the model worker is
+healthy, updates STATUS=, enforces the batch time limit and runs retention. Signals, the
+notifier and the wait for a stop are service.serve's.
 
 Shutdown (SIGTERM) runs in reverse: STOPPING=1; the port closes and associations in
 progress get ``jobs.shutdown-grace-seconds`` to finish; studies in progress get as long
@@ -17,18 +19,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import hashlib
 import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import fields, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom import dcmread
 
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
@@ -43,20 +42,20 @@ from pxsgate.receive import Receiver
 from pxsgate.records import Indexed, ReceivedInstance, now_iso
 from pxsgate.results import ModelInfo
 from pxsgate.retention import Retention
-from pxsgate.rules import element_text
+from pxsgate.service.admission import AdmissionControl
 from pxsgate.service.api import MIN_TOKEN_LENGTH, Api
 from pxsgate.service.failpoints import Failpoints
 from pxsgate.service.metrics import Metrics
+from pxsgate.service.recovery import file_patient_id, recover_spool, resume
 from pxsgate.service.sdnotify import Notifier
+from pxsgate.service.supervisor import Supervisor
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 
 log = structlog.get_logger("pxsgate.server")
 
 MODEL_LOAD_TIMEOUT_S = 1800.0  # EXTEND_TIMEOUT_USEC while the model loads and warms up
-STATUS_EVERY_S = 10.0
-RETENTION_EVERY_S = 60.0
-ROOM_TIMEOUT_S = 10.0  # an association thread waits this long for retention to make room
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def cuda_memory(device: str) -> float:
@@ -83,35 +82,6 @@ def check_writable(data_dir: Path) -> None:
                          f"{exc.strerror or exc}") from exc
 
 
-def recovered_instance(path: Path) -> ReceivedInstance | None:
-    """An instance rebuilt from its spool file alone (sender unknown); None if unreadable."""
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-        data = path.read_bytes()
-        return ReceivedInstance(
-            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path,
-            size=len(data), sha256=hashlib.sha256(data).hexdigest(), calling_ae="",
-            called_ae="", peer_address="", association_id="recovered",
-            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            .astimezone().isoformat(timespec="milliseconds"))
-    except Exception:  # a file the receiver wrote is readable; anything else is not ours
-        return None
-
-
-def _patient_id(path: Path | None) -> str | None:
-    """A file's PatientID as DICOM writes it (None: no file, or unreadable)."""
-    if path is None:
-        return None
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:  # gone meanwhile (retention), or unreadable: unknown
-        return None
-    return element_text(ds, "PatientID")
-
-
 def _store_problem(exc: BaseException) -> str:
     """Why the store failed, in words an operator can act on (no paths, no data)."""
     cause: BaseException = exc
@@ -128,7 +98,7 @@ class Gateway:
                  failpoints: Failpoints | None = None) -> None:
         self.config = config
         self.failpoints = failpoints or Failpoints()
-        self.notifier = notifier or Notifier({})  # systemd: the CLI passes the real one
+        self.notifier = notifier or Notifier({})  # systemd: serve() passes the real one
         self.metrics = Metrics()
         self.store = Store(config.db_path, self.failpoints)
         self.store.reveal_uids = config.logging.include_phi
@@ -140,8 +110,8 @@ class Gateway:
                                       nice=runs_on_cpu(config.model.device),
                                       time_limit=config.jobs.batch_time_limit_seconds,
                                       failpoints=self.failpoints, metrics=self.metrics)
-        # Set when the service cannot go on (the model worker is stuck): the CLI stops it
-        # and exits non-zero, so that systemd restarts it and the unfinished jobs resume.
+        # Set when the service cannot go on (the model worker is stuck): serve() stops it
+        # and the CLI exits non-zero, so that systemd restarts it and the jobs resume.
         self.fatal = asyncio.Event()
         self.fatal_reason = ""
         # Header reads (small, I/O-bound); pixel work goes to the decode processes.
@@ -156,12 +126,14 @@ class Gateway:
                              {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
         self._api: Api | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervisor = Supervisor(self.notifier, self.worker, self.store, self.retention,
+                                      self.metrics, self.status_line, self._unhealthy)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
         self.port = 0
         self.http_port = 0
+
+    # --- start-up, in order ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the store, load the model, resume, then listen. If any step fails, what was
@@ -177,20 +149,42 @@ class Gateway:
             raise
 
     async def _start(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         if self.failpoints.armed:
             log.warning("failpoints.armed", points=self.failpoints.armed,
                         note="this process will kill itself: crash tests only")
+        await self._open_storage()
+        # Before the model: a missing token file fails the start in seconds, not minutes.
+        await self.outbox.start()
+        self._outbox_started = True
+        token = self._api_token()
+        model = self.model = await self._load_model()
+        pipeline, assembler = self._build_stages(loop, model)
+        await recover_spool(self.spool, self.store, self.retention, self._executor,
+                            self.config.timings)
+        await resume(self.store, pipeline, assembler, self.config.timings)
+        await self._open_api(token)
+        await self._open_port(loop)
+        self._supervisor.start()
+        log.info("gateway.started", port=self.port, http_port=self.http_port,
+                 ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
+                 model=model.id, weights_sha256=model.weights_sha256[:16],
+                 startup_s=round(time.perf_counter() - started, 2))
+        # Here, before the supervisor's first WATCHDOG=1 and STATUS= (its task runs at the
+        # next await): READY=1 is the first thing systemd hears of the started service.
+        self.notifier.ready(self.status_line())
+
+    async def _open_storage(self) -> None:
         self.notifier.status("opening the store")
         check_writable(self.config.storage.data_dir)
         await self.store.open()
         self.spool.open()
         self.spool.remove_leftovers()
         await self.retention.start()
-        # Before the model: a missing token file fails the start in seconds, not minutes.
-        await self.outbox.start()
-        self._outbox_started = True
+
+    def _api_token(self) -> str | None:
+        """The HTTP API's bearer token (None: no token file configured)."""
         http = self.config.http
         token = (read_secret(http.bearer_token_file, "http.bearer-token-file")
                  if http.bearer_token_file else None)
@@ -198,70 +192,95 @@ class Gateway:
             raise ConfigError("http.bearer-token-file",
                               f"the token has {len(token)} characters, fewer than "
                               f"{MIN_TOKEN_LENGTH}: make one with `openssl rand -hex 32`")
-        self._decoder = DecodePool(self.config.preprocess,
-                                   self.config.jobs.decode_time_limit_seconds,
-                                   self.config.logging.format, self.config.logging.include_phi)
+        return token
+
+    async def _load_model(self) -> ModelInfo:
+        """The decode processes and the model worker, started side by side."""
+        config = self.config
+        self._decoder = DecodePool(config.preprocess, config.jobs.decode_time_limit_seconds,
+                                   config.logging.format, config.logging.include_phi)
         self.notifier.status("loading the model")
         self.notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)  # torch.compile can take minutes
         model_loading = asyncio.to_thread(self.worker.start)
         _, model = await asyncio.gather(self._decoder.start(), model_loading)
-        self.model = model
-        self._pipeline = Pipeline(self.config, self.store, self.worker, self.model,
-                                  self._executor, self._decoder, self.outbox.wake,
-                                  metrics=self.metrics)
+        return model
+
+    def _build_stages(self, loop: asyncio.AbstractEventLoop,
+                      model: ModelInfo) -> tuple[Pipeline, Assembler]:
+        assert self._decoder is not None
+        pipeline = self._pipeline = Pipeline(
+            self.config, self.store, self.worker, model, self._executor, self._decoder,
+            self.outbox.wake, metrics=self.metrics)
+        self._watch_metrics(model)
+        assembler = self._assembler = Assembler(loop, self._study_ready)
+        return pipeline, assembler
+
+    def _watch_metrics(self, model: ModelInfo) -> None:
         self.metrics.watch(
             associations=lambda: self._receiver.active if self._receiver else 0,
             in_progress=lambda: self._pipeline.busy if self._pipeline else 0,
             waiting=lambda: self.backlog, inference_queue=lambda: self.worker.queued,
             spool_bytes=lambda: self.retention.spool_bytes,
             data_dir=self.config.storage.data_dir, healthy=lambda: self.worker.alive,
-            gpu_memory=(functools.partial(cuda_memory, self.model.device)
-                        if self.model.device.startswith("cuda") else None))
-        self._assembler = Assembler(loop, self._study_ready)
-        await self._recover_spool()
-        await self._resume()
-        if http.port:
-            if token is None and http.host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("http.unprotected", host=http.host,
-                            note="results carry PHI: set http.bearer-token-file")
-            self._api = Api(http, self.store, self.health, token, self.metrics)
-            self.http_port = await self._api.start()
+            gpu_memory=(functools.partial(cuda_memory, model.device)
+                        if model.device.startswith("cuda") else None))
+
+    async def _open_api(self, token: str | None) -> None:
+        http = self.config.http
+        if not http.port:
+            return
+        if token is None and http.host not in LOOPBACK:
+            log.warning("http.unprotected", host=http.host,
+                        note="results carry PHI: set http.bearer-token-file")
+        self._api = Api(http, self.store, self.health, token, self.metrics)
+        self.http_port = await self._api.start()
+
+    async def _open_port(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The DICOM port, last: everything behind it can take work now."""
+        admission = AdmissionControl(self.config.backpressure, self.retention,
+                                     lambda: self.backlog, loop)
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed,
-                                  admit=self._admit, failpoints=self.failpoints,
+                                  admit=admission.admit, failpoints=self.failpoints,
                                   metrics=self.metrics, label=self.store.study_label,
                                   include_phi=self.config.logging.include_phi)
         self.port = await asyncio.to_thread(self._receiver.start)
-        self._supervisor = loop.create_task(self._supervise())
-        log.info("gateway.started", port=self.port, http_port=self.http_port,
-                 ae_titles=[t.ae_title for t in self.config.dicom.scp.ae_titles],
-                 model=self.model.id, weights_sha256=self.model.weights_sha256[:16],
-                 startup_s=round(time.perf_counter() - started, 2))
-        self.notifier.ready(self._status_line())
+
+    # --- shutdown, in reverse -------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see the module docstring); ``grace`` defaults to
         jobs.shutdown-grace-seconds, for the associations and again for the studies."""
         grace = self.config.jobs.shutdown_grace_seconds if grace is None else grace
         self.notifier.stopping("stopping: finishing the associations and studies in progress")
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # whatever it was, the stop goes on
-                log.error("gateway.supervisor_failed", error=repr(exc))
-            self._supervisor = None
-        if self._receiver is not None:
-            receiver, self._receiver = self._receiver, None
-            aborted = await asyncio.to_thread(receiver.stop, grace)
-            if aborted:
-                log.warning("gateway.associations_aborted", associations=aborted,
-                            grace_s=grace)
+        await self._supervisor.stop()
+        await self._close_port(grace)
         if self._api is not None:
             await self._api.stop()
             self._api = None
+        await self._drain(grace)
+        if self._outbox_started:
+            await self.outbox.stop()
+            self._outbox_started = False
+        try:
+            await self._stop_workers()
+        finally:
+            # Whatever failed above, the store is closed: its committed state is all a
+            # restart needs.
+            await self.store.close()
+        log.info("gateway.stopped")
+
+    async def _close_port(self, grace: float) -> None:
+        if self._receiver is None:
+            return
+        receiver, self._receiver = self._receiver, None
+        aborted = await asyncio.to_thread(receiver.stop, grace)
+        if aborted:
+            log.warning("gateway.associations_aborted", associations=aborted, grace_s=grace)
+
+    async def _drain(self, grace: float) -> None:
+        """Studies in progress get ``grace`` to finish; the rest is resumed at the next
+        start."""
         if self._assembler is not None:
             self._assembler.close()
         if self._pipeline is not None:
@@ -274,19 +293,14 @@ class Gateway:
                 await self._pipeline.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._outbox_started:
-            await self.outbox.stop()
-            self._outbox_started = False
-        try:
-            await asyncio.to_thread(self.worker.stop)
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            if self._decoder is not None:
-                await asyncio.to_thread(self._decoder.shutdown)
-        finally:
-            # Whatever failed above, the store is closed: its committed state is all a
-            # restart needs.
-            await self.store.close()
-        log.info("gateway.stopped")
+
+    async def _stop_workers(self) -> None:
+        await asyncio.to_thread(self.worker.stop)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._decoder is not None:
+            await asyncio.to_thread(self._decoder.shutdown)
+
+    # --- while running --------------------------------------------------------------------
 
     def reload(self, new: Config) -> None:
         """Apply a re-read config (SIGHUP) without dropping associations: the selection
@@ -360,126 +374,23 @@ class Gateway:
         """Studies whose images are all here and that wait for, or are in, processing."""
         return self._pipeline.backlog if self._pipeline else 0
 
-    def _status_line(self) -> str:
+    def status_line(self) -> str:
+        """A one-line summary for systemd's STATUS= (``systemctl status``)."""
         return (f"port {self.port}; {self.backlog} studies in progress or waiting; "
                 f"{self.worker.queued} images queued for the model; spool "
                 f"{self.retention.spool_bytes / 2**30:.2f} GiB")
 
-    # --- supervision (on the loop) --------------------------------------------------------
-
-    async def _supervise(self) -> None:
-        """Every second: the batch time limit and systemd's watchdog; every 10 s a STATUS=
-        line; every minute retention. The watchdog is fed only while the model worker is
-        alive and not stuck, and only from here: a blocked loop stops feeding it too."""
-        interval = self.notifier.watchdog_interval()
-        tick = min(1.0, interval) if interval else 1.0
-        last_status = last_retention = 0.0
-        while True:
-            now = time.monotonic()
-            healthy = self.worker.check_time_limit() and self.worker.alive
-            if healthy:
-                self.notifier.watchdog()
-            elif not self.fatal.is_set():
-                self.fatal_reason = "the model worker is stuck or died"
-                log.error("gateway.unhealthy", reason=self.fatal_reason)
-                self.notifier.status(f"unhealthy: {self.fatal_reason}")
-                self.fatal.set()
-            if now - last_status >= STATUS_EVERY_S:
-                last_status = now
-                self.notifier.status(self._status_line())
-                try:
-                    counts = await self.store.delivery_counts()
-                    self.metrics.deliveries_pending.set(counts.get("pending", 0))
-                except Exception as exc:  # the store is busy or failing: next time
-                    log.warning("metrics.deliveries_failed", error=repr(exc))
-            if now - last_retention >= RETENTION_EVERY_S:
-                last_retention = now
-                try:
-                    await self.retention.run()
-                except Exception as exc:  # retention must never take reception down
-                    log.error("retention.failed", error=repr(exc))
-            await asyncio.sleep(tick)
-
-    def _admit(self, size: int) -> float | str:
-        """Backpressure, asked by association threads before an instance is written:
-        a delay that grows with the backlog beyond delay-above-studies, then a refusal
-        (0xA700) beyond refuse-above-studies or over the spool ceiling."""
-        bp = self.config.backpressure
-        backlog = self.backlog
-        if backlog >= bp.refuse_above_studies:
-            return f"busy: {backlog} studies waiting"
-        if self.retention.over_ceiling(size) and not self._make_room(size):
-            return "the spool is at its ceiling"
-        if backlog < bp.delay_above_studies:
-            return 0.0
-        span = max(1, bp.refuse_above_studies - bp.delay_above_studies)
-        return bp.max_delay_seconds * min(1.0, (backlog - bp.delay_above_studies + 1) / span)
-
-    def _make_room(self, size: int) -> bool:
-        """On an association thread: run retention now (early deletion of finished
-        studies, oldest first) and say whether the spool is under its ceiling again."""
-        if self._loop is None:
-            return False
-        try:
-            asyncio.run_coroutine_threadsafe(self.retention.run(size), self._loop).result(
-                timeout=ROOM_TIMEOUT_S)
-        except Exception as exc:  # the loop is closing, or deleting failed: refuse
-            log.error("retention.failed", error=repr(exc))
-            return False
-        return not self.retention.over_ceiling(size)
-
-    # --- recovery (on the loop, at start-up) ----------------------------------------------
-
-    async def _recover_spool(self) -> None:
-        """Index the instances a crash left in the spool unindexed: written and fsynced,
-        killed before SQLite committed them (so never acknowledged either; the sender will
-        likely send them again, which is then a duplicate). The spool is the source of
-        truth: what is in it is not forgotten."""
-        files = await asyncio.to_thread(self.spool.instance_files)
-        missing = await self.store.unindexed(files)
-        if not missing:
+    def _unhealthy(self, reason: str) -> None:
+        """The supervisor found that the service cannot go on: said once (log, STATUS=),
+        then ``fatal`` is set for serve() to stop it."""
+        if self.fatal.is_set():
             return
-        settle, _ = self.config.timings("")
-        recovered = 0
-        for path in missing:
-            instance = await asyncio.get_running_loop().run_in_executor(
-                self._executor, recovered_instance, path)
-            if instance is None:
-                log.warning("spool.unreadable")
-                continue
-            known = await self.store.instance_paths([instance.sop_instance_uid])
-            if instance.sop_instance_uid in known:
-                # Indexed under another study: this file is a version the index moved
-                # away from (or one never acknowledged); the index is what was promised.
-                await asyncio.to_thread(path.unlink, True)
-                continue
-            await self.store.record_instance(instance, time.time() + settle, settle)
-            self.retention.added(instance.size)
-            recovered += 1
-        log.info("spool.recovered", instances=recovered, files=len(missing))
+        self.fatal_reason = reason
+        log.error("gateway.unhealthy", reason=reason)
+        self.notifier.status(f"unhealthy: {reason}")
+        self.fatal.set()
 
     # --- stage glue (on the loop) ---------------------------------------------------------
-
-    async def _resume(self) -> None:
-        """Re-arm the studies that were pending when the service last stopped: deadlines
-        that passed meanwhile make the study ready now; one that was being processed is
-        processed again."""
-        assert self._assembler is not None
-        assert self._pipeline is not None
-        now = time.time()
-        pending = await self.store.pending_studies()
-        for study in pending:
-            if study.state == "ready" or study.deadline is None:
-                self._pipeline.submit(study.study_instance_uid)
-                continue
-            settle, quiet = self.config.timings("")
-            if study.settle_seconds is not None:
-                settle = study.settle_seconds
-            # The associations died with the old process: at most settle from now.
-            delay = min(max(0.0, study.deadline - now), settle)
-            self._assembler.resume(study.study_instance_uid, delay, settle, quiet)
-        if pending:
-            log.info("studies.resumed", studies=len(pending))
 
     async def _instance_received(self, instance: ReceivedInstance) -> Indexed:
         settle, quiet = self.config.timings(instance.called_ae)
@@ -519,8 +430,8 @@ class Gateway:
         try:
             loop = asyncio.get_running_loop()
             before, after = await asyncio.gather(
-                loop.run_in_executor(self._executor, _patient_id, indexed.replaced),
-                loop.run_in_executor(self._executor, _patient_id, instance.path))
+                loop.run_in_executor(self._executor, file_patient_id, indexed.replaced),
+                loop.run_in_executor(self._executor, file_patient_id, instance.path))
             changed = before is not None and after is not None and before != after
             if changed:
                 await self.store.set_move_patient_changed(instance.sop_instance_uid,

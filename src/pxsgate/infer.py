@@ -401,11 +401,16 @@ class InferenceWorker:
         self._max_delay = batch.max_delay_ms / 1000.0
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
+        # start() runs on a thread of its own while a stop signal may call stop(): the
+        # thread is made and started as one step, so stop() never joins an unstarted one.
+        self._starting = threading.Lock()
         self._ready: concurrent.futures.Future[ModelInfo] = concurrent.futures.Future()
 
     def start(self, timeout: float = 1800.0) -> ModelInfo:
-        self._thread = threading.Thread(target=self._run, name="pxsgate-infer", daemon=True)
-        self._thread.start()
+        with self._starting:
+            self._thread = threading.Thread(target=self._run, name="pxsgate-infer",
+                                            daemon=True)
+            self._thread.start()
         try:
             return self._ready.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -435,10 +440,11 @@ class InferenceWorker:
         return False
 
     def stop(self) -> None:
-        if self._thread is not None:
+        with self._starting:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(_STOP)
-            self._thread.join(timeout=30)
-            self._thread = None
+            thread.join(timeout=30)
 
     @property
     def queued(self) -> int:

@@ -1,0 +1,542 @@
+"""Chest radiographs: frontal (AP, PA) and left lateral, with optional opacities and
+support devices; the demo's pool of normal anchor radiographs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pxsgate.tools.synth.derived import catheter_enhance
+from pxsgate.tools.synth.draw import (
+    F32,
+    U16,
+    Canvas,
+    band,
+    bits_max,
+    bone,
+    check_size,
+    dome,
+    exposure,
+    frac,
+    gauss,
+    ramp,
+    resize,
+    smooth,
+    smooth_field,
+    to_stored,
+    working_size,
+)
+from pxsgate.tools.synth.text import burn_text
+
+View = Literal["AP", "PA", "LATERAL"]
+
+_Segment = tuple[float, float, float, float, float, float]
+
+
+def _vessel_tree(rng: np.random.Generator, hx: float, hy: float, depth: int = 5) -> list[_Segment]:
+    """Segments (a0, y0, a1, y1, w0, w1) of pulmonary vessels branching from a hilum.
+
+    ``a`` is the distance from the midline (lateral is positive), ``y`` the image height.
+    """
+    segments: list[_Segment] = []
+    stack: list[tuple[float, float, float, float, float, int]] = []
+    for ang in (-1.5, -1.05, -0.6, -0.15, 0.3, 0.75, 1.15, 1.55):
+        ang += rng.normal(0.0, 0.08)
+        ox = hx + 0.03 * math.cos(ang) + rng.normal(0.0, 0.01)
+        oy = hy + 0.09 * math.sin(ang) + rng.normal(0.0, 0.015)
+        stack.append((ox, oy, ang, 0.09 * rng.uniform(0.85, 1.15), 0.015, 0))
+    while stack:
+        a0, y0, ang, length, w, level = stack.pop()
+        a1 = a0 + length * math.cos(ang)
+        y1 = y0 + length * math.sin(ang)
+        w1 = w * 0.8
+        segments.append((a0, y0, a1, y1, w, w1))
+        if level < depth:
+            spread = rng.uniform(0.25, 0.5)
+            both = rng.random() < 0.75
+            for sign in (-1.0, 1.0) if both else (rng.choice((-0.4, 0.4)),):
+                child = ang + sign * spread * rng.uniform(0.6, 1.0) + rng.normal(0.0, 0.05)
+                shrink = 0.82 if both else 0.92
+                stack.append(
+                    (a1, y1, child, length * rng.uniform(0.72, 0.9), w1 * shrink, level + 1)
+                )
+    return segments
+
+
+def _vessel_layer(
+    cv: Canvas, win: tuple[slice, slice], tree: Sequence[_Segment], side: float
+) -> F32:
+    """Render vessel segments (capsules, density ~ their thickness) over a window."""
+    f32 = np.float32
+    rows = win[0].stop - win[0].start
+    cols = win[1].stop - win[1].start
+    out = np.zeros((rows, cols), dtype=np.float32)
+    if not tree or rows == 0 or cols == 0:
+        return out
+    seg = np.asarray(tree, dtype=np.float64)
+    seg[:, 4:] = np.maximum(seg[:, 4:], 0.5 * cv.edge)
+    # pixel bounding boxes of all segments at once (the frame is affine)
+    c, s = math.cos(cv.rot), math.sin(cv.rot)
+    pcol: list[npt.NDArray[np.float64]] = []
+    prow: list[npt.NDArray[np.float64]] = []
+    for ka, ky in ((0, 1), (2, 3)):
+        ex, ey = seg[:, ka] * side, seg[:, ky]
+        pcol.append(((ex * c - ey * s) * cv.scale + cv.dx + 1.0) * cv.cols / 2.0)
+        prow.append(((ex * s + ey * c) * cv.scale + cv.dy + 1.0) * cv.rows / 2.0)
+    pad = seg[:, 4:].max(axis=1) * cv.scale * max(cv.rows, cv.cols) / 2.0 + 2.0
+    c0s = np.maximum(np.floor(np.minimum(*pcol) - pad).astype(int), win[1].start)
+    c1s = np.minimum(np.ceil(np.maximum(*pcol) + pad).astype(int), win[1].stop)
+    r0s = np.maximum(np.floor(np.minimum(*prow) - pad).astype(int), win[0].start)
+    r1s = np.minimum(np.ceil(np.maximum(*prow) + pad).astype(int), win[0].stop)
+    for (a0, y0, a1, y1, w0, w1), r0, r1, c0, c1 in zip(
+        seg.tolist(), r0s.tolist(), r1s.tolist(), c0s.tolist(), c1s.tolist(), strict=True
+    ):
+        if r1 <= r0 or c1 <= c0:
+            continue
+        x: F32 = cv.X[r0:r1, c0:c1]
+        y: F32 = cv.Y[r0:r1, c0:c1]
+        px = x * f32(side) - f32(a0)
+        py = y - f32(y0)
+        dx, dy = a1 - a0, y1 - y0
+        t: F32 = (px * f32(dx) + py * f32(dy)) * f32(1.0 / max(dx * dx + dy * dy, 1e-9))
+        np.clip(t, 0.0, 1.0, out=t)
+        px -= t * f32(dx)
+        py -= t * f32(dy)
+        wt: F32 = f32(w0) + f32(w1 - w0) * t
+        d2: F32 = (px * px + py * py) / (wt * wt)
+        val = dome(d2) * wt * f32(7.0)
+        dst = out[r0 - win[0].start : r1 - win[0].start, c0 - win[1].start : c1 - win[1].start]
+        np.maximum(dst, val, out=dst)
+    return out
+
+
+def _frontal_chest(
+    rng: np.random.Generator, rows: int, cols: int, *, ap: bool, severity: float, lines: bool
+) -> F32:
+    """Projected density of a frontal (AP or PA) chest; the patient's right on the image left."""
+    cv = Canvas(rng, rows, cols)
+    X, Y, D, e = cv.X, cv.Y, cv.D, cv.edge
+    f32 = np.float32
+
+    # -- anatomy parameters, all drawn first: severity and lines leave the patient unchanged
+    sh_y = -0.99 + rng.normal(0.0, 0.015)
+    trunk_w = float(rng.uniform(0.8, 0.87))
+    heart_k = float(rng.uniform(0.93, 1.07)) * (1.1 if ap else 1.0)
+    apex = -0.74 + rng.normal(0.0, 0.015) + (0.03 if ap else 0.0)
+    cpa = (0.44 if ap else 0.52) + rng.normal(0.0, 0.02)
+    lat = [trunk_w - 0.05 + rng.normal(0.0, 0.01) for _ in range(2)]
+    dome_h = float(rng.uniform(0.19, 0.25))
+    rib_first = apex - 0.06 + rng.normal(0.0, 0.01)
+    rib_gap = 0.098 + rng.normal(0.0, 0.003)
+    trees = [_vessel_tree(rng, 0.19, 0.02), _vessel_tree(rng, 0.19, -0.04)]
+    texture = smooth_field(rng, rows, cols, 64)
+    bowel = smooth_field(rng, rows, cols, 24)
+    # opacities come from their own generator: the same patient and noise at any severity
+    opacity_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
+    arm_c = trunk_w + (0.15 if ap else 0.2)
+    head_y = -0.58 + rng.normal(0.0, 0.02)
+
+    # -- body: neck, sloping shoulders, trunk (an elliptical cross-section)
+    t = np.clip((Y - f32(sh_y)) * f32(1.0 / 0.4), 0.0, 1.0)
+    W = f32(0.17) + f32(trunk_w - 0.17) * (f32(1.0) - (f32(1.0) - t) ** 2)
+    trunk = ramp(W - np.abs(X), e)
+    thick = dome((X / W) ** 2)
+    D += trunk * (f32(0.3) + f32(0.25) * thick) * (f32(0.7) + f32(0.3) * t)
+
+    # -- arms hanging at the sides, with the humerus
+    for side in (-1.0, 1.0):
+        win = cv.side_box(side, trunk_w - 0.08, 1.4, head_y - 0.3, 1.2)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        ua = (a - f32(arm_c)) * f32(1.0 / 0.13)
+        va = np.minimum(y - f32(head_y), 0.0) * f32(1.0 / 0.2)
+        arm = ramp(f32(1.0) - ua * ua - va * va, 0.08)
+        D[win] += f32(0.3) * arm * (f32(0.4) + f32(0.6) * dome(ua * ua)) * (f32(1.0) - trunk[win])
+        hr2 = ((a - f32(arm_c - 0.035)) * f32(1 / 0.085)) ** 2 + (
+            (y - f32(head_y + 0.01)) * f32(1 / 0.09)
+        ) ** 2
+        D[win] += f32(0.16) * dome(hr2) + f32(0.06) * band(hr2 - f32(0.9), 0.1, 0.08)
+        su = np.clip((a - f32(arm_c + 0.005)) * f32(1 / 0.048), -1.0, 1.0)
+        D[win] += f32(0.22) * bone(su, 0.65, 0.5) * smooth(y - f32(head_y + 0.04), 0.08)
+
+    # -- heart: an asymmetric ellipse, the apex to the patient's left (image right)
+    hcx, hcy = 0.1, 0.33 + (0.02 if ap else 0.0)
+    rxl, rxr, ry = 0.42 * heart_k, 0.29 * heart_k, 0.44 * heart_k
+
+    def heart_mask(x: F32, y: F32) -> F32:
+        hx = x - f32(hcx)
+        inv = np.where(hx > 0, f32(1.0 / rxl), f32(1.0 / rxr))
+        hy = np.minimum(y - f32(hcy), 0.0)  # flat-bottomed: it sits on the diaphragm
+        r2 = (hx * inv) ** 2 + (hy * f32(1.0 / ry)) ** 2
+        return ramp(f32(1.0) - r2, 0.04)
+
+    # -- lungs, their vessels and hila, posterior and anterior ribs, clavicles, scapulae
+    lung_all = np.zeros_like(D)
+    periph_all = np.zeros_like(D)
+    a_apex = 0.3
+    for i, side in enumerate((-1.0, 1.0)):
+        right = side < 0  # the patient's right lung is on the image's left
+        my_cpa = cpa - (0.035 if right else 0.0)
+        top = apex + (0.0 if right else 0.01)
+
+        def outline(
+            a: F32,
+            y: F32,
+            top: float = top,
+            my_cpa: float = my_cpa,
+            lat_i: float = lat[i],
+            right: bool = right,
+        ) -> tuple[F32, F32, F32]:
+            """Lateral border L(y), medial border M(y) and the diaphragm's height at a."""
+            tl = np.clip((y - f32(top)) * f32(1.0 / (my_cpa - top)), 0.0, 1.0)
+            L = f32(a_apex) + f32(lat_i - a_apex) * np.sqrt(tl * (f32(2.0) - tl))
+            tm = np.clip((y - f32(top)) * f32(1.0 / 0.42), 0.0, 1.0)
+            M = f32(a_apex) - f32(a_apex - 0.095) * np.sqrt(tm * (f32(2.0) - tm))
+            if not right:  # the aortic knob bulges into the left lung
+                M += f32(0.04) * np.exp(((y + f32(0.33)) * f32(1 / 0.07)) ** 2 * f32(-0.5))
+            M += f32(0.06) * smooth(y + f32(0.12), 0.3)  # wider mediastinum at the hila
+            ud = (a - f32(0.44)) * f32(1.0 / 0.42)
+            diaphragm = f32(my_cpa) - f32(dome_h) * dome(ud * ud)
+            return L, M, diaphragm
+
+        # lung air, darker in the depth of the lung, partly hidden behind the heart
+        win = cv.side_box(side, 0.05, 1.0, top - 0.02, my_cpa + 0.02)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        L, M, diaphragm = outline(a, y)
+        heart = heart_mask(x, y)
+        inside = ramp(L - a, e) * ramp(a - M, e)
+        inside *= ramp(diaphragm - y, e) * ramp(y - f32(top), e)
+        deep = np.clip((L - a) * f32(1 / 0.2), 0.0, 1.0)
+        deep *= np.clip((diaphragm - y) * f32(4.0), 0.0, 1.0)
+        deep *= np.clip((y - f32(top)) * f32(1 / 0.3), 0.0, 1.0)
+        deep *= f32(0.4)
+        deep += f32(0.6)
+        lung = inside * (f32(1.0) - f32(0.9) * heart)
+        D[win] -= f32(0.43) * lung * deep
+        D[win] += f32(0.04) * heart * inside
+        lung_all[win] += lung
+        periph_all[win] += inside * np.clip(
+            f32(1.0) - (L - a) / np.maximum(L - M, f32(0.05)), 0.0, 1.0
+        )
+        # pulmonary vessels: branching trees from the hilum, thinner and fainter outwards
+        hx_, hy_ = 0.19, (0.02 if right else -0.04)
+        vessels = _vessel_layer(cv, win, trees[i], side)
+        vessels += f32(0.08) * gauss(a, y, hx_ - 0.01, hy_, 0.04, 0.08)
+        vessels += f32(0.009) * texture[win]
+        D[win] += vessels * lung
+        # anterior ribs: faint, sloping down towards the sternum, ending at the cartilage
+        d = f32(0.82) - a
+        na, fa = frac(
+            (y - (f32(rib_first + 0.13) + f32(0.3) * d + f32(0.2) * d * d)) * f32(1 / 0.13)
+        )
+        band_a = ramp(fa, e / 0.13) * ramp(f32(0.3) - fa, e / 0.13)
+        on_a = ramp(na + f32(0.5), 1.0) * ramp(f32(5.5) - na, 1.0) * ramp(a - f32(0.3), 0.14)
+        D[win] += f32(0.035) * band_a * on_a * inside
+
+        # posterior ribs: one warped periodic band pattern for all of them
+        win = cv.side_box(side, 0.05, 0.97, rib_first - 0.03, my_cpa + 0.3)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        L, _, diaphragm = outline(a, y)
+        shape = f32(0.45) * (a - f32(0.2)) ** 2 - f32(0.02)
+        shape += f32(0.6) * np.maximum(a - f32(0.55), 0.0) ** 2
+        yy = y - shape - f32(rib_first)
+        n, fr = frac(yy * f32(1.0 / rib_gap) * (f32(1.0) - f32(0.08) * yy))
+        w = e / rib_gap
+        rib = ramp(fr, w) * ramp(f32(0.42) - fr, w)
+        rim = fr * f32(2.0 / 0.42) - f32(1.0)
+        rim *= rim
+        rim *= rim
+        np.minimum(rim, 1.0, out=rim)
+        rib *= f32(0.45) + f32(0.55) * rim
+        rib *= ramp(n + f32(0.5), 1.0) * ramp(f32(10.5) - n, 1.0)
+        rib *= ramp(a - f32(0.075), 0.03) * ramp(np.maximum(L, f32(0.62)) + f32(0.05) - a, 0.04)
+        rib *= f32(0.35) + f32(0.65) * ramp(diaphragm + f32(0.04) - y, 0.1)
+        D[win] += f32(0.07) * rib
+
+        # clavicle: an S-shaped bone from the sternum to the acromion
+        win = cv.side_box(side, 0.03, 0.72, -0.9, -0.45)
+        x, y = cv.xy(win)
+        u = x * f32(side) - f32(0.05)
+        c0, slope = (-0.68, -0.03) if ap else (-0.6, -0.12)
+        cy = f32(c0) + f32(slope) * u + f32(0.022) * np.sin(u * f32(9.0))
+        half = f32(0.034) - f32(0.012) * np.clip(u * f32(1 / 0.6), 0.0, 1.0)
+        v = np.clip((y - cy) / half, -1.0, 1.0)
+        span = ramp(u, 0.02) * smooth(f32(0.63) - u, 0.06)
+        D[win] += f32(0.2) * bone(v, 0.65, 0.45) * span
+
+        # scapula: over the upper lung on AP films, rotated out of the lungs on PA films
+        win = cv.side_box(side, 0.45 if ap else 0.7, 1.0, -0.76, 0.05)
+        x, y = cv.xy(win)
+        a = x * f32(side)
+        sm = f32(0.5 if ap else 0.74) + f32(0.16) * (y + f32(0.72)) * f32(1 / 0.62)
+        tip_y = -0.08 if ap else -0.2
+        low = f32(tip_y) - f32(1.1) * np.maximum(a - f32(0.66 if ap else 0.86), 0.0)
+        scap = ramp(a - sm, 2 * e) * ramp(y + f32(0.72), 0.05) * ramp(low - y, 0.03)
+        D[win] += (f32(0.05) + f32(0.04) * band(a - sm, 0.007, e)) * scap * trunk[win]
+
+    # -- spine: vertebral bodies, discs, pedicles, spinous processes (faint behind the heart)
+    win = cv.box(-0.12, 0.12, -1.2, 1.2)
+    x, y = cv.xy(win)
+    _, phase = frac((y + f32(1.0)) * f32(1 / 0.088))
+    disc = ramp(np.abs(phase - f32(0.5)) - f32(0.41), 0.05)
+    D[win] += f32(0.05) * ramp(f32(0.06) - np.abs(x), 2 * e) * (f32(1.0) - f32(0.5) * disc)
+    ped = ((np.abs(x) - f32(0.045)) * f32(1 / 0.013)) ** 2 + ((phase - f32(0.35)) * f32(6.0)) ** 2
+    D[win] += f32(0.035) * dome(ped)
+    spin = (x * f32(1 / 0.013)) ** 2 + ((phase - f32(0.68)) * f32(5.0)) ** 2
+    D[win] += f32(0.025) * dome(spin)
+
+    # -- trachea and main bronchi (air over the mediastinum)
+    carina = -0.22 if ap else -0.2
+    win = cv.box(-0.3, 0.3, -1.2, carina + 0.2)
+    x, y = cv.xy(win)
+    D[win] -= f32(0.12) * band(x - f32(0.005), 0.03, 0.012) * ramp(f32(carina) - y, 0.03)
+    for side, k in ((-1.0, 0.6), (1.0, 0.95)):
+        bx = x - f32(0.005) - f32(side * k) * (y - f32(carina))
+        span = ramp(y - f32(carina), 0.02) * smooth(f32(carina + 0.12) - y, 0.08)
+        D[win] -= f32(0.09) * band(bx, 0.02, 0.012) * span
+
+    # -- aortic knob: a little denser than the rest of the mediastinum
+    win = cv.box(-0.05, 0.3, -0.5, -0.15)
+    x, y = cv.xy(win)
+    D[win] += f32(0.04) * gauss(x, y, 0.1, -0.33, 0.05, 0.05)
+
+    # -- bowel gas: faint mottled lucencies in the upper abdomen
+    win = cv.box(-0.85, 0.85, cpa + 0.05, 1.2)
+    x, y = cv.xy(win)
+    gas = smooth(bowel[win] - f32(1.0), 0.8) * smooth(y - f32(cpa + 0.25), 0.3)
+    D[win] -= f32(0.06) * gas * trunk[win]
+
+    # -- gastric air bubble under the left hemidiaphragm
+    win = cv.box(0.15, 0.65, cpa - 0.1, cpa + 0.35)
+    x, y = cv.xy(win)
+    bub = ((x - f32(0.4)) * f32(1 / 0.1)) ** 2 + ((y - f32(cpa + 0.1)) * f32(1 / 0.05)) ** 2
+    D[win] -= f32(0.05 if ap else 0.12) * dome(bub)
+
+    # -- optional: COVID-19-like opacities, peripheral and basal
+    if severity > 0:
+        sev = float(min(max(severity, 0.0), 1.0))
+        field = f32(0.75) * smooth_field(opacity_rng, rows, cols, 9)
+        field += f32(0.5) * smooth_field(opacity_rng, rows, cols, 22)
+        patches = smooth(field - f32(1.4 - 2.4 * sev), 0.9)
+        weight = f32(0.45) + f32(0.35) * periph_all + f32(0.3) * np.clip(Y + f32(0.2), 0.0, 1.0)
+        D += np.clip(lung_all, 0.0, 1.0) * (
+            f32(0.08 * sev) + f32(0.32 * sev**0.6) * patches * weight
+        )
+
+    if lines:
+        _support_devices(cv)
+    return D
+
+
+def _support_devices(cv: Canvas) -> None:
+    """Endotracheal tube, a right internal jugular central line and ECG leads (dense wires)."""
+    f32 = np.float32
+    e = cv.edge
+    # ET tube: two radiopaque walls, tip above the carina
+    win = cv.box(-0.1, 0.1, -1.2, -0.3)
+    x, y = cv.xy(win)
+    ett = ramp(f32(-0.36) - y, 0.02)
+    for off in (-0.02, 0.02):
+        cv.D[win] += f32(0.1) * band(x - f32(0.005 + off), 0.004, e) * ett
+    # central venous catheter from the right neck to the cavo-atrial junction
+    win = cv.box(-0.3, 0.05, -1.2, 0.1)
+    x, y = cv.xy(win)
+    path_x = f32(-0.2) + f32(0.14) * np.sqrt(np.clip((y + f32(0.95)) * f32(1 / 0.7), 0.0, 1.0))
+    cvc = ramp(y + f32(0.98), 0.02) * ramp(f32(0.02) - y, 0.02)
+    cv.D[win] += f32(0.2) * band(x - path_x, 0.0045, e) * cvc
+    # ECG electrodes with short wires
+    for ex, ey in ((-0.55, -0.62), (0.6, -0.6), (0.55, 0.55)):
+        win = cv.box(ex - 0.05, ex + 0.05, -1.2, ey + 0.05)
+        x, y = cv.xy(win)
+        r2 = ((x - f32(ex)) * f32(1 / 0.035)) ** 2 + ((y - f32(ey)) * f32(1 / 0.035)) ** 2
+        cv.D[win] += f32(0.25) * ramp(f32(1.0) - r2, 0.2) * ramp(r2 - f32(0.4), 0.2)
+        wire_x = f32(ex) + f32(0.03) * np.sin((y - f32(ey)) * f32(6.0))
+        cv.D[win] += f32(0.12) * band(x - wire_x, 0.003, e) * ramp(f32(ey - 0.03) - y, 0.02)
+
+
+def _lateral_chest(rng: np.random.Generator, rows: int, cols: int, severity: float) -> F32:
+    """Projected density of a left lateral chest: anterior on the image left, spine behind."""
+    cv = Canvas(rng, rows, cols)
+    X, Y, D, e = cv.X, cv.Y, cv.D, cv.edge
+    f32 = np.float32
+    front0 = -0.8 + rng.normal(0.0, 0.02)
+    back0 = 0.88 + rng.normal(0.0, 0.02)
+    cpa = 0.5 + rng.normal(0.0, 0.02)
+    heart_k = float(rng.uniform(0.93, 1.07))
+    texture = smooth_field(rng, rows, cols, 40)
+    tree = _vessel_tree(rng, 0.0, 0.0, depth=5)
+    opacity_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
+
+    # body: the neck and raised arms above, the chest below; thick (side to side) throughout
+    t = np.clip((Y + f32(1.0)) * f32(1 / 0.5), 0.0, 1.0)
+    rise = np.sqrt(t * (f32(2.0) - t))
+    front = f32(-0.35) + f32(front0 + 0.35) * rise + f32(0.05) * (Y - f32(0.1)) ** 2
+    back = f32(0.45) + f32(back0 - 0.45) * rise
+    body = ramp(X - front, e) * ramp(back - X, e)
+    mid = (front + back) * f32(0.5)
+    halfw = (back - front) * f32(0.5)
+    D += body * (f32(0.36) + f32(0.2) * dome(((X - mid) / halfw) ** 2))
+    # soft tissue of the raised arms and shoulders over the apices
+    win = cv.box(-1.0, 1.0, -1.2, -0.1)
+    x, y = cv.xy(win)
+    ax = x - (f32(0.1) - f32(0.5) * (y + f32(0.5)))
+    D[win] += f32(0.12) * smooth(f32(0.3) - np.abs(ax), 0.25) * smooth(f32(-0.35) - y, 0.3)
+
+    # heart: anterior and inferior, against the lower sternum, sitting on the diaphragm
+    def heart_mask(x: F32, y: F32) -> F32:
+        hx = (x + f32(0.36)) * f32(1 / (0.4 * heart_k))
+        hy = np.minimum(y - f32(0.28), 0.0) * f32(1 / (0.36 * heart_k))
+        return smooth(f32(1.0) - hx * hx - hy * hy, 0.15)
+
+    # lung field: from behind the sternum to the posterior ribs, down to the hemidiaphragms
+    win = cv.box(-0.95, 0.95, -0.9, cpa + 0.32)
+    x, y = cv.xy(win)
+    fl = front[win] + f32(0.08) + f32(0.25) * np.clip(y - f32(0.1), 0.0, 1.0) ** 2
+    bl = f32(0.74) + f32(0.05) * y
+    top = f32(-0.7) + f32(0.45) * ((x - f32(0.12)) * f32(1 / 0.75)) ** 2
+    diaphragm = f32(cpa) - f32(0.2) * dome((x * f32(1 / 0.85)) ** 2)
+    diaphragm += f32(0.16) * np.clip((x - f32(0.3)) * f32(1 / 0.45), 0.0, 1.0) ** 2
+    inside = (
+        smooth(x - fl, 0.08) * ramp(bl - x, 0.04) * smooth(y - top, 0.2) * ramp(diaphragm - y, e)
+    )
+    deep = np.clip((x - fl) * f32(3.0), 0.0, 1.0) * np.clip((diaphragm - y) * f32(3.0), 0.0, 1.0)
+    deep *= np.clip((y - top) * f32(2.5), 0.0, 1.0) * np.clip((bl - x) * f32(3.0), 0.0, 1.0)
+    heart = heart_mask(x, y)
+    lung = inside * (f32(1.0) - f32(0.4) * heart)
+    D[win] -= f32(0.36) * lung * (f32(0.55) + f32(0.45) * deep)
+    # the other hemidiaphragm, a little higher and more anterior
+    diaphragm2 = diaphragm - f32(0.04) + f32(0.03) * x
+    D[win] += f32(0.06) * inside * ramp(y - diaphragm2, e)
+    D[win] += f32(0.012) * texture[win] * lung
+    D[win] += _vessel_layer(cv, win, tree, 1.0) * f32(0.8) * lung
+    D[win] += f32(0.07) * gauss(x, y, 0.02, 0.0, 0.07, 0.09)
+    # aortic arch, and the trachea sloping backwards to the carina
+    arch = np.sqrt((x - f32(0.0)) ** 2 + ((y + f32(0.2)) * f32(1 / 0.8)) ** 2)
+    D[win] += f32(0.04) * band(arch - f32(0.18), 0.035, 0.03) * ramp(f32(-0.15) - y, 0.1)
+    tx = x - (f32(-0.1) + f32(0.13) * (y + f32(1.0)))
+    D[win] -= (
+        f32(0.06)
+        * band(tx, 0.035, 0.01)
+        * ramp(f32(-0.08) - y, 0.04)
+        * smooth(y + f32(0.85), 0.2)
+    )
+    # ribs of both sides, one a little magnified, crossing the lungs obliquely
+    for off, amp in ((0.0, 0.022), (0.05, 0.016)):
+        d = f32(0.78) - x
+        yr = y - f32(off) - f32(0.45) * d + f32(0.15) * d * d + f32(0.9)
+        n, fr = frac(yr * f32(1 / 0.115))
+        rb = ramp(fr, e / 0.115) * ramp(f32(0.32) - fr, e / 0.115) * ramp(n - f32(0.5), 1.0)
+        fade = np.clip((x + f32(0.3)) * f32(1 / 0.9), 0.0, 1.0)
+        D[win] += f32(amp) * rb * ramp(f32(10.5) - n, 1.0) * fade * inside
+
+    # sternum
+    win = cv.box(-1.0, -0.4, -0.7, 0.5)
+    x, y = cv.xy(win)
+    sx = x - (front[win] + f32(0.04))
+    span = ramp(y + f32(0.6), 0.05) * ramp(f32(0.32) - y, 0.05)
+    D[win] += (
+        f32(0.06) * band(sx, 0.026, e) * span + f32(0.05) * band(sx + f32(0.024), 0.005, e) * span
+    )
+
+    # spine: vertebral bodies (kyphotic), darker discs, cortical outlines, posterior elements
+    win = cv.box(0.25, 1.05, -1.2, 1.2)
+    x, y = cv.xy(win)
+    spx = f32(0.5) + f32(0.07) * np.cos((y - f32(0.1)) * f32(1.3))
+    u = (x - spx) * f32(1 / 0.095)
+    _, phase = frac((y + f32(1.0)) * f32(1 / 0.105) + u * f32(0.05))
+    vb = f32(0.5) + f32(0.5) * ramp(phase - f32(0.12), 0.04) * ramp(f32(0.93) - phase, 0.04)
+    outline = band(phase - f32(0.14), 0.02, 0.02) + band(phase - f32(0.91), 0.02, 0.02)
+    outline += band(np.abs(u) - f32(0.95), 0.05, 0.05)
+    body_v = ramp(f32(1.0) - np.abs(u), 0.1)
+    D[win] += body_v * (f32(0.045) * vb + f32(0.02) * outline * vb)
+    post = band(u - f32(1.9), 0.6, 0.4) * band(phase - f32(0.55), 0.3, 0.2)
+    D[win] += f32(0.04) * post
+
+    if severity > 0:
+        sev = float(min(max(severity, 0.0), 1.0))
+        field = f32(0.75) * smooth_field(opacity_rng, rows, cols, 9)
+        field += f32(0.5) * smooth_field(opacity_rng, rows, cols, 22)
+        patches = smooth(field - f32(1.4 - 2.4 * sev), 0.9)
+        weight = f32(0.5) + f32(0.5) * np.clip(Y + f32(0.2), 0.0, 1.0)
+        lung_full = np.zeros_like(D)
+        lung_full[cv.box(-0.95, 0.95, -0.9, cpa + 0.32)] = lung
+        D += lung_full * (f32(0.08 * sev) + f32(0.3 * sev**0.6) * patches * weight)
+    return D
+
+
+def chest_radiograph(
+    rng: np.random.Generator,
+    *,
+    rows: int = 1024,
+    cols: int = 1024,
+    view: View = "AP",
+    severity: float = 0.0,
+    bits_stored: int = 12,
+    catheter_enhanced: bool = False,
+    lines: bool = False,
+    marker: bool = True,
+) -> U16:
+    """A synthetic chest radiograph: uint16 stored values in the MONOCHROME2 sense.
+
+    ``view``: AP (portable: larger heart, scapulae over the lungs, burned-in "AP PORTABLE"),
+    PA, or LATERAL (one lung field, spine at the back, anterior on the image left).
+    ``severity`` 0..1 adds patchy, peripheral and basal opacities. ``lines`` adds an
+    endotracheal tube, a central line and ECG leads (frontal views). ``catheter_enhanced``
+    implies ``lines`` and post-processes the film like a CATH copy (:func:`catheter_enhance`).
+    ``marker`` burns in the side marker and view label. For one generator state the patient
+    (anatomy, position) is the same whatever ``severity``, ``lines`` and ``marker`` are.
+    """
+    check_size(rows, cols)
+    bits_max(bits_stored)
+    if view not in ("AP", "PA", "LATERAL"):
+        raise ValueError(f"view must be AP, PA or LATERAL, not {view!r}")
+    if not 0.0 <= severity <= 1.0:
+        raise ValueError(f"severity must be within 0..1, not {severity}")
+    lines = lines or catheter_enhanced
+    wr, wc = working_size(rows, cols)
+    if view == "LATERAL":
+        density = _lateral_chest(rng, wr, wc, severity)
+    else:
+        density = _frontal_chest(rng, wr, wc, ap=view == "AP", severity=severity, lines=lines)
+    if (wr, wc) != (rows, cols):
+        density = resize(density, rows, cols)
+    img = exposure(rng, density)
+    if marker:
+        scale = max(1, min(rows, cols) // 200)
+        pad = max(2, min(rows, cols) // 40)
+        burn_text(img, "L", pad, cols - pad - 12 * scale, 2 * scale, 0.97)
+        if view == "AP":
+            burn_text(img, "AP PORTABLE", pad, pad, scale, 0.95)
+            burn_text(img, "SUPINE", pad + 9 * scale, pad, scale, 0.95)
+        elif view == "LATERAL":
+            burn_text(img, "LAT", pad, pad, scale, 0.95)
+    out = to_stored(img, bits_stored)
+    if catheter_enhanced:
+        out = catheter_enhance(out, bits_stored=bits_stored)
+    return out
+
+
+def normal_chest_anchors(
+    seed: int, count: int, *, rows: int = 512, cols: int = 512, bits_stored: int = 12
+) -> list[U16]:
+    """``count`` normal (severity 0) AP and PA chest radiographs with varied anatomy.
+
+    The demo's anchor pool of normal radiographs. Deterministic in ``seed``; anchor ``i``
+    does not depend on ``count``. No burned-in labels, no tubes or lines.
+    """
+    out: list[U16] = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, 0xA4C407, i])
+        view: View = "AP" if rng.random() < 0.5 else "PA"
+        out.append(
+            chest_radiograph(
+                rng, rows=rows, cols=cols, view=view, bits_stored=bits_stored, marker=False
+            )
+        )
+    return out

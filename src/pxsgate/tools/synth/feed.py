@@ -1,18 +1,23 @@
 """The synthetic hospital feed: studies that exercise the selection rules, each with what
-pxsgate is expected to do with it."""
+pxsgate is expected to do with it.
+
+The feed is a table (:data:`FEED`): one :class:`_Study` row per study, one :class:`_Film` per
+image, each saying what is drawn and what its dataset says. :func:`hospital_feed` turns the
+rows into DICOM datasets for a seed, an image size and a prefix.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from pxsgate.tools.synth.chest import chest_radiograph
+from pxsgate.tools.synth.chest import View, chest_radiograph
 from pxsgate.tools.synth.ct import ct_slice
 from pxsgate.tools.synth.derived import catheter_enhance, screen_capture
 from pxsgate.tools.synth.dicom import (
@@ -20,10 +25,12 @@ from pxsgate.tools.synth.dicom import (
     CT_IMAGE_STORAGE,
     DX_FOR_PRESENTATION_STORAGE,
     SECONDARY_CAPTURE_STORAGE,
+    StudyInfo,
     add_minutes,
     make_image_dataset,
     make_study,
 )
+from pxsgate.tools.synth.draw import I16, U16
 from pxsgate.tools.synth.knee import knee_radiograph
 
 
@@ -37,6 +44,205 @@ class FeedStudy:
     expected_inputs: tuple[str, ...]
     datasets: tuple[Dataset, ...]
     expected_flags: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# What is drawn
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StudyImages:
+    """The images of one study: its generator ``image`` is ``default_rng([seed, study,
+    image])``; a chest is drawn once however many copies are made of it."""
+
+    seed: int
+    study: int
+    rows: int
+    cols: int
+    chests: dict[_Chest, U16] = field(default_factory=dict)
+
+    def rng(self, image: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.study, image])
+
+
+@dataclass(frozen=True)
+class _Chest:
+    view: View = "AP"
+    severity: float = 0.0
+    bits: int = 12
+    lines: bool = False
+    image: int = 0
+
+    def draw(self, images: _StudyImages) -> U16:
+        if self not in images.chests:
+            images.chests[self] = chest_radiograph(
+                images.rng(self.image), rows=images.rows, cols=images.cols, view=self.view,
+                severity=self.severity, bits_stored=self.bits, lines=self.lines)
+        return images.chests[self]
+
+    def spacing_mm(self, images: _StudyImages) -> float:
+        return 430.0 / max(images.rows, images.cols)  # a 43 cm detector
+
+
+class _Make(Protocol):
+    def __call__(self, pixels: U16, *, bits_stored: int) -> U16: ...
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A copy made from a chest film: CATH-enhanced, or a viewer's screenshot."""
+
+    of: _Chest
+    make: _Make
+
+    @property
+    def bits(self) -> int:
+        return self.of.bits
+
+    def draw(self, images: _StudyImages) -> U16:
+        return self.make(self.of.draw(images), bits_stored=self.of.bits)
+
+    def spacing_mm(self, images: _StudyImages) -> float:
+        return self.of.spacing_mm(images)
+
+
+@dataclass(frozen=True)
+class _Knee:
+    bits: int = 12
+
+    def draw(self, images: _StudyImages) -> U16:
+        return knee_radiograph(images.rng(0), rows=images.rows, cols=images.cols)
+
+    def spacing_mm(self, images: _StudyImages) -> float:
+        return 240.0 / max(images.rows, images.cols)
+
+
+@dataclass(frozen=True)
+class _CtSlice:
+    """A 512x512 slice at ``level`` of the study's patient (generator 0), with its own noise
+    (generator ``noise``)."""
+
+    level: float
+    noise: int
+    bits: int = 12
+
+    def draw(self, images: _StudyImages) -> I16:
+        return ct_slice(images.rng(0), level=self.level, noise_rng=images.rng(self.noise))
+
+    def spacing_mm(self, images: _StudyImages) -> float:
+        return 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Film:
+    """One image of a study: what is drawn, and what its dataset says (by default a CR AP
+    portable chest)."""
+
+    drawing: _Chest | _Copy | _Knee | _CtSlice
+    sop_class_uid: str = CR_IMAGE_STORAGE
+    modality: str = "CR"
+    series_description: str = "CHEST AP PORTABLE"
+    view_position: str = "AP"
+    body_part: str = "CHEST"
+    image_type: tuple[str, ...] = ("DERIVED", "PRIMARY")
+    photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2"
+    derivation_description: str | None = None
+    series_number: int = 1
+    instance_number: int = 1
+    laterality: str = ""
+    patient_orientation: tuple[str, ...] = ("L", "F")
+    slice_location_mm: float | None = None
+    minutes: int | None = None  # acquired this long after the study time (else: the series)
+    patient: int | None = None  # the number of another patient, whose film this is
+
+    def dataset(self, images: _StudyImages, study: StudyInfo, other: StudyInfo | None) -> Dataset:
+        acquired = None if self.minutes is None else add_minutes(study.study_time, self.minutes)
+        extra = None if other is None else {"PatientID": other.patient_id,
+                                            "PatientName": other.patient_name}
+        return make_image_dataset(
+            self.drawing.draw(images), sop_class_uid=self.sop_class_uid,
+            modality=self.modality, study=study, series_description=self.series_description,
+            view_position=self.view_position, body_part=self.body_part,
+            image_type=self.image_type, photometric=self.photometric,
+            derivation_description=self.derivation_description, bits_stored=self.drawing.bits,
+            series_number=self.series_number, instance_number=self.instance_number,
+            pixel_spacing_mm=self.drawing.spacing_mm(images), acquisition_time=acquired,
+            laterality=self.laterality, patient_orientation=self.patient_orientation,
+            slice_location_mm=self.slice_location_mm, extra=extra)
+
+
+@dataclass(frozen=True)
+class _Study:
+    """One study of the feed: number n in the table is patient n and study n."""
+
+    key: str
+    description: str
+    expected: Literal["scored", "skipped"]
+    study_description: str
+    date: str
+    time: str
+    sex: str
+    films: tuple[_Film, ...]
+    inputs: tuple[int, ...] = ()  # the films that are the model input, the headline first
+    flags: tuple[str, ...] = ()
+
+
+_DX_CHEST: Final = _Chest("AP", severity=0.35, bits=14, lines=True)
+
+FEED: Final = (
+    _Study("portable-ap-1", "portable AP chest (CR), moderate opacities", "scored",
+           "XR CHEST AP PORTABLE", "20200403", "071512", "M",
+           (_Film(_Chest("AP", severity=0.6)),), inputs=(0,)),
+    _Study("portable-ap-cath", "portable AP chest (DX) with a CATH copy and a screenshot",
+           "scored", "XR CHEST PORTABLE", "20200404", "023045", "F",
+           (_Film(_DX_CHEST, DX_FOR_PRESENTATION_STORAGE, "DX"),
+            # the CATH copy: same view, same series description, same ImageType; only the
+            # DerivationDescription (and its own series) tells it apart
+            _Film(_Copy(_DX_CHEST, catheter_enhance), DX_FOR_PRESENTATION_STORAGE, "DX",
+                  derivation_description="CATH", series_number=2),
+            # the screenshot: Secondary Capture, ImageType DERIVED\SECONDARY, burned-in text
+            _Film(_Copy(_DX_CHEST, screen_capture), SECONDARY_CAPTURE_STORAGE, "DX",
+                  "CHEST AP PORTABLE SCREEN CAPTURE", image_type=("DERIVED", "SECONDARY"),
+                  series_number=3)),
+           inputs=(0,)),
+    _Study("portable-ap-3",
+           "AP chest (CR, MONOCHROME1), no body part, chest only in the study description",
+           "scored", "XR CHEST 1 VIEW PORTABLE", "20200405", "134501", "M",
+           (_Film(_Chest("AP", severity=0.15), series_description="", body_part="",
+                  photometric="MONOCHROME1"),),
+           inputs=(0,)),
+    _Study("pa-lateral", "PA and lateral chest (CR): no AP image", "skipped",
+           "XR CHEST 2 VIEWS PA AND LATERAL", "20200406", "101010", "F",
+           (_Film(_Chest("PA", bits=10), series_description="CHEST PA", view_position="PA",
+                  photometric="MONOCHROME1"),
+            _Film(_Chest("LATERAL", bits=10, image=1), series_description="CHEST LAT",
+                  view_position="LL", photometric="MONOCHROME1", series_number=2,
+                  patient_orientation=("P", "F")))),
+    _Study("knee", "AP knee (CR): an AP view, but not a chest", "skipped",
+           "XR KNEE RIGHT 1 VIEW", "20200407", "091500", "M",
+           (_Film(_Knee(), series_description="KNEE AP", body_part="KNEE", laterality="R"),)),
+    _Study("ct-chest", "chest CT, three axial slices: not CR/DX", "skipped",
+           "CT CHEST WITHOUT CONTRAST", "20200408", "160000", "F",
+           tuple(_Film(_CtSlice(level, noise=i + 1), CT_IMAGE_STORAGE, "CT", "CHEST 5MM",
+                       view_position="", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+                       instance_number=i + 1, slice_location_mm=-100.0 - 5.0 * i)
+                 for i, level in enumerate((0.45, 0.6, 0.75)))),
+    _Study("repeat-ap-wrong-patient",
+           "two AP chests 40 min apart (the later is the headline) and another patient's "
+           "film in the study",
+           "scored", "XR CHEST PORTABLE", "20200409", "061500", "M",
+           (_Film(_Chest("AP", severity=0.5, image=0), series_number=1, minutes=0),
+            _Film(_Chest("AP", severity=0.55, image=1), series_number=2, minutes=40),
+            _Film(_Chest("AP", severity=0.2, image=2), series_number=3, minutes=20,
+                  patient=8)),
+           inputs=(1, 0), flags=("multiple-ap-images", "wrong-patient")),
+)
 
 
 def hospital_feed(
@@ -56,272 +262,18 @@ def hospital_feed(
        another patient filed into the study -> scored, both AP images of the study's patient
        are input (the later is the headline), flagged multiple-ap-images and wrong-patient.
     """
-
-    def rng(study: int, image: int) -> np.random.Generator:
-        return np.random.default_rng([seed, study, image])
-
-    chest_mm = 430.0 / max(rows, cols)
     feed: list[FeedStudy] = []
-
-    # 1. portable AP chest, CR
-    st = make_study(
-        1,
-        seed=seed,
-        prefix=prefix,
-        description="XR CHEST AP PORTABLE",
-        study_date="20200403",
-        study_time="071512",
-        patient_sex="M",
-    )
-    px = chest_radiograph(rng(1, 0), rows=rows, cols=cols, view="AP", severity=0.6)
-    ds = make_image_dataset(
-        px,
-        sop_class_uid=CR_IMAGE_STORAGE,
-        modality="CR",
-        study=st,
-        series_description="CHEST AP PORTABLE",
-        view_position="AP",
-        body_part="CHEST",
-        pixel_spacing_mm=chest_mm,
-    )
-    feed.append(
-        FeedStudy(
-            "portable-ap-1",
-            "portable AP chest (CR), moderate opacities",
-            "scored",
-            (ds.SOPInstanceUID,),
-            (ds,),
-        )
-    )
-
-    # 2. DX AP chest + CATH-enhanced copy + screenshot
-    st = make_study(
-        2,
-        seed=seed,
-        prefix=prefix,
-        description="XR CHEST PORTABLE",
-        study_date="20200404",
-        study_time="023045",
-        patient_sex="F",
-    )
-    bits = 14
-    px = chest_radiograph(
-        rng(2, 0), rows=rows, cols=cols, view="AP", severity=0.35, bits_stored=bits, lines=True
-    )
-    orig = make_image_dataset(
-        px,
-        sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
-        modality="DX",
-        study=st,
-        series_description="CHEST AP PORTABLE",
-        view_position="AP",
-        body_part="CHEST",
-        bits_stored=bits,
-        series_number=1,
-        pixel_spacing_mm=chest_mm,
-    )
-    # the CATH copy: same view, same series description, same ImageType; only the
-    # DerivationDescription (and its own series) tells it apart
-    cath = make_image_dataset(
-        catheter_enhance(px, bits_stored=bits),
-        sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
-        modality="DX",
-        study=st,
-        series_description="CHEST AP PORTABLE",
-        view_position="AP",
-        body_part="CHEST",
-        derivation_description="CATH",
-        bits_stored=bits,
-        series_number=2,
-        pixel_spacing_mm=chest_mm,
-    )
-    # the screenshot: Secondary Capture, ImageType DERIVED\SECONDARY, burned-in annotations
-    shot = make_image_dataset(
-        screen_capture(px, bits_stored=bits),
-        sop_class_uid=SECONDARY_CAPTURE_STORAGE,
-        modality="DX",
-        study=st,
-        series_description="CHEST AP PORTABLE SCREEN CAPTURE",
-        view_position="AP",
-        body_part="CHEST",
-        image_type=("DERIVED", "SECONDARY"),
-        bits_stored=bits,
-        series_number=3,
-        pixel_spacing_mm=chest_mm,
-    )
-    feed.append(
-        FeedStudy(
-            "portable-ap-cath",
-            "portable AP chest (DX) with a CATH copy and a screenshot",
-            "scored",
-            (orig.SOPInstanceUID,),
-            (orig, cath, shot),
-        )
-    )
-
-    # 3. AP chest described only by the study description, MONOCHROME1
-    st = make_study(
-        3,
-        seed=seed,
-        prefix=prefix,
-        description="XR CHEST 1 VIEW PORTABLE",
-        study_date="20200405",
-        study_time="134501",
-        patient_sex="M",
-    )
-    px = chest_radiograph(rng(3, 0), rows=rows, cols=cols, view="AP", severity=0.15)
-    ds = make_image_dataset(
-        px,
-        sop_class_uid=CR_IMAGE_STORAGE,
-        modality="CR",
-        study=st,
-        series_description="",
-        view_position="AP",
-        body_part="",
-        photometric="MONOCHROME1",
-        pixel_spacing_mm=chest_mm,
-    )
-    feed.append(
-        FeedStudy(
-            "portable-ap-3",
-            "AP chest (CR, MONOCHROME1), no body part, chest only in the study description",
-            "scored",
-            (ds.SOPInstanceUID,),
-            (ds,),
-        )
-    )
-
-    # 4. PA + lateral, no AP image
-    st = make_study(
-        4,
-        seed=seed,
-        prefix=prefix,
-        description="XR CHEST 2 VIEWS PA AND LATERAL",
-        study_date="20200406",
-        study_time="101010",
-        patient_sex="F",
-    )
-    pa = chest_radiograph(rng(4, 0), rows=rows, cols=cols, view="PA", bits_stored=10)
-    lat = chest_radiograph(rng(4, 1), rows=rows, cols=cols, view="LATERAL", bits_stored=10)
-    ds_pa = make_image_dataset(
-        pa,
-        sop_class_uid=CR_IMAGE_STORAGE,
-        modality="CR",
-        study=st,
-        series_description="CHEST PA",
-        view_position="PA",
-        body_part="CHEST",
-        bits_stored=10,
-        photometric="MONOCHROME1",
-        series_number=1,
-        pixel_spacing_mm=chest_mm,
-    )
-    ds_lat = make_image_dataset(
-        lat,
-        sop_class_uid=CR_IMAGE_STORAGE,
-        modality="CR",
-        study=st,
-        series_description="CHEST LAT",
-        view_position="LL",
-        body_part="CHEST",
-        bits_stored=10,
-        photometric="MONOCHROME1",
-        series_number=2,
-        pixel_spacing_mm=chest_mm,
-        patient_orientation=("P", "F"),
-    )
-    feed.append(
-        FeedStudy(
-            "pa-lateral", "PA and lateral chest (CR): no AP image", "skipped", (), (ds_pa, ds_lat)
-        )
-    )
-
-    # 5. knee
-    st = make_study(
-        5,
-        seed=seed,
-        prefix=prefix,
-        description="XR KNEE RIGHT 1 VIEW",
-        study_date="20200407",
-        study_time="091500",
-        patient_sex="M",
-    )
-    px = knee_radiograph(rng(5, 0), rows=rows, cols=cols)
-    ds = make_image_dataset(
-        px,
-        sop_class_uid=CR_IMAGE_STORAGE,
-        modality="CR",
-        study=st,
-        series_description="KNEE AP",
-        view_position="AP",
-        body_part="KNEE",
-        laterality="R",
-        pixel_spacing_mm=240.0 / max(rows, cols),
-    )
-    feed.append(
-        FeedStudy("knee", "AP knee (CR): an AP view, but not a chest", "skipped", (), (ds,))
-    )
-
-    # 6. CT chest
-    st = make_study(
-        6,
-        seed=seed,
-        prefix=prefix,
-        description="CT CHEST WITHOUT CONTRAST",
-        study_date="20200408",
-        study_time="160000",
-        patient_sex="F",
-    )
-    slices = []
-    for i, level in enumerate((0.45, 0.6, 0.75)):
-        px_ct = ct_slice(rng(6, 0), level=level, noise_rng=rng(6, i + 1))
-        slices.append(
-            make_image_dataset(
-                px_ct,
-                sop_class_uid=CT_IMAGE_STORAGE,
-                modality="CT",
-                study=st,
-                series_description="CHEST 5MM",
-                body_part="CHEST",
-                image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-                instance_number=i + 1,
-                pixel_spacing_mm=0.7,
-                slice_location_mm=-100.0 - 5.0 * i,
-            )
-        )
-    feed.append(
-        FeedStudy(
-            "ct-chest", "chest CT, three axial slices: not CR/DX", "skipped", (), tuple(slices)
-        )
-    )
-
-    # 7. a repeated AP chest, and another patient's film filed into the study
-    st = make_study(7, seed=seed, prefix=prefix, description="XR CHEST PORTABLE",
-                    study_date="20200409", study_time="061500", patient_sex="M")
-    other = make_study(8, seed=seed, prefix=prefix, patient_sex="F")
-    films = []
-    for i, (severity, minutes, patient) in enumerate(((0.5, 0, st), (0.55, 40, st),
-                                                      (0.2, 20, other))):
-        px = chest_radiograph(rng(7, i), rows=rows, cols=cols, view="AP", severity=severity)
-        ds = make_image_dataset(
-            px, sop_class_uid=CR_IMAGE_STORAGE, modality="CR", study=st,
-            series_description="CHEST AP PORTABLE", view_position="AP", body_part="CHEST",
-            series_number=i + 1, pixel_spacing_mm=chest_mm,
-            acquisition_time=add_minutes("061500", minutes))
-        ds.PatientID = patient.patient_id
-        ds.PatientName = patient.patient_name
-        films.append(ds)
-    feed.append(
-        FeedStudy(
-            "repeat-ap-wrong-patient",
-            "two AP chests 40 min apart (the later is the headline) and another patient's "
-            "film in the study",
-            "scored",
-            (films[1].SOPInstanceUID, films[0].SOPInstanceUID),
-            tuple(films),
-            ("multiple-ap-images", "wrong-patient"),
-        )
-    )
+    for number, row in enumerate(FEED, start=1):
+        study = make_study(number, seed=seed, prefix=prefix, description=row.study_description,
+                           study_date=row.date, study_time=row.time, patient_sex=row.sex)
+        images = _StudyImages(seed, number, rows, cols)
+        datasets = tuple(
+            film.dataset(images, study, None if film.patient is None else
+                         make_study(film.patient, seed=seed, prefix=prefix))
+            for film in row.films)
+        feed.append(FeedStudy(row.key, row.description, row.expected,
+                              tuple(datasets[i].SOPInstanceUID for i in row.inputs),
+                              datasets, row.flags))
     return feed
 
 

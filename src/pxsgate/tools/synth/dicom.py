@@ -137,7 +137,7 @@ def make_image_dataset(
     """One complete DICOM Part 10 dataset (with file meta) around a 2-D image.
 
     ``pixels`` are values in the MONOCHROME2 sense (bright = dense), as the generators of
-    this module return them. With ``photometric="MONOCHROME1"`` they are stored inverted
+    this package return them. With ``photometric="MONOCHROME1"`` they are stored inverted
     (``2**bits_stored - 1 - pixels``), like real CR. uint16 arrays are stored unsigned,
     int16 arrays (CT) signed with BitsStored 16 and a -1024 rescale intercept.
 
@@ -154,12 +154,9 @@ def make_image_dataset(
     signed = pixels.dtype == np.int16
     if not signed and pixels.dtype != np.uint16:
         raise ValueError(f"pixels must be uint16 or int16, not {pixels.dtype}")
-    rows, cols = (int(v) for v in pixels.shape)
-    is_ct = sop_class_uid == CT_IMAGE_STORAGE
-    is_dx = sop_class_uid in (DX_FOR_PRESENTATION_STORAGE, DX_FOR_PROCESSING_STORAGE)
-    is_sc = sop_class_uid == SECONDARY_CAPTURE_STORAGE
+    sop = _SopClass(sop_class_uid)
     bits = 16 if signed else bits_stored
-    maxv = bits_max(bits)
+    bits_max(bits)  # refuses a BitsStored outside 8..16 before anything is made
 
     series_uid = series_instance_uid or synthetic_uid(
         study.study_instance_uid, "series", series_number, sop_class_uid
@@ -169,20 +166,69 @@ def make_image_dataset(
     )
     acq_time = acquisition_time or add_minutes(study.study_time, series_number)
 
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class_uid, sop_uid)
+    _set_instance(ds, sop, sop_uid, study, acq_time, modality, image_type)
+    _set_acquisition(ds, sop, study, series_description, derivation_description, body_part,
+                     view_position, pixel_spacing_mm)
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = study.study_id
+    ds.SeriesNumber = series_number
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance_number
+    if sop.ct:
+        _set_ct_plane(ds, study, series_number, pixel_spacing_mm * pixels.shape[0] / 2.0,
+                      slice_location_mm)
+    else:
+        _set_projection(ds, sop, patient_orientation, laterality, body_part, view_position)
+    _set_image_pixel(ds, sop, pixels.shape, pixel_spacing_mm, photometric, bits, signed,
+                     burned_in_annotation)
+    ds.PixelData = _pixel_data(pixels, photometric, bits)
+    ds["PixelData"].VR = "OW"
+
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@dataclass(frozen=True)
+class _SopClass:
+    """What a SOP class changes in a dataset: CT, DX or Secondary Capture (else CR-like)."""
+
+    uid: str
+
+    @property
+    def ct(self) -> bool:
+        return self.uid == CT_IMAGE_STORAGE
+
+    @property
+    def dx(self) -> bool:
+        return self.uid in (DX_FOR_PRESENTATION_STORAGE, DX_FOR_PROCESSING_STORAGE)
+
+    @property
+    def sc(self) -> bool:
+        return self.uid == SECONDARY_CAPTURE_STORAGE
+
+
+def _file_meta(sop_class_uid: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
+    return meta
 
-    ds = Dataset()
-    ds.file_meta = meta
+
+def _set_instance(ds: Dataset, sop: _SopClass, sop_uid: str, study: StudyInfo, acq_time: str,
+                  modality: str, image_type: Sequence[str]) -> None:
+    """SOP Common, the dates and times, the modality and what the SOP class implies."""
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = list(image_type)
     ds.InstanceCreationDate = study.study_date
     ds.InstanceCreationTime = acq_time
-    ds.SOPClassUID = sop_class_uid
+    ds.SOPClassUID = sop.uid
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = study.study_date
     ds.SeriesDate = study.study_date
@@ -194,16 +240,22 @@ def make_image_dataset(
     ds.ContentTime = acq_time
     ds.AccessionNumber = study.accession_number
     ds.Modality = modality
-    if is_dx:
+    if sop.dx:
         ds.PresentationIntentType = (
-            "FOR PRESENTATION" if sop_class_uid == DX_FOR_PRESENTATION_STORAGE else "FOR PROCESSING"
+            "FOR PRESENTATION" if sop.uid == DX_FOR_PRESENTATION_STORAGE else "FOR PROCESSING"
         )
-    if is_sc:
+    if sop.sc:
         ds.ConversionType = "WSD"
+
+
+def _set_acquisition(ds: Dataset, sop: _SopClass, study: StudyInfo, series_description: str,
+                     derivation_description: str | None, body_part: str, view_position: str,
+                     pixel_spacing_mm: float) -> None:
+    """Equipment, the descriptions, the (synthetic) patient and how the image was taken."""
     ds.Manufacturer = MANUFACTURER
     ds.InstitutionName = INSTITUTION
     ds.ReferringPhysicianName = study.referring_physician
-    ds.StationName = "DEMO-CT1" if is_ct else "DEMO-XR1"
+    ds.StationName = "DEMO-CT1" if sop.ct else "DEMO-XR1"
     ds.StudyDescription = study.study_description
     ds.SeriesDescription = series_description
     if derivation_description is not None:
@@ -216,58 +268,66 @@ def make_image_dataset(
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = _DEIDENTIFICATION_METHOD
     ds.BodyPartExamined = body_part
-    if is_ct:
+    if sop.ct:
         ds.SliceThickness = "5.0"
         ds.KVP = "120"
         ds.PatientPosition = "HFS"
     else:
         ds.KVP = "110" if body_part.upper() in ("CHEST", "") else "65"
     ds.SoftwareVersions = "pxsgate.synth 1"
-    if not is_ct and not is_sc:
+    if not sop.ct and not sop.sc:
         ds.ImagerPixelSpacing = [f"{pixel_spacing_mm:.4f}", f"{pixel_spacing_mm:.4f}"]
-    if is_dx:
+    if sop.dx:
         ds.DetectorType = "SCINTILLATOR"
-    if view_position or not is_ct:
+    if view_position or not sop.ct:
         ds.ViewPosition = view_position
-    ds.StudyInstanceUID = study.study_instance_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = study.study_id
-    ds.SeriesNumber = series_number
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = instance_number
-    if is_ct:
-        z = 0.0 if slice_location_mm is None else float(slice_location_mm)
-        half = pixel_spacing_mm * rows / 2.0
-        ds.ImagePositionPatient = [f"{-half:.2f}", f"{-half:.2f}", f"{z:.2f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = synthetic_uid(study.study_instance_uid, "frame", series_number)
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{z:.2f}"
-    else:
-        ds.PatientOrientation = list(patient_orientation)
-        if is_dx:
-            # ImageLaterality (Type 1) says it; Laterality must then be absent.
-            ds.ImageLaterality = laterality or "U"
-            # Type 2 DX attributes: present, empty where unknown.
-            ds.PositionerType = ""
-            ds.AcquisitionContextSequence = []
-            ds.AnatomicRegionSequence = _sct_sequence(_DX_ANATOMY.get(body_part.upper()))
-            ds.ViewCodeSequence = _sct_sequence(_DX_VIEWS.get(view_position.upper()))
-        elif laterality or not body_part or body_part.upper() in _PAIRED_BODY_PARTS:
-            # For a paired or unknown body part (empty: side unknown); absent for a chest.
-            ds.Laterality = laterality
+
+
+def _set_ct_plane(ds: Dataset, study: StudyInfo, series_number: int, half: float,
+                  slice_location_mm: float | None) -> None:
+    """Image Plane and Frame of Reference of an axial slice ``2 * half`` mm wide."""
+    z = 0.0 if slice_location_mm is None else float(slice_location_mm)
+    ds.ImagePositionPatient = [f"{-half:.2f}", f"{-half:.2f}", f"{z:.2f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = synthetic_uid(study.study_instance_uid, "frame", series_number)
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{z:.2f}"
+
+
+def _set_projection(ds: Dataset, sop: _SopClass, patient_orientation: Sequence[str],
+                    laterality: str, body_part: str, view_position: str) -> None:
+    """The orientation and side of a projection image, and the DX codes."""
+    ds.PatientOrientation = list(patient_orientation)
+    if sop.dx:
+        # ImageLaterality (Type 1) says it; Laterality must then be absent.
+        ds.ImageLaterality = laterality or "U"
+        # Type 2 DX attributes: present, empty where unknown.
+        ds.PositionerType = ""
+        ds.AcquisitionContextSequence = []
+        ds.AnatomicRegionSequence = _sct_sequence(_DX_ANATOMY.get(body_part.upper()))
+        ds.ViewCodeSequence = _sct_sequence(_DX_VIEWS.get(view_position.upper()))
+    elif laterality or not body_part or body_part.upper() in _PAIRED_BODY_PARTS:
+        # For a paired or unknown body part (empty: side unknown); absent for a chest.
+        ds.Laterality = laterality
+
+
+def _set_image_pixel(ds: Dataset, sop: _SopClass, shape: tuple[int, ...],
+                     pixel_spacing_mm: float, photometric: str, bits: int, signed: bool,
+                     burned_in_annotation: bool | None) -> None:
+    """Image Pixel, the VOI window, the rescale and what the SOP class adds to them."""
+    maxv = bits_max(bits)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.Rows = rows
-    ds.Columns = cols
+    ds.Rows = int(shape[0])
+    ds.Columns = int(shape[1])
     ds.PixelSpacing = [f"{pixel_spacing_mm:.4f}", f"{pixel_spacing_mm:.4f}"]
     ds.BitsAllocated = 16
     ds.BitsStored = bits
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 1 if signed else 0
-    burned = is_sc if burned_in_annotation is None else burned_in_annotation
+    burned = sop.sc if burned_in_annotation is None else burned_in_annotation
     ds.BurnedInAnnotation = "YES" if burned else "NO"
-    if is_ct:
+    if sop.ct:
         ds.WindowCenter = ["40", "-600"]
         ds.WindowWidth = ["400", "1500"]
         ds.RescaleIntercept = "-1024"
@@ -276,7 +336,7 @@ def make_image_dataset(
     else:
         ds.WindowCenter = str((maxv + 1) // 2)
         ds.WindowWidth = str(maxv + 1)
-    if is_dx:
+    if sop.dx:
         ds.RescaleIntercept = "0"
         ds.RescaleSlope = "1"
         ds.RescaleType = "US"
@@ -284,23 +344,23 @@ def make_image_dataset(
         # +1: lower values = less beam intensity (MONOCHROME1 of a dense-is-bright image)
         ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME1" else -1
         ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
-    if not is_ct:
+    if not sop.ct:
         ds.LossyImageCompression = "00"
     ds.ImageComments = _SYNTH_NOTE
 
-    if signed:
+
+def _pixel_data(pixels: npt.NDArray[np.uint16] | npt.NDArray[np.int16], photometric: str,
+                bits: int) -> bytes:
+    """Little-endian Pixel Data; a MONOCHROME1 image stored inverted."""
+    if pixels.dtype == np.int16:
         stored: npt.NDArray[np.int16] | npt.NDArray[np.uint16] = pixels.astype("<i2")
     else:
+        maxv = bits_max(bits)
         values = np.minimum(pixels, np.uint16(maxv))
         if photometric == "MONOCHROME1":
             values = (np.uint16(maxv) - values).astype(np.uint16)
         stored = values.astype("<u2")
-    ds.PixelData = stored.tobytes()
-    ds["PixelData"].VR = "OW"
-
-    for keyword, value in (extra or {}).items():
-        setattr(ds, keyword, value)
-    return ds
+    return stored.tobytes()
 
 
 def _sct_sequence(code: tuple[str, str] | None) -> list[Dataset]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
-import numpy.typing as npt
 
 from pxsgate.tools.synth.derived import catheter_enhance
 from pxsgate.tools.synth.draw import (
@@ -21,11 +20,10 @@ from pxsgate.tools.synth.draw import (
     bone,
     check_size,
     dome,
-    exposure,
+    film,
     frac,
     gauss,
     ramp,
-    resize,
     smooth,
     smooth_field,
     to_stored,
@@ -81,18 +79,13 @@ def _vessel_layer(
     seg = np.asarray(tree, dtype=np.float64)
     seg[:, 4:] = np.maximum(seg[:, 4:], 0.5 * cv.edge)
     # pixel bounding boxes of all segments at once (the frame is affine)
-    c, s = math.cos(cv.rot), math.sin(cv.rot)
-    pcol: list[npt.NDArray[np.float64]] = []
-    prow: list[npt.NDArray[np.float64]] = []
-    for ka, ky in ((0, 1), (2, 3)):
-        ex, ey = seg[:, ka] * side, seg[:, ky]
-        pcol.append(((ex * c - ey * s) * cv.scale + cv.dx + 1.0) * cv.cols / 2.0)
-        prow.append(((ex * s + ey * c) * cv.scale + cv.dy + 1.0) * cv.rows / 2.0)
+    (col_a, row_a), (col_b, row_b) = (cv.pixel(seg[:, ka] * side, seg[:, ky])
+                                      for ka, ky in ((0, 1), (2, 3)))
     pad = seg[:, 4:].max(axis=1) * cv.scale * max(cv.rows, cv.cols) / 2.0 + 2.0
-    c0s = np.maximum(np.floor(np.minimum(*pcol) - pad).astype(int), win[1].start)
-    c1s = np.minimum(np.ceil(np.maximum(*pcol) + pad).astype(int), win[1].stop)
-    r0s = np.maximum(np.floor(np.minimum(*prow) - pad).astype(int), win[0].start)
-    r1s = np.minimum(np.ceil(np.maximum(*prow) + pad).astype(int), win[0].stop)
+    c0s = np.maximum(np.floor(np.minimum(col_a, col_b) - pad).astype(int), win[1].start)
+    c1s = np.minimum(np.ceil(np.maximum(col_a, col_b) + pad).astype(int), win[1].stop)
+    r0s = np.maximum(np.floor(np.minimum(row_a, row_b) - pad).astype(int), win[0].start)
+    r1s = np.minimum(np.ceil(np.maximum(row_a, row_b) + pad).astype(int), win[0].stop)
     for (a0, y0, a1, y1, w0, w1), r0, r1, c0, c1 in zip(
         seg.tolist(), r0s.tolist(), r1s.tolist(), c0s.tolist(), c1s.tolist(), strict=True
     ):
@@ -605,9 +598,7 @@ def chest_radiograph(
         density = _lateral_chest(rng, wr, wc, severity)
     else:
         density = _frontal_chest(rng, wr, wc, ap=view == "AP", severity=severity, lines=lines)
-    if (wr, wc) != (rows, cols):
-        density = resize(density, rows, cols)
-    img = exposure(rng, density)
+    img = film(rng, density, rows, cols)
     if marker:
         scale = max(1, min(rows, cols) // 200)
         pad = max(2, min(rows, cols) // 40)

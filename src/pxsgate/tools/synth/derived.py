@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pxsgate.tools.synth.draw import U16, bits_max, box_blur, resize, to_stored
+from pxsgate.tools.synth.draw import U16, box_blur, resize, to_display, to_stored
 from pxsgate.tools.synth.text import burn_box, burn_text
 
 
@@ -15,8 +15,7 @@ def catheter_enhance(pixels: U16, *, bits_stored: int = 12) -> U16:
     An unsharp mask with a strong gain on small structures and a steeper tone curve: tubes,
     wires and edges stand out; the image is otherwise the same.
     """
-    maxv = float(bits_max(bits_stored))
-    img = pixels.astype(np.float32) * np.float32(1.0 / maxv)
+    img = to_display(pixels, bits_stored)
     rows, cols = img.shape
     radius = max(1, min(rows, cols) // 300)
     fine = img - box_blur(box_blur(img, radius, 0), radius, 1)
@@ -36,8 +35,7 @@ def screen_capture(pixels: U16, *, bits_stored: int = 12, label: str = "DIST 42.
     Returns uint16 values within ``bits_stored`` (the 8-bit screen levels scaled up), in the
     MONOCHROME2 sense, the same size as the input.
     """
-    maxv = float(bits_max(bits_stored))
-    img = pixels.astype(np.float32) * np.float32(1.0 / maxv)
+    img = to_display(pixels, bits_stored)
     lo, hi = (float(v) for v in np.percentile(img[::4, ::4], [2.0, 99.5]))
     img = np.clip((img - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-3)), 0.0, 1.0)
     img = np.floor(img * np.float32(255.0)) * np.float32(1.0 / 255.0)  # 8-bit screen levels

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 U16 = npt.NDArray[np.uint16]
 I16 = npt.NDArray[np.int16]
 
@@ -153,6 +154,13 @@ def to_stored(display: F32, bits_stored: int) -> U16:
     return stored
 
 
+def to_display(pixels: U16, bits_stored: int) -> F32:
+    """Stored values as display values in [0, 1]: the inverse of :func:`to_stored`."""
+    maxv = float(bits_max(bits_stored))
+    display: F32 = pixels.astype(np.float32) * np.float32(1.0 / maxv)
+    return display
+
+
 def check_size(rows: int, cols: int) -> None:
     if rows < 32 or cols < 32:
         raise ValueError(f"image too small: {rows}x{cols} (at least 32x32)")
@@ -193,20 +201,19 @@ class Canvas:
         self.edge = 3.0 / min(rows, cols)  # about 1.5 pixels in normalised units
         self.D: F32 = np.zeros((rows, cols), dtype=np.float32)
 
-    def box(self, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
+    def pixel(self, x: F64, y: F64) -> tuple[F64, F64]:
+        """Pixel coordinates (column, row) of points in patient coordinates."""
         c, s = math.cos(self.rot), math.sin(self.rot)
-        cs: list[float] = []
-        rs: list[float] = []
-        for px in (x0, x1):
-            for py in (y0, y1):
-                xi = (px * c - py * s) * self.scale + self.dx
-                yi = (px * s + py * c) * self.scale + self.dy
-                cs.append((xi + 1.0) * self.cols / 2.0)
-                rs.append((yi + 1.0) * self.rows / 2.0)
-        r0 = min(self.rows, max(0, math.floor(min(rs)) - 2))
-        r1 = max(r0, min(self.rows, math.ceil(max(rs)) + 2))
-        c0 = min(self.cols, max(0, math.floor(min(cs)) - 2))
-        c1 = max(c0, min(self.cols, math.ceil(max(cs)) + 2))
+        col = ((x * c - y * s) * self.scale + self.dx + 1.0) * self.cols / 2.0
+        row = ((x * s + y * c) * self.scale + self.dy + 1.0) * self.rows / 2.0
+        return col, row
+
+    def box(self, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
+        cs, rs = self.pixel(np.array([x0, x0, x1, x1]), np.array([y0, y1, y0, y1]))
+        r0 = min(self.rows, max(0, math.floor(rs.min()) - 2))
+        r1 = max(r0, min(self.rows, math.ceil(rs.max()) + 2))
+        c0 = min(self.cols, max(0, math.floor(cs.min()) - 2))
+        c1 = max(c0, min(self.cols, math.ceil(cs.max()) + 2))
         return slice(r0, r1), slice(c0, c1)
 
     def side_box(
@@ -246,3 +253,12 @@ def exposure(
     img += np.float32(0.01)
     np.clip(img, 0.0, 1.0, out=img)
     return img
+
+
+def film(rng: np.random.Generator, density: F32, rows: int, cols: int, *,
+         gain: float = 2.0) -> F32:
+    """The radiograph of a density drawn at the working size (:func:`working_size`):
+    resized to ``rows`` x ``cols`` where it was drawn smaller, then exposed."""
+    if density.shape != (rows, cols):
+        density = resize(density, rows, cols)
+    return exposure(rng, density, gain=gain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pxsgate.tools.synth.draw import (
+    F32,
     U16,
     Canvas,
     band,
@@ -12,9 +13,8 @@ from pxsgate.tools.synth.draw import (
     bone,
     check_size,
     dome,
-    exposure,
+    film,
     ramp,
-    resize,
     smooth,
     smooth_field,
     to_stored,
@@ -51,14 +51,8 @@ def knee_radiograph(
     notch = f32(0.085) * np.exp(f32(-0.5) * (u * f32(1 / 0.13)) ** 2)
     bottom = f32(joint - 0.03) - f32(0.02) * u * u - f32(0.1) * u**6 - notch
     femur = ramp(f32(1.0) - np.abs(u), 0.03) * ramp(bottom - y, e)
-    uc = np.clip(u, -1.0, 1.0)
-    shaft = f32(1.0) - flare
-    D[win] += femur * flare * f32(0.22) * dome(uc * uc)
-    D[win] += femur * shaft * f32(0.36) * bone(uc, 0.7, 0.95)
-    D[win] += f32(0.09) * band(bottom - y - f32(0.01), 0.009, 0.008) * femur
-    D[win] += f32(0.05) * band(y + f32(0.16) + f32(0.04) * u * u, 0.005, 0.008) * femur
-    D[win] += f32(0.05) * band(np.abs(u) - f32(0.97), 0.03, 0.03) * femur * flare
-    D[win] += f32(0.022) * trab[win] * femur * flare
+    _long_bone(D[win], femur, flare, u, bottom - y, trab[win],
+               physis=band(y + f32(0.16) + f32(0.04) * u * u, 0.005, 0.008))
 
     # patella, seen through the distal femur
     pr2 = ((x - f32(0.03)) * f32(1 / 0.15)) ** 2 + ((y - f32(joint - 0.19)) * f32(1 / 0.17)) ** 2
@@ -74,12 +68,7 @@ def knee_radiograph(
     spines += f32(0.012) * np.exp(f32(-0.5) * ((np.abs(v) - f32(0.06)) * f32(1 / 0.025)) ** 2)
     top = f32(joint + 0.04) + f32(0.015) * v * v + f32(0.06) * v**8 - spines
     tibia = ramp(f32(1.0) - np.abs(v), 0.03) * ramp(y - top, e)
-    vc = np.clip(v, -1.0, 1.0)
-    D[win] += tibia * taper * f32(0.22) * dome(vc * vc)
-    D[win] += tibia * (f32(1.0) - taper) * f32(0.36) * bone(vc, 0.7, 0.95)
-    D[win] += f32(0.09) * band(y - top - f32(0.01), 0.009, 0.008) * tibia
-    D[win] += f32(0.05) * band(np.abs(v) - f32(0.97), 0.03, 0.03) * tibia * taper
-    D[win] += f32(0.022) * trab[win] * tibia * taper
+    _long_bone(D[win], tibia, taper, v, y - top, trab[win])
 
     # fibula, lateral: the patient's right is on the image left
     fbx = f32(-0.34) + f32(0.03) * (y - f32(0.2))
@@ -91,10 +80,25 @@ def knee_radiograph(
     D[win] += fib * (f32(0.06) * dome(fbc * fbc) + f32(0.14) * bone(fbc, 0.65, 0.8))
     D[win] += f32(0.02) * trab[win] * fib * smooth(f32(joint + 0.3) - y, 0.1)
 
-    if (wr, wc) != (rows, cols):
-        D = resize(D, rows, cols)
-    img = exposure(rng, D, gain=2.2)
+    img = film(rng, D, rows, cols, gain=2.2)
     scale = max(1, min(rows, cols) // 100)
     pad = max(2, min(rows, cols) // 30)
     burn_text(img, "R", pad, pad, scale, 0.97)
     return to_stored(img, bits_stored)
+
+
+def _long_bone(D: F32, mask: F32, end: F32, u: F32, depth: F32, trab: F32,
+               physis: F32 | None = None) -> None:
+    """Add a long bone seen AP to the window ``D`` (in place): its end (where ``end`` is 1)
+    dense with trabeculae, becoming a tubular shaft. ``u`` goes from -1 to 1 across the
+    bone, ``depth`` is the distance into it from the joint surface, ``physis`` the faint
+    band of a closed growth plate."""
+    f32 = np.float32
+    uc = np.clip(u, -1.0, 1.0)
+    D += mask * end * f32(0.22) * dome(uc * uc)
+    D += mask * (f32(1.0) - end) * f32(0.36) * bone(uc, 0.7, 0.95)
+    D += f32(0.09) * band(depth - f32(0.01), 0.009, 0.008) * mask
+    if physis is not None:
+        D += f32(0.05) * physis * mask
+    D += f32(0.05) * band(np.abs(u) - f32(0.97), 0.03, 0.03) * mask * end
+    D += f32(0.022) * trab * mask * end

@@ -13,18 +13,21 @@ a MONOCHROME1 image, as many CR readers do.
 
 The feed
 --------
-:func:`hospital_feed` builds six studies that exercise the selection rules (one AP portable
+:func:`hospital_feed` builds seven studies that exercise the selection rules (one AP portable
 chest, a DX AP chest with a CATH-enhanced copy and a screenshot, an AP chest described only by
-its study description, a PA + lateral pair, a knee and a chest CT). Each :class:`FeedStudy`
-says whether pxsgate should score it and which SOP instances are the model input.
+its study description, a PA + lateral pair, a knee, a chest CT, and a repeated AP chest with
+another patient's film filed into the study). Each :class:`FeedStudy` says whether pxsgate
+should score it and which SOP instances are the model input.
 
 Modules
 -------
-``draw`` (drawing primitives, the patient canvas, exposure), ``text`` (burned-in text),
-``chest``, ``knee`` and ``ct`` (the anatomy), ``derived`` (CATH copies, screenshots),
-``dicom`` (UIDs, studies, datasets) and ``feed`` (the hospital feed). Everything the demo,
-the tests and the benchmarks use is imported here: ``from pxsgate.tools import synth``.
-The service does not import this package, except for ``model.anchors: demo``.
+``draw`` (drawing primitives, the patient canvas, exposure) and ``text`` (burned-in text);
+the anatomy: ``chest`` (chest radiographs, drawn by ``frontal`` and ``lateral`` with the
+vessels and opacities of ``lung``), ``knee`` and ``ct``; ``derived`` (CATH copies and
+screenshots); ``dicom`` (UIDs, studies, datasets); ``feed`` (the hospital feed, a table).
+Everything the demo, the tests and the benchmarks use is imported here, as
+``from pxsgate.tools import synth``. The service does not import this package, except for
+``model.anchors: demo``.
 """
 
 from pxsgate.tools.synth.chest import View, chest_radiograph, normal_chest_anchors

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
@@ -25,7 +26,7 @@ def ap_study(index: int, prefix: str, images: int = 1, **tags: Any) -> list[Any]
     st = synth.make_study(index, seed=index, prefix=prefix, description="XR CHEST PORTABLE")
     out = []
     for i in range(images):
-        px = synth.chest_radiograph(synth.np.random.default_rng([index, i]), rows=256,
+        px = synth.chest_radiograph(np.random.default_rng([index, i]), rows=256,
                                     cols=256, view="AP")
         ds = synth.make_image_dataset(
             px, sop_class_uid=synth.CR_IMAGE_STORAGE, modality="CR", study=st,

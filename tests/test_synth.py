@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -500,3 +501,19 @@ def test_feed_is_sendable_with_storescu(
     )
     assert proc.returncode == 0, proc.stderr
     assert len(receiver.received) == len(paths)
+
+
+# ------------------------------------------------------------------------------------------
+# The service does not carry the generator
+# ------------------------------------------------------------------------------------------
+
+
+def test_the_service_does_not_import_the_synthetic_feed() -> None:
+    """The gateway, the anchor pool and the command line load without pxsgate.tools.synth:
+    only ``model.anchors: demo`` (and the demo, tests and benchmarks) draw images."""
+    code = ("import sys, pxsgate.service.gateway, pxsgate.anchors, pxsgate.cli; "
+            "loaded = sorted(m for m in sys.modules if m.startswith('pxsgate.tools.synth')); "
+            "assert not loaded, loaded")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from pxsgate.errors import ModelError, PreprocessError
 from pxsgate.preprocess import U8Array, is_image_file, load_model_image, preprocess_pixels
-from pxsgate.tools import synth
 
 __all__ = [
     "DEMO_ANCHOR_COUNT",
@@ -91,6 +90,10 @@ def anchor_images(spec: str, *, jpeg_roundtrip: bool = False) -> list[tuple[str,
     change every score.
     """
     if spec == "demo":
+        # The synthetic generator is loaded only for the demo pool, never by a service that
+        # reads its anchors from a folder or a file.
+        from pxsgate.tools import synth
+
         pixels = synth.normal_chest_anchors(DEMO_ANCHOR_SEED, DEMO_ANCHOR_COUNT)
         return [(f"demo-{i}", preprocess_pixels(img, "MONOCHROME2")) for i, img in
                 enumerate(pixels)]

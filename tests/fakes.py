@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,16 +36,18 @@ class FakeClock:
     """A clock that stands still until :meth:`advance` moves it; timers armed on it fire
     then, in the order of their deadlines, each with the clock reading its deadline. A
     timer already due when armed runs on the event loop's next turn, as
-    ``loop.call_later(0, ...)`` would. ``time()`` is the epoch time it was made at plus
-    the time advanced."""
+    ``loop.call_later(0, ...)`` would. ``time()`` starts at ``start`` (epoch seconds; by
+    default 2026-01-01, well before the real time, so that code reading the real clock
+    where it should read this one is caught) and moves with it."""
 
     # Its monotonic reading starts where a real one would, far from 0: the assembler takes
     # 0.0 as "never released".
     UPTIME = 100_000.0
+    START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
     def __init__(self, start: float | None = None) -> None:
         self.now = self.UPTIME
-        self._epoch = (time.time() if start is None else start) - self.UPTIME
+        self._epoch = (self.START if start is None else start) - self.UPTIME
         self._timers: list[FakeTimer] = []
         self._seq = itertools.count()
 

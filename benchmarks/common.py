@@ -1,5 +1,6 @@
 """What every benchmark shares: the record of where it ran, repeat statistics, saving the
-figures, the headline rows of the summary table, and ``pxsgate serve`` as a subprocess.
+figures, the headline rows of the summary table, and ``pxsgate serve`` as a subprocess
+(tests/harness.py, shared with the tests).
 
 Every JSON a benchmark writes under ``benchmarks/results/`` carries ``environment`` (date,
 commit, machine, device, package versions) and ``headline``: the few rows that go into
@@ -15,15 +16,10 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
-import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -35,6 +31,8 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from pxsgate.tools import synth
+from tests import harness
+from tests.harness import free_port as free_port  # re-exported: the benchmarks use it
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -235,107 +233,38 @@ def reuid(datasets: list[Dataset], number: int, prefix: str = "BENCH") -> str:
 # --- pxsgate serve as a subprocess ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(path: Path, data_dir: Path, *, http_port: int, weights: str = "demo",
                  device: str = "cpu", settle: float | None = None) -> Path:
     """A serve config: loopback DICOM on a free port, the data directory, JSON logs. Every
     other setting keeps the service's default (``settle`` None: the default settle time)."""
-    assembly = f"assembly:\n  settle-seconds: {settle}\n" if settle is not None else ""
-    path.write_text(
-        f"""dicom:
-  scp:
-    host: 127.0.0.1
-    port: 0
-    ae-titles:
-      - ae-title: {AE_TITLE}
-storage:
-  data-dir: {data_dir}
-  min-free-mb: 64
-{assembly}model:
-  weights: {json.dumps(weights)}
-  device: {json.dumps(device)}
-http:
-  host: 127.0.0.1
-  port: {http_port}
-logging:
-  format: json
-  level: info
-""",
-        encoding="utf-8",
-    )
-    return path
+    model = f"model:\n  weights: {json.dumps(weights)}\n  device: {json.dumps(device)}\n"
+    return harness.write_config(path, data_dir, http_port=http_port, settle=settle,
+                                min_free_mb=64, ae_titles=(AE_TITLE,), extra=model)
 
 
 @dataclass
-class Service:
-    """``pxsgate serve`` as a subprocess; its stdout (JSON lines) is read on a thread."""
+class Service(harness.Service):
+    """``pxsgate serve`` as a subprocess (tests/harness.py), counting the sizes of its
+    inference batches too; it keeps no more of its log than the harness bounds."""
 
-    process: subprocess.Popen[str]
-    port: int = 0
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)  # the first of each
-    levels: Counter[str] = field(default_factory=Counter)
     batches: Counter[int] = field(default_factory=Counter)  # inference.batch sizes
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
 
-    def read(self, line: str) -> dict[str, Any] | None:
-        self.tail.append(line.rstrip("\n"))
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            self.levels["unparsed"] += 1
-            return None
-        if not isinstance(event, dict):
-            return None
-        self.levels[str(event.get("level", "?"))] += 1
-        self.events.setdefault(str(event.get("event")), event)
+    def observe(self, event: dict[str, Any]) -> None:
         if event.get("event") == "inference.batch" and isinstance(event.get("batch_size"), int):
             self.batches[event["batch_size"]] += 1
-        return event
-
-    def pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.read(line)
 
 
 def start_service(config: Path, timeout: float = 300.0) -> Service:
     """Start ``pxsgate serve`` and wait for ``gateway.started`` (the model is loaded and
     warm, the port open)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    service = Service(proc)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:  # a service that exits ends the loop (EOF)
-        event = service.read(line)
-        if event is not None and event.get("event") == "gateway.started":
-            service.port = int(event["port"])
-            break
-        if time.monotonic() > deadline:
-            break
-    if service.port == 0:
-        proc.kill()
-        proc.wait()
-        raise SystemExit("pxsgate serve did not start:\n" + "\n".join(service.tail))
-    threading.Thread(target=service.pump, daemon=True).start()
-    return service
+    try:
+        return harness.start(config, Service, timeout)
+    except harness.DidNotStart as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def stop_service(service: Service, timeout: float = 90.0) -> int:
-    if service.process.poll() is None:
-        service.process.send_signal(signal.SIGTERM)
-    try:
-        return service.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        service.process.kill()
-        service.process.wait()
-        return -int(signal.SIGKILL)
+    return harness.stop(service, timeout)
 
 
 def read_only(db: Path) -> sqlite3.Connection:

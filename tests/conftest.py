@@ -1,22 +1,26 @@
-"""Shared fixtures: a real ``pxsgate serve`` process on an ephemeral loopback port."""
+"""Shared fixtures: a real ``pxsgate serve`` process on an ephemeral loopback port (started
+by tests/harness.py, which the benchmarks share)."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from . import harness
+from .harness import free_port as free_port  # re-exported: tests import them from here
+from .harness import stop as stop_service
+from .harness import write_config as write_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Real vendor radiographs (pylibjpeg-data, MIT: tests/data/dicom-samples/LICENSE.pylibjpeg-data).
@@ -42,53 +46,13 @@ def pxsgate(*args: str | Path, check: bool = True, timeout: float = 120
                           capture_output=True, timeout=timeout, check=check)
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now (for services whose 0 means "off", not "any")."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float = 0.3,
-                 extra_scp: str = "", min_free_mb: float = 16, level: str = "info",
-                 ae_titles: tuple[str, ...] = ("PxsScore",), http_port: int = 0,
-                 http_token_file: Path | None = None, extra: str = "") -> Path:
-    titles = "\n".join(f"      - ae-title: {t}" for t in ae_titles)
-    path.write_text(
-        f"""dicom:
-  scp:
-    host: 127.0.0.1
-    port: {port}
-    ae-titles:
-{titles}
-{extra_scp}
-storage:
-  data-dir: {data_dir}
-  min-free-mb: {min_free_mb}
-assembly:
-  settle-seconds: {settle}
-http:
-  port: {http_port}
-  bearer-token-file: {http_token_file or "null"}
-logging:
-  format: json
-  level: {level}
-{extra}""",
-        encoding="utf-8",
-    )
-    return path
-
-
 @dataclass
-class Service:
-    """A running ``pxsgate serve`` and the ways to look at it from outside."""
+class Service(harness.Service):
+    """A running ``pxsgate serve`` (every line of its log kept) and the ways to look at it
+    from outside."""
 
-    process: subprocess.Popen[str]
-    port: int
-    config: Path
-    data_dir: Path
-    logs: list[dict[str, Any]] = field(default_factory=list)
-    raw_log: list[str] = field(default_factory=list)
+    keep_log: bool = True
+    data_dir: Path = Path()
 
     def results(self, *args: str) -> list[dict[str, Any]]:
         out = pxsgate("results", "--config", self.config, "--json", *args)
@@ -112,47 +76,11 @@ class Service:
             time.sleep(0.2)
 
 
-def _pump(service: Service, stream: Any) -> None:
-    for line in stream:
-        service.raw_log.append(line.rstrip("\n"))
-        with contextlib.suppress(json.JSONDecodeError):
-            service.logs.append(json.loads(line))
-
-
 def start_service(tmp: Path, **config_kwargs: Any) -> Service:
+    """``pxsgate serve`` with ``tmp/pxsgate.yaml`` (write_config's keywords), its data in
+    ``tmp/data``."""
     config = write_config(tmp / "pxsgate.yaml", tmp / "data", **config_kwargs)
-    # The log (JSON lines) is on stdout; stderr carries only the CLI's own error message.
-    proc = subprocess.Popen([sys.executable, "-m", "pxsgate", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    service = Service(proc, 0, config, tmp / "data")
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 180
-    for line in proc.stdout:
-        service.raw_log.append(line.rstrip("\n"))
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        service.logs.append(event)
-        if event.get("event") == "gateway.started":
-            service.port = int(event["port"])
-            break
-        if time.monotonic() > deadline:
-            break
-    if service.port == 0:
-        proc.kill()
-        raise AssertionError("pxsgate serve did not start:\n" + "\n".join(service.raw_log))
-    threading.Thread(target=_pump, args=(service, proc.stdout), daemon=True).start()
-    return service
-
-
-def stop_service(service: Service) -> int:
-    service.process.terminate()
-    try:
-        return service.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        service.process.kill()
-        raise
+    return harness.start(config, functools.partial(Service, data_dir=tmp / "data"))
 
 
 @pytest.fixture(scope="session")

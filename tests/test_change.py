@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import sqlite3
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from pydicom import Dataset
+from structlog.testing import capture_logs
 
 from pxsgate import change
 from pxsgate.config import BatchConfig, ModelConfig, config_from_mapping, load_config
@@ -149,9 +152,16 @@ async def check_change(gw: Gateway, doc: dict[str, Any], prior: dict[str, Any],
     assert found["distance"] > 0
 
 
-async def test_change_to_the_prior_study_in_and_out_of_date_order(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    async with gateway(tmp_path) as (gw, _):
+@asynccontextmanager
+async def log_events() -> AsyncIterator[list[MutableMapping[str, Any]]]:
+    """structlog's capture_logs, for an ``async with`` after the in-process gateway's (which
+    configures logging when it starts)."""
+    with capture_logs() as logs:
+        yield logs
+
+
+async def test_change_to_the_prior_study_in_and_out_of_date_order(tmp_path: Path) -> None:
+    async with gateway(tmp_path) as (gw, _), log_events() as logs:
         # Patient 1, in date order: no prior, then the one before each time.
         a1 = await scored(gw, visit(1, 1, "20200101", severity=0.1))
         a2 = await scored(gw, visit(1, 2, "20200301", severity=0.5))
@@ -181,8 +191,7 @@ async def test_change_to_the_prior_study_in_and_out_of_date_order(
         assert change_of(c2) is None
 
     # Logged without PHI: the study's key and the interval, no UID, ID or date.
-    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-              if '"change.computed"' in line]
+    logged = [e for e in logs if e["event"] == "change.computed"]
     assert len(logged) == 4
     secrets = {str(v) for d in (a1, a2, a3, b1, b2, b3, b4)
                for v in (d["patientId"], d["accessionNumber"], d["studyInstanceUid"],

@@ -1,24 +1,35 @@
 """The outbox: every stored result reaches every configured exporter at least once, under a
 stable id, with retries, backoff, dead-lettering and `pxsgate outbox retry`; pending
-deliveries survive a stop and a SIGKILL. Real HTTP(S) receivers on loopback."""
+deliveries survive a stop and a SIGKILL. Real HTTP(S) receivers on loopback, and at the end
+the outbox alone over a real store, with a fake exporter and a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from pxsgate.store import Delivery, delivery_id
+from pxsgate.config import ExporterConfig
+from pxsgate.delivery.outbox import POLL_SECONDS, Outbox, backoff_seconds
+from pxsgate.records import ScoredImage
+from pxsgate.results import ModelInfo, StudyIdentity, build_document
+from pxsgate.store import Delivery, Store, delivery_id
 
 from .conftest import pxsgate, write_config
+from .fakes import WAIT_SECONDS, FakeClock, FakeExporter
 from .http_receiver import http_receiver, server_tls
 from .inprocess import eventually, gateway, result_of, send
 from .test_lifecycle import ap_study, wait_until
@@ -302,3 +313,166 @@ async def test_rate_limit_spaces_deliveries() -> None:
         await limiter.acquire()
     assert loop.time() - started >= 0.9  # the second 20 wait out the first second
     assert (throttler(0.5).rate_limit, throttler(0.5).period) == (1, 2.0)
+
+
+# --- the outbox itself, over a real store, with a fake exporter and a fake clock ----------
+
+FAKE_SEED = 19
+
+
+def fake_config(**settings: Any) -> ExporterConfig:
+    return ExporterConfig(**{"name": "fake", "type": "http", "url": "https://fake.invalid",
+                             "backoff_initial_seconds": 2.0, "backoff_max_seconds": 60.0,
+                             **settings})
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    store: Store
+    exporter: FakeExporter
+    clock: FakeClock
+    config: ExporterConfig
+
+    async def queue(self, n: int = 1) -> str:
+        """Store a result bound for the fake exporter, due now; return its delivery's id."""
+        uid = f"1.2.826.0.1.3680043.10.1119.{n}"
+        identity = StudyIdentity(uid, f"MRN{n}", f"ACC{n}", "2026-03-01T10:00:00")
+        created = "2026-03-01T11:00:00.000+01:00"
+        doc = build_document(status="SUCCEEDED", identity=identity, site_id="TEST",
+                             model=FAKE_MODEL, created_at=created, updated_at=created,
+                             scores=[ScoredImage(f"{uid}.1.1", f"{uid}.1", 0.5)])
+        [delivery] = await self.store.store_result(doc, "stored", exporters=["fake"],
+                                                   now=self.clock.time())
+        self.outbox.wake()
+        return delivery
+
+    async def row(self, until: Callable[[Delivery], bool]) -> Delivery:
+        """The one delivery, once ``until`` holds for it."""
+        async def check() -> Delivery | None:
+            [row] = await self.store.deliveries()
+            return row if until(row) else None
+        found: Delivery = await eventually(check, WAIT_SECONDS, "the delivery's row")
+        return found
+
+    async def due_in(self, tries: int) -> float:
+        """Seconds until the retry after the ``tries``-th failed try is due."""
+        row = await self.row(lambda r: r.attempts == tries)
+        assert row.state == "pending"
+        return row.next_attempt_at - self.clock.time()
+
+    async def sleeps_for(self, seconds: float) -> None:
+        """Wait until the outbox has armed a timer ``seconds`` from now (and sleeps, rather
+        than polling the store in a loop)."""
+        async def armed() -> bool:
+            return any(t == pytest.approx(self.clock.now + seconds) for t in self.clock.armed)
+        await eventually(armed, WAIT_SECONDS, f"a timer in {seconds:.3f} s")
+
+
+FAKE_MODEL = ModelInfo("PxsScore", "0.1", "tests", "outbox tests",
+                       "2026-01-01T00:00:00+00:00", "ab" * 32)
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
+    store = Store(tmp_path / "pxsgate.sqlite3")
+    await store.open()
+    exporter, clock, config = FakeExporter("fake"), FakeClock(), fake_config(**settings)
+    outbox = Outbox(store, {"fake": exporter}, {"fake": config},
+                    rng=random.Random(FAKE_SEED), clock=clock)
+    try:
+        await outbox.start()
+        assert exporter.started
+        yield Rig(outbox, store, exporter, clock, config)
+    finally:
+        await outbox.stop(grace_seconds=1)
+        await store.close()
+    assert exporter.closed
+
+
+async def quiet_moment() -> None:
+    """Real time for the outbox to act on what it was told, if it (wrongly) would."""
+    await asyncio.sleep(0.2)
+
+
+async def test_fake_retried_after_its_backoff_then_delivered(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.exporter.fail(2)
+        delivery = await r.queue()
+        await r.exporter.wait_calls(1)
+        mirror = random.Random(FAKE_SEED)  # the outbox's draws of jitter, in order
+        wait = await r.due_in(1)
+        assert wait == pytest.approx(backoff_seconds(1, r.config, mirror))
+        assert 1.0 <= wait <= 2.0, "the first wait: 2 s, half of it jitter"
+        await r.sleeps_for(wait)
+        r.clock.advance(wait - 0.25)
+        await quiet_moment()
+        assert len(r.exporter.calls) == 1, "not tried again before its backoff"
+        r.clock.advance(0.25)
+        await r.exporter.wait_calls(2)
+        wait = await r.due_in(2)
+        assert wait == pytest.approx(backoff_seconds(2, r.config, mirror))
+        assert 2.0 <= wait <= 4.0, "doubled"
+        r.clock.advance(wait)
+        await r.exporter.wait_calls(3)
+        row = await r.row(lambda d: d.state != "pending")
+    assert (row.state, row.attempts, row.last_error) == ("delivered", 3, "")
+    assert [c.delivery_id for c in r.exporter.calls] == [delivery] * 3, "one id every time"
+    assert [c.outcome for c in r.exporter.calls] == ["ExportError", "ExportError",
+                                                     "delivered"]
+    assert r.exporter.calls[-1].document["studyInstanceUid"].endswith(".1119.1")
+
+
+async def test_fake_permanent_error_is_dead_at_once(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.exporter.fail(1, permanent=True, message="refused: unknown patient")
+        with capture_logs() as logs:
+            delivery = await r.queue()
+            row = await r.row(lambda d: d.state != "pending")
+        r.clock.advance(3600)
+        r.outbox.wake()
+        await quiet_moment()
+    assert (row.state, row.attempts, row.last_error) == ("dead", 1,
+                                                         "refused: unknown patient")
+    assert len(r.exporter.calls) == 1
+    [dead] = [e for e in logs if e["event"] == "export.dead"]
+    assert (dead["log_level"], dead["delivery"], dead["attempt"]) == ("error", delivery, 1)
+    assert not [e for e in logs if e["event"] == "export.failed"]
+
+
+async def test_fake_dead_once_its_tries_are_spent(tmp_path: Path) -> None:
+    async with rig(tmp_path, max_attempts=3) as r:
+        r.exporter.fail(5)
+        await r.queue()
+        for tries in (1, 2):
+            await r.exporter.wait_calls(tries)
+            r.clock.advance(await r.due_in(tries))
+        await r.exporter.wait_calls(3)
+        row = await r.row(lambda d: d.state != "pending")
+        r.clock.advance(3600)
+        r.outbox.wake()
+        await quiet_moment()
+    assert (row.state, row.attempts) == ("dead", 3)
+    assert row.last_error == "the destination is down"
+    assert len(r.exporter.calls) == 3, "no fourth try"
+    assert len(r.exporter.failures) == 2
+
+
+async def test_fake_sent_once_when_woken_while_in_flight(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.exporter.hold.clear()  # the destination takes its time
+        delivery = await r.queue()
+        await r.exporter.wait_calls(1)
+        r.outbox.wake()
+        r.outbox.wake()
+        r.clock.advance(POLL_SECONDS * 3)  # and the polls come round
+        await quiet_moment()
+        assert len(r.exporter.calls) == 1, "not sent again while in flight"
+        r.exporter.hold.set()
+        row = await r.row(lambda d: d.state != "pending")
+        r.outbox.wake()
+        r.clock.advance(POLL_SECONDS * 3)
+        await quiet_moment()
+    assert (row.state, row.attempts) == ("delivered", 1)
+    assert r.exporter.delivered == [delivery]
+    assert len(r.exporter.calls) == 1, "nor once delivered"

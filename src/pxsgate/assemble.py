@@ -8,7 +8,8 @@ open, after ``quiet-timeout-seconds`` with no new instance. Both come from the a
 section or from the AE title the last instance was sent to. An instance that arrives after
 a study was handed on starts a new round: the study becomes ready again and is scored again.
 
-The timers live here; the deadlines they stand for are also written to SQLite by the
+The timers live here, armed on a :class:`~pxsgate.clock.Clock` (the event loop's, unless
+a test passes a fake one); the deadlines they stand for are also written to SQLite by the
 gateway, so a restart resumes them (:meth:`Assembler.resume`).
 
 Everything here runs on the event loop; there are no locks.
@@ -17,9 +18,11 @@ Everything here runs on the event loop; there are no locks.
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pxsgate.clock import Clock, SystemClock, Timer
 
 ReadyHandler = Callable[[str, str], None]  # (study uid, why: "settled" | "quiet-timeout")
 
@@ -31,7 +34,7 @@ class _Pending:
     quiet: float
     last_release: float = 0.0
     open_associations: set[str] = field(default_factory=set)
-    timer: asyncio.TimerHandle | None = None
+    timer: Timer | None = None
 
 
 class Assembler:
@@ -39,11 +42,10 @@ class Assembler:
         self,
         loop: asyncio.AbstractEventLoop,
         on_ready: ReadyHandler,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
-        self._loop = loop
         self._on_ready = on_ready
-        self._clock = clock
+        self._clock = clock or SystemClock(loop)
         self._pending: dict[str, _Pending] = {}
         self._by_association: dict[str, set[str]] = {}
 
@@ -54,7 +56,7 @@ class Assembler:
 
     def instance_arrived(self, study_uid: str, association_id: str, settle: float,
                          quiet: float) -> None:
-        now = self._clock()
+        now = self._clock.monotonic()
         state = self._pending.get(study_uid)
         if state is None:
             state = self._pending[study_uid] = _Pending(now, settle, quiet)
@@ -71,7 +73,7 @@ class Assembler:
             state = self._pending.get(study_uid)
             if state is not None:
                 state.open_associations.discard(association_id)
-                state.last_release = now = self._clock()
+                state.last_release = now = self._clock.monotonic()
                 self._schedule(study_uid, state)
                 delays[study_uid] = max(0.0, self._deadline(state) - now)
         return delays
@@ -79,7 +81,7 @@ class Assembler:
     def resume(self, study_uid: str, delay: float, settle: float, quiet: float) -> None:
         """Re-arm a study that was pending when the service stopped: ready in ``delay``
         seconds unless more arrives (its associations ended with the old process)."""
-        now = self._clock()
+        now = self._clock.monotonic()
         state = _Pending(now + delay - settle, settle, quiet)
         self._pending[study_uid] = state
         self._schedule(study_uid, state)
@@ -101,14 +103,14 @@ class Assembler:
     def _schedule(self, study_uid: str, state: _Pending) -> None:
         if state.timer is not None:
             state.timer.cancel()
-        delay = max(0.0, self._deadline(state) - self._clock())
-        state.timer = self._loop.call_later(delay, self._check, study_uid)
+        delay = max(0.0, self._deadline(state) - self._clock.monotonic())
+        state.timer = self._clock.call_later(delay, functools.partial(self._check, study_uid))
 
     def _check(self, study_uid: str) -> None:
         state = self._pending.get(study_uid)
         if state is None:
             return
-        if self._clock() < self._deadline(state):
+        if self._clock.monotonic() < self._deadline(state):
             self._schedule(study_uid, state)  # an instance arrived since the timer was set
             return
         del self._pending[study_uid]

@@ -8,6 +8,9 @@ the pending ones: per exporter a bounded number at a time, under a rate limit
 revives it). A delivery interrupted by a crash or a stop is still pending and is sent again
 on the next start: at least once, never silently dropped. Receivers de-duplicate on the
 delivery's stable id (HTTP) or on the SR's derived SOP Instance UID (DICOM).
+
+Due times are epoch seconds (they are stored), read and waited for on a
+:class:`~pxsgate.clock.Clock`: the system's, unless a test passes a fake one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Protocol
 import structlog
 from asyncio_throttle.throttler import Throttler
 
+from pxsgate.clock import SYSTEM, Clock
 from pxsgate.config import ExporterConfig
 from pxsgate.errors import PermanentExportError
 from pxsgate.records import now_iso
@@ -67,8 +71,9 @@ def throttler(rate_per_second: float) -> Throttler:
 class Outbox:
     def __init__(self, store: Store, exporters: Mapping[str, Exporter],
                  configs: Mapping[str, ExporterConfig], rng: random.Random | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, clock: Clock = SYSTEM) -> None:
         self._store = store
+        self._clock = clock
         self._metrics = metrics or Metrics()
         self._exporters = dict(exporters)
         self._configs = dict(configs)
@@ -132,12 +137,15 @@ class Outbox:
                 next_due = None
             wait = POLL_SECONDS
             if next_due is not None:
-                wait = min(wait, max(0.0, next_due - time.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                wait = min(wait, max(0.0, next_due - self._clock.time()))
+            timer = self._clock.call_later(wait, self._wake.set)  # a wake-up at the latest
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     async def _dispatch(self) -> None:
-        due = await self._store.due_deliveries(time.time(), self._names, BATCH,
+        due = await self._store.due_deliveries(self._clock.time(), self._names, BATCH,
                                                skip=self._in_flight.keys())
         loop = asyncio.get_running_loop()
         for delivery in due:
@@ -178,7 +186,7 @@ class Outbox:
                     return
                 wait = backoff_seconds(tries, config, self._rng)
                 await self._store.delivery_failed(delivery.id, error, now_iso(),
-                                                  time.time() + wait)
+                                                  self._clock.time() + wait)
                 self._metrics.exports.labels(exporter=delivery.exporter,
                                              outcome="failed").inc()
                 log.warning("export.failed", error=error, retry_in_s=round(wait, 1),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from . import harness
 from .harness import free_port as free_port  # re-exported: tests import them from here
@@ -81,6 +82,16 @@ def start_service(tmp: Path, **config_kwargs: Any) -> Service:
     ``tmp/data``."""
     config = write_config(tmp / "pxsgate.yaml", tmp / "data", **config_kwargs)
     return harness.start(config, functools.partial(Service, data_dir=tmp / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a test that runs the CLI in-process
+    configures structlog for the whole process (its level filter included), which would
+    hide events from a later test's capture_logs."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

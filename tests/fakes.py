@@ -9,10 +9,10 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from pxsgate.document import ResultDocument
 from pxsgate.errors import ExportError, PermanentExportError
 
 WAIT_SECONDS = 10.0  # real time a test waits for the component under test to act
@@ -97,7 +97,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 @dataclass
 class Call:
     delivery_id: str
-    document: Mapping[str, Any]
+    document: ResultDocument
     outcome: str = "in flight"  # then "delivered", or the error's class name
 
 
@@ -137,7 +137,7 @@ class FakeExporter:
     async def start(self) -> None:
         self.started = True
 
-    async def deliver(self, delivery_id: str, document: Mapping[str, Any]) -> None:
+    async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
         call = Call(delivery_id, document)
         self.calls.append(call)
         async with self._called:

@@ -420,7 +420,7 @@ async def test_fake_retried_after_its_backoff_then_delivered(tmp_path: Path) -> 
     assert [c.delivery_id for c in r.exporter.calls] == [delivery] * 3, "one id every time"
     assert [c.outcome for c in r.exporter.calls] == ["ExportError", "ExportError",
                                                      "delivered"]
-    assert r.exporter.calls[-1].document["studyInstanceUid"].endswith(".1119.1")
+    assert r.exporter.calls[-1].document.study_instance_uid.endswith(".1119.1")
 
 
 async def test_fake_permanent_error_is_dead_at_once(tmp_path: Path) -> None:

@@ -9,29 +9,27 @@ are no longer in the spool, a superseded result, an SR that cannot be built).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ComprehensiveSRStorage
 
 from pxsgate.config import ExporterConfig
+from pxsgate.document import ResultDocument
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
 from pxsgate.records import now_iso
-from pxsgate.results import pxs_entries
 from pxsgate.store import MadeInstance, Store
 
 # C-STORE statuses that mean stored (PS3.4 B.2.3): success and the three warnings.
 STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
-def _source_uids(document: Mapping[str, Any]) -> list[str]:
+def _source_uids(document: ResultDocument) -> list[str]:
     """The scored images of the result: the SR's evidence. Only the PXS score entries: a
     pxs.change entry also names the prior image, of another study (and maybe long gone
     from the spool), which the SR does not report."""
-    return [uid for result in pxs_entries(document)
-            for ref in result.get("derivedFrom", []) for uid in ref.get("refSopInstanceUid", [])]
+    return [uid for entry in document.scores for uid in entry.source_uids]
 
 
 def _read_headers(paths: Sequence[Path]) -> list[Dataset]:
@@ -57,7 +55,7 @@ class DicomSrExporter:
     async def start(self) -> None:
         return None
 
-    async def deliver(self, delivery_id: str, document: Mapping[str, Any]) -> None:
+    async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
         from pxsgate.delivery import sr  # highdicom loads only where an SR exporter is configured
 
         uids = _source_uids(document)
@@ -66,8 +64,8 @@ class DicomSrExporter:
         if missing:
             raise PermanentExportError(
                 f"{len(missing)} source image(s) of the result are no longer in the spool")
-        result_id = str(document["id"])
-        study_uid = str(document.get("studyInstanceUid") or "")
+        result_id = document.id
+        study_uid = document.study_instance_uid
         if not await self._store.is_current(result_id):
             # The study was scored again while this delivery waited: an SR of the old score
             # would take the next number and supersede the newer one in PACS.
@@ -82,7 +80,7 @@ class DicomSrExporter:
         try:
             sources = await asyncio.to_thread(_read_headers, [paths[u] for u in uids])
             dataset = sr.build_pxs_sr(
-                document, sources, sop_instance_uid=made.sop_instance_uid,
+                document.to_json(), sources, sop_instance_uid=made.sop_instance_uid,
                 series_instance_uid=made.series_instance_uid,
                 instance_number=made.instance_number,
                 previous_versions=[_reference(previous)] if previous is not None else ())

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
 
 from pxsgate import __version__
 from pxsgate.config import ExporterConfig
+from pxsgate.document import ResultDocument
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
 
 log = structlog.get_logger("pxsgate.export")
@@ -74,12 +73,12 @@ class HttpExporter:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.timeout_seconds))
 
-    async def deliver(self, delivery_id: str, document: Mapping[str, Any]) -> None:
+    async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
         assert self._session is not None
         headers = {**self._headers, "Idempotency-Key": delivery_id,
                    "X-Pxsgate-Delivery-Id": delivery_id,
-                   "X-Pxsgate-Result-Id": str(document["id"])}
-        body = json.dumps(document, separators=(",", ":")).encode()
+                   "X-Pxsgate-Result-Id": document.id}
+        body = json.dumps(document.to_json(), separators=(",", ":")).encode()
         try:
             async with self._session.post(self._url, data=body, headers=headers,
                                           ssl=self._ssl) as response:

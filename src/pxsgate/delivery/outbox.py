@@ -29,6 +29,7 @@ from asyncio_throttle.throttler import Throttler
 
 from pxsgate.clock import SYSTEM, Clock
 from pxsgate.config import ExporterConfig
+from pxsgate.document import ResultDocument
 from pxsgate.errors import PermanentExportError
 from pxsgate.records import now_iso
 from pxsgate.service.metrics import Metrics
@@ -49,7 +50,7 @@ class Exporter(Protocol):
 
     async def start(self) -> None: ...
 
-    async def deliver(self, delivery_id: str, document: Mapping[str, Any]) -> None: ...
+    async def deliver(self, delivery_id: str, document: ResultDocument) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -168,10 +169,8 @@ class Outbox:
             await self._throttles[delivery.exporter].acquire()  # type: ignore[no-untyped-call]
             started = time.perf_counter()
             try:
-                document = await self._store.result(delivery.result_id)
-                if document is None:
-                    raise PermanentExportError("its result is not in the store")
-                context["study"] = self._store.study_label(str(document["studyInstanceUid"]))
+                document = _readable(await self._store.result(delivery.result_id))
+                context["study"] = self._store.study_label(document.study_instance_uid)
                 await asyncio.wait_for(exporter.deliver(delivery.id, document),
                                        config.timeout_seconds + 5)
             except asyncio.CancelledError:
@@ -197,3 +196,16 @@ class Outbox:
         log.info("export.delivered",
                  duration_ms=round((time.perf_counter() - started) * 1000, 1),
                  **context)
+
+
+def _readable(stored: Mapping[str, Any] | None) -> ResultDocument:
+    """The stored result as the exporters read it; a result that is gone or that no longer
+    reads as a result document cannot be delivered by any later try."""
+    if stored is None:
+        raise PermanentExportError("its result is not in the store")
+    try:
+        return ResultDocument.from_json(stored)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PermanentExportError(
+            f"its stored result is not a readable result document ({type(exc).__name__})"
+        ) from exc

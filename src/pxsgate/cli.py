@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from pxsgate import __version__
-from pxsgate.config import Config, load_config, resolve_config_path
+from pxsgate.config import RESULT_STATUSES, Config, load_config, resolve_config_path
 from pxsgate.errors import ConfigError, PxsgateError
 from pxsgate.log import configure_logging
-from pxsgate.records import now_iso
+from pxsgate.records import DeliveryState, Status, now_iso
 from pxsgate.store import ResultFilter, Store
 
 R = TypeVar("R")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-uid")
     p.add_argument("--patient-id")
     p.add_argument("--accession")
-    p.add_argument("--status", choices=["SUCCEEDED", "FAILED", "SKIPPED"])
+    p.add_argument("--status", choices=[s.value for s in RESULT_STATUSES])
     p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
     p.add_argument("--since", metavar="WHEN", type=_since,
                    help="created at or after this ISO 8601 date or date-time (local time "
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(q)
         q.add_argument("--data-dir", type=Path, help="override storage.data-dir")
         q.add_argument("--exporter", metavar="NAME")
-        q.add_argument("--state", choices=["pending", "delivered", "dead"],
-                       default=None if action == "list" else "dead")
+        q.add_argument("--state", choices=[s.value for s in DeliveryState],
+                       default=None if action == "list" else DeliveryState.DEAD.value)
         if action == "list":
             q.add_argument("--limit", type=int)
             q.add_argument("--json", action="store_true")
@@ -321,7 +321,7 @@ def _row(doc: dict[str, Any]) -> list[str]:
     from pxsgate.results import pxs_entries  # the scores, not the pxs.change entry
 
     scores = ",".join(r["value"] for r in pxs_entries(doc))
-    detail = scores if doc["status"] == "SUCCEEDED" else doc["errorMessage"]
+    detail = scores if doc["status"] == Status.SUCCEEDED else doc["errorMessage"]
     flags = " ".join(doc.get("pxsgate", {}).get("flags", [])) or "-"
     return [doc["createdAt"][:19], doc["status"], doc["patientId"], doc["accessionNumber"],
             doc["studyInstanceUid"], flags, detail]

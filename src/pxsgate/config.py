@@ -28,6 +28,7 @@ import yaml
 from pxsgate import default_rules
 from pxsgate.errors import ConfigError
 from pxsgate.matchers import Rule, parse_rules
+from pxsgate.records import Status
 
 DEFAULT_CONFIG_PATH = Path("config/pxsgate.yaml")
 CONFIG_ENV = "PXSGATE_CONFIG"
@@ -360,7 +361,7 @@ class HttpConfig:
     bearer_token_file: Path | None = None
 
 
-RESULT_STATUSES = ("SUCCEEDED", "FAILED", "SKIPPED")
+RESULT_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -404,7 +405,7 @@ class ExporterConfig:
     def wanted_statuses(self) -> tuple[str, ...]:
         if self.statuses is not None:
             return self.statuses
-        return RESULT_STATUSES if self.type == "http" else ("SUCCEEDED",)
+        return RESULT_STATUSES if self.type == "http" else (Status.SUCCEEDED,)
 
 
 @dataclass(frozen=True)
@@ -578,7 +579,7 @@ def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
                               "is required for a dicom exporter")
     if e.url is not None:
         raise ConfigError(f"{path}.url", "applies to http exporters only")
-    if e.statuses is not None and set(e.statuses) != {"SUCCEEDED"}:
+    if e.statuses is not None and set(e.statuses) != {Status.SUCCEEDED}:
         raise ConfigError(f"{path}.statuses",
                           "a dicom exporter sends scores: only SUCCEEDED results")
 

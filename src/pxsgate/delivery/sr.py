@@ -48,6 +48,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from pxsgate import __version__
 from pxsgate.errors import ExportError, PermanentExportError
+from pxsgate.records import Status
 from pxsgate.results import PXS_CODE
 
 # There is no standard (DCM, SCT, LOINC) concept for the PXS score, so it gets a code in a
@@ -179,8 +180,8 @@ def build_pxs_sr(
     is missing or belongs to another study.
     """
     status = document.get("status")
-    if status != "SUCCEEDED":
-        raise SrError(f"result document is {status!r}, not 'SUCCEEDED': there is no score")
+    if status != Status.SUCCEEDED:
+        raise SrError(f"result document is {status!r}, not '{Status.SUCCEEDED}': there is no score")
     # Only the PXS scores. The pxs.change entry (distance to the patient's prior image, of
     # another study) is not rendered: TID 1500 would need a second measurement group with
     # evidence from outside this study; left for later.

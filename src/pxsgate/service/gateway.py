@@ -39,7 +39,7 @@ from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.pipeline import Pipeline
 from pxsgate.receive import Receiver
-from pxsgate.records import Indexed, ReceivedInstance, now_iso
+from pxsgate.records import DeliveryState, Indexed, ReceivedInstance, now_iso
 from pxsgate.results import ModelInfo
 from pxsgate.retention import Retention
 from pxsgate.service.admission import AdmissionControl
@@ -349,8 +349,8 @@ class Gateway:
             "associations": self._receiver.active if self._receiver else 0,
             "inferenceQueue": self.worker.queued,
             "spoolBytes": self.retention.spool_bytes,
-            "deliveries": {"pending": deliveries.get("pending", 0),
-                           "dead": deliveries.get("dead", 0),
+            "deliveries": {"pending": deliveries.get(DeliveryState.PENDING, 0),
+                           "dead": deliveries.get(DeliveryState.DEAD, 0),
                            "inFlight": self.outbox.in_flight},
         }
 

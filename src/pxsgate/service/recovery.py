@@ -22,7 +22,7 @@ from pydicom import dcmread
 
 from pxsgate.assemble import Assembler
 from pxsgate.pipeline import Pipeline
-from pxsgate.records import ReceivedInstance
+from pxsgate.records import ReceivedInstance, StudyState
 from pxsgate.retention import Retention
 from pxsgate.rules import element_text
 from pxsgate.spool import Spool
@@ -100,7 +100,7 @@ async def resume(store: Store, pipeline: Pipeline, assembler: Assembler,
     now = time.time()
     pending = await store.pending_studies()
     for study in pending:
-        if study.state == "ready" or study.deadline is None:
+        if study.state == StudyState.READY or study.deadline is None:
             pipeline.submit(study.study_instance_uid)
             continue
         settle, quiet = timings("")

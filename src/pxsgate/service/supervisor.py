@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from pxsgate.infer import InferenceWorker
+from pxsgate.records import DeliveryState
 from pxsgate.retention import Retention
 from pxsgate.service.metrics import Metrics
 from pxsgate.service.sdnotify import Notifier
@@ -85,7 +86,7 @@ class Supervisor:
         self._notifier.status(self._status_line())
         try:
             counts = await self._store.delivery_counts()
-            self._metrics.deliveries_pending.set(counts.get("pending", 0))
+            self._metrics.deliveries_pending.set(counts.get(DeliveryState.PENDING, 0))
         except Exception as exc:  # the store is busy or failing: next time
             log.warning("metrics.deliveries_failed", error=repr(exc))
 

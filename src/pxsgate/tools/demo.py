@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pxsgate.config import Config
+from pxsgate.records import Status
 from pxsgate.results import pxs_entries
 from pxsgate.service.gateway import Gateway
 from pxsgate.store import ResultFilter
@@ -42,7 +43,7 @@ def demo_config(base: Config, data_dir: Path) -> Config:
 
 
 def _describe(doc: dict[str, Any]) -> str:
-    if doc["status"] == "SUCCEEDED":
+    if doc["status"] == Status.SUCCEEDED:
         scores = pxs_entries(doc)
         values = ", ".join(r["value"] for r in scores)
         images = doc["pxsgate"]["selection"]["images"]
@@ -57,7 +58,7 @@ def _describe(doc: dict[str, Any]) -> str:
 def _outcome(doc: dict[str, Any] | None) -> str:
     if doc is None:
         return "none"
-    return "scored" if doc["status"] == "SUCCEEDED" else str(doc["status"]).lower()
+    return "scored" if doc["status"] == Status.SUCCEEDED else str(doc["status"]).lower()
 
 
 async def run_demo(base: Config, out: TextIO, *, data_dir: Path | None = None,
@@ -114,7 +115,7 @@ def _report(feed: Sequence[synth.FeedStudy], docs: dict[str, dict[str, Any]],
             detail += f"; review flags: {', '.join(flags)}"
         print(f"  {study.key:<{width}} {study.expected:<9} {outcome:<9} {detail}{mark}",
               file=out)
-        if doc and doc["status"] == "SUCCEEDED" and (shown is None or len(study.datasets) > 1):
+        if doc and doc["status"] == Status.SUCCEEDED and (shown is None or len(study.datasets) > 1):
             shown = doc
     if shown is not None:
         print("\n  One result document, as stored in SQLite and printed by "

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pxsgate.records import DeliveryState
+from pxsgate.records import DeliveryState, Status
 from pxsgate.results import CHANGE_CODE, pxs_entries
 from pxsgate.store import Store
 
@@ -149,7 +149,7 @@ def _stage_timeline(result: Mapping[str, Any]) -> list[tuple[str, str, float | N
     ``createdAt`` is when inference started (for SUCCEEDED and FAILED results)."""
     block = result.get("pxsgate") or {}
     stages: dict[str, str] = {k: v for k, v in (block.get("stages") or {}).items() if v}
-    if result.get("status") in ("SUCCEEDED", "FAILED") and result.get("createdAt"):
+    if result.get("status") in (Status.SUCCEEDED, Status.FAILED) and result.get("createdAt"):
         stages.setdefault("inference-started", str(result["createdAt"]))
     order = {name: i for i, name in enumerate(_STAGE_ORDER)}
     named = sorted(stages.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[1]))
@@ -365,7 +365,7 @@ def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[st
         size = f", batch of {batch}" if batch is not None else ""
         add(f"  score {entry.get('value')}  image {label.get(sop, '')} "
             f"{uid_tail(sop, 20)}{size}{mark}")
-    if result.get("status") == "SUCCEEDED" and not scores:
+    if result.get("status") == Status.SUCCEEDED and not scores:
         add("  (no scores in the document)")
     for entry in result.get("results") or []:
         found = entry.get("change") if isinstance(entry, Mapping) else None
@@ -480,7 +480,7 @@ def status_text(health: Mapping[str, Any] | None, summary: Mapping[str, Any]) ->
 
     by_status: Mapping[str, int] = summary.get("resultsLastHour") or {}
     total = sum(by_status.values())
-    order = ("SUCCEEDED", "SKIPPED", "FAILED")
+    order = (Status.SUCCEEDED, Status.SKIPPED, Status.FAILED)
     ranked = sorted(by_status.items(), key=lambda kv: (order.index(kv[0])
                                                         if kv[0] in order else 9, kv[0]))
     add(f"last hour  {total} result(s)" + (f": {_counts(ranked)}" if ranked else ""))
@@ -490,9 +490,9 @@ def status_text(health: Mapping[str, Any] | None, summary: Mapping[str, Any]) ->
     if not last:
         add("  (none yet)")
     for r in last:
-        if r.get("status") == "SUCCEEDED":
+        if r.get("status") == Status.SUCCEEDED:
             detail = f"score {r.get('score')}"
-        elif r.get("status") == "SKIPPED":
+        elif r.get("status") == Status.SKIPPED:
             detail = f"[{r.get('rule')}]"
         else:
             detail = f"exit {r.get('exitCode')}"

@@ -179,84 +179,20 @@ def build_pxs_sr(
     Raises SrError when the document is not SUCCEEDED, has no PXS result, or a source image
     is missing or belongs to another study.
     """
-    status = document.get("status")
-    if status != Status.SUCCEEDED:
-        raise SrError(f"result document is {status!r}, not '{Status.SUCCEEDED}': there is no score")
-    # Only the PXS scores. The pxs.change entry (distance to the patient's prior image, of
-    # another study) is not rendered: TID 1500 would need a second measurement group with
-    # evidence from outside this study; left for later.
-    results = [r for r in document.get("results") or () if r.get("code", PXS_CODE) == PXS_CODE]
-    if not results:
-        raise SrError("result document has no PXS result")
-
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources if "SOPInstanceUID" in ds}
-    study_uid = document.get("studyInstanceUid")
-    scored: list[tuple[float, Dataset]] = []
-    for index, result in enumerate(results, 1):
-        uid = _source_uid(result, index)
-        source = by_uid.get(uid)
-        if source is None:
-            raise SrError(f"no source image header for result {index}")
-        # The SR files under the study of its evidence: never let it land in another one.
-        if study_uid and source.get("StudyInstanceUID") != study_uid:
-            raise SrError(f"the source image of result {index} is not in the result's study")
-        scored.append((_score(result, index), source))
-
+    scored = _scored_sources(document, sources)
     model = document.get("model") or {}
-    model_name = str(model.get("name") or "PxsScore")
-    model_version = str(model.get("version") or "unknown")
-    parameters = ([f"weightsSha256={model['weightsSha256']}"]
-                  if model.get("weightsSha256") else None)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model_name, version=model_version, parameters=parameters,
-        manufacturer=str(model["author"]) if model.get("author") else None)
     result_id = str(document.get("id") or sop_instance_uid)
-
-    groups = []
-    for number, (value, source) in enumerate(scored, 1):
-        image_uid = str(source.SOPInstanceUID)
-        measurement = hd.sr.Measurement(
-            name=PXS_SCORE, value=value, unit=NO_UNITS, algorithm_id=algorithm,
-            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)])
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            # Derived, not random, so that a rebuilt SR has the same content.
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uid_from_id(f"{result_id}/tracking/{image_uid}"),
-                identifier=f"PXS score, image {number}"),
-            finding_sites=[hd.sr.FindingSite(LUNG)],
-            measurements=[measurement]))
-
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=uid_from_id(f"device/{manufacturer}/{device_serial}"), name=MODEL_NAME,
-        manufacturer_name=manufacturer, model_name=MODEL_NAME,
-        serial_number=device_serial or None)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
-        procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=groups)
-
+    report = _measurement_report(
+        _measurement_groups(scored, _algorithm(model), result_id), manufacturer, device_serial)
     demo = _is_demo(model)
-    comments = []
-    if demo:
-        comments.append(DEMO_COMMENT.format(model=f"{model_name} {model_version}"))
-    flags = [str(f) for f in (document.get("pxsgate") or {}).get("flags") or ()]
-    if flags:
-        comments.append("Review flags: " + ", ".join(flags))
-    root = report[0]
-    for text in comments:
-        # TID 1500 is extensible: free-text comments follow the measurements.
-        root.ContentSequence.append(hd.sr.TextContentItem(
-            name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-
+    _add_comments(report, _comments(document, demo))
     moment = _document_time(document)
     when: dict[str, Any] = {}
     if moment is not None:
         when = {"content_date": moment.date(), "content_time": moment.time(),
                 "series_date": moment.date(), "series_time": moment.time()}
-    evidence = [_evidence_header(source) for _, source in scored]
     sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
+        evidence=[_evidence_header(source) for _, source in scored],
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -281,13 +217,111 @@ def build_pxs_sr(
     if "PatientName" in scored[0][1]:
         sr.PatientName = scored[0][1].PatientName
     if moment is not None:
-        # highdicom stamps the build time; the result's time keeps a rebuilt SR identical.
-        sr.InstanceCreationDate = sr.ContentDate
-        sr.InstanceCreationTime = sr.ContentTime
-        for item in sr.get("ContributingEquipmentSequence", ()):
-            if "ContributionDateTime" in item:
-                item.ContributionDateTime = DT(moment)
+        _stamp(sr, moment)
     return sr
+
+
+def _scored_sources(document: Mapping[str, Any],
+                    sources: Sequence[Dataset]) -> list[tuple[float, Dataset]]:
+    """Each PXS score of a SUCCEEDED document with the header of its image, in the
+    document's order; SrError when there is none, or an image is missing or elsewhere."""
+    status = document.get("status")
+    if status != Status.SUCCEEDED:
+        raise SrError(f"result document is {status!r}, not '{Status.SUCCEEDED}': there is no score")
+    # Only the PXS scores. The pxs.change entry (distance to the patient's prior image, of
+    # another study) is not rendered: TID 1500 would need a second measurement group with
+    # evidence from outside this study; left for later.
+    results = [r for r in document.get("results") or () if r.get("code", PXS_CODE) == PXS_CODE]
+    if not results:
+        raise SrError("result document has no PXS result")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources if "SOPInstanceUID" in ds}
+    study_uid = document.get("studyInstanceUid")
+    scored: list[tuple[float, Dataset]] = []
+    for index, result in enumerate(results, 1):
+        source = by_uid.get(_source_uid(result, index))
+        if source is None:
+            raise SrError(f"no source image header for result {index}")
+        # The SR files under the study of its evidence: never let it land in another one.
+        if study_uid and source.get("StudyInstanceUID") != study_uid:
+            raise SrError(f"the source image of result {index} is not in the result's study")
+        scored.append((_score(result, index), source))
+    return scored
+
+
+def _model_name(model: Mapping[str, Any]) -> tuple[str, str]:
+    return str(model.get("name") or "PxsScore"), str(model.get("version") or "unknown")
+
+
+def _algorithm(model: Mapping[str, Any]) -> hd.sr.AlgorithmIdentification:
+    name, version = _model_name(model)
+    parameters = ([f"weightsSha256={model['weightsSha256']}"]
+                  if model.get("weightsSha256") else None)
+    return hd.sr.AlgorithmIdentification(
+        name=name, version=version, parameters=parameters,
+        manufacturer=str(model["author"]) if model.get("author") else None)
+
+
+def _measurement_groups(scored: Sequence[tuple[float, Dataset]],
+                        algorithm: hd.sr.AlgorithmIdentification, result_id: str
+                        ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One measurement group per scored image: its PXS score, measured on it."""
+    groups = []
+    for number, (value, source) in enumerate(scored, 1):
+        image_uid = str(source.SOPInstanceUID)
+        measurement = hd.sr.Measurement(
+            name=PXS_SCORE, value=value, unit=NO_UNITS, algorithm_id=algorithm,
+            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)])
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            # Derived, not random, so that a rebuilt SR has the same content.
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uid_from_id(f"{result_id}/tracking/{image_uid}"),
+                identifier=f"PXS score, image {number}"),
+            finding_sites=[hd.sr.FindingSite(LUNG)],
+            measurements=[measurement]))
+    return groups
+
+
+def _measurement_report(groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+                        manufacturer: str, device_serial: str) -> hd.sr.MeasurementReport:
+    """TID 1500 observed by this device (the gateway installation)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uid_from_id(f"device/{manufacturer}/{device_serial}"), name=MODEL_NAME,
+        manufacturer_name=manufacturer, model_name=MODEL_NAME,
+        serial_number=device_serial or None)
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=list(groups))
+
+
+def _comments(document: Mapping[str, Any], demo: bool) -> list[str]:
+    """What a reader must know besides the scores: demonstration weights, review flags."""
+    comments = []
+    if demo:
+        name, version = _model_name(document.get("model") or {})
+        comments.append(DEMO_COMMENT.format(model=f"{name} {version}"))
+    flags = [str(f) for f in (document.get("pxsgate") or {}).get("flags") or ()]
+    if flags:
+        comments.append("Review flags: " + ", ".join(flags))
+    return comments
+
+
+def _add_comments(report: hd.sr.MeasurementReport, comments: Sequence[str]) -> None:
+    root = report[0]
+    for text in comments:
+        # TID 1500 is extensible: free-text comments follow the measurements.
+        root.ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+
+
+def _stamp(sr: Dataset, moment: datetime) -> None:
+    """highdicom stamps the build time; the result's time keeps a rebuilt SR identical."""
+    sr.InstanceCreationDate = sr.ContentDate
+    sr.InstanceCreationTime = sr.ContentTime
+    for item in sr.get("ContributingEquipmentSequence", ()):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(moment)
 
 
 # A-ASSOCIATE-RJ diagnostics of the service user (PS3.8 7.1.1.9, source 1).

@@ -48,21 +48,40 @@ class InstancesMixin(StoreBase):
             row = await cur.fetchone()
         kind = await self._instance_kind(inst)
         if row is not None and (row[0], row[1]) == (inst.sha256, inst.study_instance_uid):
-            await self.db.execute(
-                """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
-                       called_ae = ?, peer_address = ?, association_id = ?, received_at = ?,
-                       removed_at = NULL
-                   WHERE sop_instance_uid = ?""",
-                (inst.calling_ae, inst.called_ae, inst.peer_address, inst.association_id,
-                 inst.received_at,
-                 inst.sop_instance_uid),
-            )
-            if row[3] is not None:
-                await self._purgeable_again(inst.study_instance_uid)
-            indexed = Indexed("duplicate" if row[3] is None else "revived", kind=kind)
-            await self._add_reception(inst, indexed.outcome)
-            await self.db.commit()
-            return indexed
+            indexed = await self._count_resend(inst, kind, revived=row[3] is not None)
+        else:
+            await self._upsert_instance(inst, kind)
+            opened = await self._open_study(inst, deadline, settle_seconds,
+                                            reopen=kind == "image")
+            moved = (Path(row[2]) if row is not None and row[2] != str(inst.path)
+                     and row[3] is None else None)
+            moved_from = (str(row[1]) if row is not None and row[1] != inst.study_instance_uid
+                          else None)
+            rescore_old = (moved_from is not None and await self._record_move(
+                inst, moved_from, kind, deadline, settle_seconds))
+            outcome: InstanceOutcome = ("attached" if not opened
+                                        else "new" if row is None else "changed")
+            indexed = Indexed(outcome, moved, kind, moved_from, rescore_old)
+        await self._add_reception(inst, indexed.outcome)
+        await self.db.commit()
+        return indexed
+
+    async def _count_resend(self, inst: ReceivedInstance, kind: InstanceKind, *,
+                            revived: bool) -> Indexed:
+        """The bytes already held, sent again: counted, with the latest sender."""
+        await self.db.execute(
+            """UPDATE instances SET receive_count = receive_count + 1, calling_ae = ?,
+                   called_ae = ?, peer_address = ?, association_id = ?, received_at = ?,
+                   removed_at = NULL
+               WHERE sop_instance_uid = ?""",
+            (inst.calling_ae, inst.called_ae, inst.peer_address, inst.association_id,
+             inst.received_at, inst.sop_instance_uid),
+        )
+        if revived:
+            await self._purgeable_again(inst.study_instance_uid)
+        return Indexed("revived" if revived else "duplicate", kind=kind)
+
+    async def _upsert_instance(self, inst: ReceivedInstance, kind: InstanceKind) -> None:
         await self.db.execute(
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
@@ -87,36 +106,26 @@ class InstancesMixin(StoreBase):
                 inst.association_id, inst.received_at, kind,
             ),
         )
-        opened = await self._open_study(inst, deadline, settle_seconds,
-                                        reopen=kind == "image")
-        moved = (Path(row[2]) if row is not None and row[2] != str(inst.path)
-                 and row[3] is None else None)
-        moved_from = (str(row[1]) if row is not None and row[1] != inst.study_instance_uid
-                      else None)
-        rescore_old = False
-        if moved_from is not None:
-            # A correction, recorded with the instance (whether its PatientID changed is
-            # filled in by the caller, which reads the files). An image's old study is
-            # scored again, so that its result no longer claims it, at the deadline of the
-            # study it joined; not one retention has emptied (nothing left to score).
-            await self.db.execute(
-                """INSERT INTO instance_moves (sop_instance_uid, from_study_uid, to_study_uid,
-                       patient_changed, moved_at) VALUES (?, ?, ?, 0, ?)""",
-                (inst.sop_instance_uid, moved_from, inst.study_instance_uid,
-                 inst.received_at))
-            if kind == "image":
-                cursor = await self.db.execute(
-                    f"""UPDATE studies SET state = '{StudyState.RECEIVING}', reason = '',
-                           updated_at = ?,
-                           deadline = ?, settle_seconds = ?, attempts = 0
-                       WHERE study_instance_uid = ? AND purged_at IS NULL""",
-                    (inst.received_at, deadline, settle_seconds, moved_from))
-                rescore_old = cursor.rowcount == 1
-        outcome: InstanceOutcome = ("attached" if not opened
-                                    else "new" if row is None else "changed")
-        await self._add_reception(inst, outcome)
-        await self.db.commit()
-        return Indexed(outcome, moved, kind, moved_from, rescore_old)
+
+    async def _record_move(self, inst: ReceivedInstance, moved_from: str, kind: InstanceKind,
+                           deadline: float, settle_seconds: float) -> bool:
+        """A correction, recorded with the instance (whether its PatientID changed is filled
+        in by the caller, which reads the files). An image's old study is scored again, so
+        that its result no longer claims it, at the deadline of the study it joined; not
+        one retention has emptied (nothing left to score). True: the old study re-opened."""
+        await self.db.execute(
+            """INSERT INTO instance_moves (sop_instance_uid, from_study_uid, to_study_uid,
+                   patient_changed, moved_at) VALUES (?, ?, ?, 0, ?)""",
+            (inst.sop_instance_uid, moved_from, inst.study_instance_uid, inst.received_at))
+        if kind != "image":
+            return False
+        cursor = await self.db.execute(
+            f"""UPDATE studies SET state = '{StudyState.RECEIVING}', reason = '',
+                   updated_at = ?,
+                   deadline = ?, settle_seconds = ?, attempts = 0
+               WHERE study_instance_uid = ? AND purged_at IS NULL""",
+            (inst.received_at, deadline, settle_seconds, moved_from))
+        return cursor.rowcount == 1
 
     @transaction
     async def set_move_patient_changed(self, sop_uid: str, to_study: str) -> None:

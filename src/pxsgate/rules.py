@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -89,80 +89,101 @@ def select(headers: Sequence[Header], cfg: SelectionConfig) -> StudyDecision:
     """Decide a whole study: the study-level verdict, one decision per instance, flags."""
     if not headers:  # e.g. its only instance was re-sent under another study meanwhile
         return StudyDecision(False, "no-instances", "no instance is stored for this study", ())
-    readable = [h for h in headers if h.dataset is not None]
-    patient = _study_patient(readable)
-    images: list[ImageDecision] = []
-    accepted_by: list[tuple[str, str]] = []
-    rejected_by: Counter[str] = Counter()
-    wrong_patient = False
-    for h in headers:
-        inst = h.instance
-
-        def decision(selected: bool, rule: str, reason: str, h: Header = h,
-                     inst: StoredInstance = inst) -> ImageDecision:
-            return ImageDecision(inst.sop_instance_uid, inst.series_instance_uid, selected,
-                                 rule, reason, h.acquired())
-
-        if h.dataset is None:
-            images.append(decision(False, "unreadable", f"header unreadable: {h.error}"))
-            continue
-        if h.text("PatientID") != patient:
-            wrong_patient = True
-            images.append(decision(False, FLAG_WRONG_PATIENT,
-                                   "PatientID differs from the study's"))
-            continue
-        rule, why = first_match(cfg.study_rules, h.dataset)
-        if rule is None or rule.action == "reject":
-            name = rule.name if rule else "no-study-rule"
-            rejected_by[name] += 1
-            images.append(decision(False, name, why))
-            continue
-        accepted_by.append((rule.name, why))
-        rule, why = first_match(cfg.image_rules, h.dataset)
-        if rule is None:
-            images.append(decision(False, "no-image-rule", why))
-        else:
-            images.append(decision(rule.action == "select", rule.name, why))
-    flags = [FLAG_WRONG_PATIENT] if wrong_patient else []
-    if not accepted_by:
-        if not rejected_by:
-            first = next(d for d in images)
-            return StudyDecision(False, first.rule, f"not a candidate: {first.reason}",
-                                 tuple(images), tuple(flags))
-        first = next(d for d in images if d.rule in rejected_by)
-        reason = f"not a candidate: {first.reason}"
-        if len(rejected_by) > 1:
-            summary = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in rejected_by.items())
-            reason += f" (rules: {summary})"
-        return StudyDecision(False, first.rule, reason, tuple(images), tuple(flags))
+    patient = _study_patient([h for h in headers if h.dataset is not None])
+    votes = _Votes()
+    images = [_decide_instance(h, cfg, patient, votes) for h in headers]
+    flags = [FLAG_WRONG_PATIENT] if votes.wrong_patient else []
+    if not votes.accepted_by:
+        return _not_a_candidate(images, votes.rejected_by, flags)
     chosen = [d for d in images if d.selected]
     if not chosen:
-        counts = Counter(d.rule for d in images)
-        summary = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
-        example = next((d for d in images if d.rule not in rejected_by
-                        and d.rule not in ("unreadable", FLAG_WRONG_PATIENT)), images[0])
-        return StudyDecision(False, "no-model-input", f"candidate ({accepted_by[0][0]}) but "
-                             f"no image selected among {len(images)} ({summary}), e.g. "
-                             f"{example.reason}", tuple(images), tuple(flags))
+        return _no_model_input(images, votes, flags)
     if len(chosen) > 1:
         flags.append(FLAG_MULTIPLE)
     if len(chosen) > cfg.many_ap_images:
         flags.append(FLAG_MANY)
     if len(chosen) > cfg.max_images_per_study:
-        # One study of hundreds of images must not hold the model while others wait: the
-        # latest acquired are scored, the rest recorded as not used, and the study flagged.
-        keep = {d.sop_instance_uid
-                for d in latest_first(chosen)[:cfg.max_images_per_study]}
-        images = [d if not d.selected or d.sop_instance_uid in keep else ImageDecision(
-            d.sop_instance_uid, d.series_instance_uid, False, "over-limit",
-            f"{d.reason}; not scored: only the latest {cfg.max_images_per_study} of "
-            f"{len(chosen)} model input images are (selection.max-images-per-study)",
-            d.acquired) for d in images]
+        images = _capped(images, chosen, cfg.max_images_per_study)
         flags.append(FLAG_CAPPED)
         chosen = [d for d in images if d.selected]
-    rule_name, why = accepted_by[0]
+    rule_name, why = votes.accepted_by[0]
     return StudyDecision(True, rule_name, f"{why}; {len(chosen)} model input image(s)",
                          tuple(images), tuple(sorted(flags)))
+
+
+@dataclass
+class _Votes:
+    """What the study rules said of the study's instances, as select() goes through them."""
+
+    accepted_by: list[tuple[str, str]] = field(default_factory=list)  # (rule, why)
+    rejected_by: Counter[str] = field(default_factory=Counter)
+    wrong_patient: bool = False
+
+
+def _decide_instance(h: Header, cfg: SelectionConfig, patient: str,
+                     votes: _Votes) -> ImageDecision:
+    """One instance: readable, the study's patient, a candidate by the study rules, then
+    selected or not by the image rules."""
+    inst = h.instance
+
+    def decision(selected: bool, rule: str, reason: str) -> ImageDecision:
+        return ImageDecision(inst.sop_instance_uid, inst.series_instance_uid, selected,
+                             rule, reason, h.acquired())
+
+    if h.dataset is None:
+        return decision(False, "unreadable", f"header unreadable: {h.error}")
+    if h.text("PatientID") != patient:
+        votes.wrong_patient = True
+        return decision(False, FLAG_WRONG_PATIENT, "PatientID differs from the study's")
+    rule, why = first_match(cfg.study_rules, h.dataset)
+    if rule is None or rule.action == "reject":
+        name = rule.name if rule else "no-study-rule"
+        votes.rejected_by[name] += 1
+        return decision(False, name, why)
+    votes.accepted_by.append((rule.name, why))
+    rule, why = first_match(cfg.image_rules, h.dataset)
+    if rule is None:
+        return decision(False, "no-image-rule", why)
+    return decision(rule.action == "select", rule.name, why)
+
+
+def _rule_counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
+
+
+def _not_a_candidate(images: Sequence[ImageDecision], rejected_by: Counter[str],
+                     flags: Sequence[str]) -> StudyDecision:
+    if not rejected_by:
+        first = images[0]
+        return StudyDecision(False, first.rule, f"not a candidate: {first.reason}",
+                             tuple(images), tuple(flags))
+    first = next(d for d in images if d.rule in rejected_by)
+    reason = f"not a candidate: {first.reason}"
+    if len(rejected_by) > 1:
+        reason += f" (rules: {_rule_counts(rejected_by)})"
+    return StudyDecision(False, first.rule, reason, tuple(images), tuple(flags))
+
+
+def _no_model_input(images: Sequence[ImageDecision], votes: _Votes,
+                    flags: Sequence[str]) -> StudyDecision:
+    summary = _rule_counts(Counter(d.rule for d in images))
+    example = next((d for d in images if d.rule not in votes.rejected_by
+                    and d.rule not in ("unreadable", FLAG_WRONG_PATIENT)), images[0])
+    return StudyDecision(False, "no-model-input", f"candidate ({votes.accepted_by[0][0]}) but "
+                         f"no image selected among {len(images)} ({summary}), e.g. "
+                         f"{example.reason}", tuple(images), tuple(flags))
+
+
+def _capped(images: Sequence[ImageDecision], chosen: Sequence[ImageDecision],
+            limit: int) -> list[ImageDecision]:
+    """One study of hundreds of images must not hold the model while others wait: the
+    latest acquired are scored, the rest recorded as not used (the study is flagged)."""
+    keep = {d.sop_instance_uid for d in latest_first(chosen)[:limit]}
+    return [d if not d.selected or d.sop_instance_uid in keep else ImageDecision(
+        d.sop_instance_uid, d.series_instance_uid, False, "over-limit",
+        f"{d.reason}; not scored: only the latest {limit} of "
+        f"{len(chosen)} model input images are (selection.max-images-per-study)",
+        d.acquired) for d in images]
 
 
 def _study_patient(readable: Sequence[Header]) -> str:

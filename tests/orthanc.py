@@ -32,6 +32,7 @@ from .conftest import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 # A remote modality: (AET, host, port), or Orthanc's own object form with AllowStore etc.
@@ -48,6 +49,17 @@ def orthanc_binary() -> Path:
                 pytest.fail(f"{path} is missing: .ci/run must install {package}")
             pytest.skip(f"{path} is not installed (apt-get install {package})")
     return ORTHANC
+
+
+def orthanc_dicomweb_plugin() -> Path:
+    """Orthanc's DICOMweb plugin (Debian's orthanc-dicomweb), or the test fails under CI
+    (.ci/run must install it) or skips."""
+    orthanc_binary()
+    if not DICOMWEB_PLUGIN.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DICOMWEB_PLUGIN} is missing: .ci/run must install orthanc-dicomweb")
+        pytest.skip(f"{DICOMWEB_PLUGIN} is not installed (apt-get install orthanc-dicomweb)")
+    return DICOMWEB_PLUGIN
 
 
 class OrthancError(AssertionError):

@@ -30,12 +30,20 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
+from pxsgate.delivery.sr import uid_from_id
 from pxsgate.results import pxs_entries
 from pxsgate.tools import synth
 from pxsgate.tools.scu import send_datasets
 
 from .conftest import Service, free_port, pxsgate, start_service, stop_service
-from .orthanc import JPEG2000_LOSSLESS, Orthanc, orthanc_binary, orthanc_server
+from .orthanc import (
+    GDCM_PLUGIN,
+    JPEG2000_LOSSLESS,
+    Orthanc,
+    orthanc_binary,
+    orthanc_dicomweb_plugin,
+    orthanc_server,
+)
 from .test_lifecycle import ap_study
 
 PXSGATE_AET = "PxsScore"          # pxsgate's SCP (called) AE title: Orthanc routes to it
@@ -364,3 +372,61 @@ def test_orthanc_unknown_exporter_ae_title_is_named_in_the_error(tmp_path: Path)
     assert "aborted before the C-STORE response" in error
     assert "calling AE title it does not know" in error
     assert "lists STRANGER" in error
+
+
+# --- (e) the SR into a DICOMweb archive by STOW-RS ---------------------------------------------
+
+
+def dicomweb_exporter(url: str) -> str:
+    return f"""exporters:
+  - name: archive
+    type: dicomweb
+    url: {url}
+    timeout-seconds: 10
+    max-attempts: 2
+    backoff-initial-seconds: 0.2
+    backoff-max-seconds: 1
+"""
+
+
+def test_orthanc_dicomweb_exporter_stores_the_sr_by_stow_rs(tmp_path: Path) -> None:
+    """Orthanc's DICOMweb plugin as the archive: the SR arrives by STOW-RS, the same
+    instance the dicom exporter would C-STORE (its UID derived from the result and the
+    exporter). An exporter aimed at a path that is no STOW-RS service (HTTP 404) is dead
+    at once, with the answer in its error."""
+    plugin = orthanc_dicomweb_plugin()
+    study = ap_study(74, "ORTHSTOW")
+    uid = str(study[0].StudyInstanceUID)
+    with orthanc_server(tmp_path / "orthanc", extra={
+            "Plugins": [str(GDCM_PLUGIN), str(plugin)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}) as orthanc:
+        base = f"http://127.0.0.1:{orthanc.http_port}"
+        exporters = dicomweb_exporter(f"{base}/dicom-web") + dicomweb_exporter(
+            f"{base}/not-dicom-web").replace("exporters:\n", "").replace("archive", "wrong")
+        (tmp_path / "pxsgate").mkdir()
+        svc = start_service(tmp_path / "pxsgate", settle=SETTLE, extra=exporters)
+        try:
+            assert send_datasets("127.0.0.1", svc.port, study).ok
+            doc = svc.wait_for([uid], timeout=45)[uid]
+            assert doc["status"] == "SUCCEEDED", doc["errorMessage"]
+            [sr] = poll(lambda: orthanc.instances_of(uid, "SR"), 30, "the SR in Orthanc")
+
+            def settled() -> list[dict[str, Any]] | None:
+                rows: list[dict[str, Any]] = json.loads(pxsgate(
+                    "outbox", "list", "--json", "--config", svc.config).stdout)
+                done = len(rows) == 2 and all(r["state"] != "pending" for r in rows)
+                return rows if done else None
+
+            deliveries = poll(settled, 30, "both deliveries settled")
+        finally:
+            assert stop_service(svc) == 0
+        sr_file = pydicom.dcmread(BytesIO(orthanc.file(sr["OrthancId"])))
+
+    states = {d["exporter"]: d for d in deliveries}
+    assert states["archive"]["state"] == "delivered"
+    assert states["wrong"]["state"] == "dead"
+    assert states["wrong"]["attempts"] == 1, "a 404 is not tried again"
+    assert "HTTP 404" in states["wrong"]["last_error"]
+    assert sr_file.SOPInstanceUID == uid_from_id(f"{doc['id']}/archive/sr")
+    assert sr_file.StudyInstanceUID == uid
+    assert sr_file.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR

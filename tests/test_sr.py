@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
 import socket
 import subprocess
@@ -296,3 +297,30 @@ def test_failing_peer_raises(sources: list[Dataset], tmp_path: Path, flags: tupl
     with _storescp(tmp_path / "pacs", *flags) as port, pytest.raises(SendError, match=what):
         send_dataset(sr, host="127.0.0.1", port=port, called_ae="PACS", calling_ae="PXSGATE",
                      timeout=1.5)
+
+
+def test_stow_rs_failure_reasons_are_read_from_the_store_instances_response() -> None:
+    """PS3.18 10.5.3: a 202 or 409 answer lists each failed instance with its reason."""
+    from pxsgate.delivery.dicomweb import failure_reason, multipart_related
+
+    answer = json.dumps({
+        "00081198": {"vr": "SQ", "Value": [
+            {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.33"]},
+             "00081155": {"vr": "UI", "Value": ["1.2.3.4"]},
+             "00081197": {"vr": "US", "Value": [0xA700]}},
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.5"]}}]},
+        "00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": ["1.2.3.6"]}}]},
+    }).encode()
+    assert failure_reason(answer, "1.2.3.4") == 0xA700
+    assert failure_reason(answer, "1.2.3.5") == 0, "listed without a reason"
+    assert failure_reason(answer, "1.2.3.6") is None, "stored"
+    assert failure_reason(b"<html>busy</html>", "1.2.3.4") is None
+    assert failure_reason(b"[" + answer + b"]", "1.2.3.4") == 0xA700
+
+    body, content_type = multipart_related([b"DICM-one", b"DICM-two"])
+    boundary = content_type.split("boundary=")[1]
+    assert content_type.startswith('multipart/related; type="application/dicom"; ')
+    assert body.startswith(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+    assert body.count(f"--{boundary}\r\n".encode()) == 2
+    assert body.endswith(f"\r\n--{boundary}--\r\n".encode())

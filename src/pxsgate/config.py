@@ -377,7 +377,7 @@ class ExporterConfig:
     gets one delivery row per exporter, in the same transaction as the result."""
 
     name: str = field(metadata=_check(_check_name))
-    type: Literal["http", "dicom"]
+    type: Literal["http", "dicom", "dicomweb"]
     # Which results go there. Default: every status for http (the paper's results
     # communicator), SUCCEEDED for dicom (an SR reports a score).
     statuses: tuple[Literal["SUCCEEDED", "FAILED", "SKIPPED"], ...] | None = None
@@ -554,24 +554,10 @@ def _cross_check_tls(tls: TlsConfig) -> None:
 
 
 def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
-    if e.type == "http":
-        if e.url is None:
-            raise ConfigError(f"{path}.url", "is required for an http exporter")
-        parsed = urllib.parse.urlsplit(e.url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"{path}.url", f"must be an http(s) URL; got {e.url!r}")
-        loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1")
-        if parsed.scheme == "http" and not loopback and (
-                e.bearer_token_file is not None or e.client_certificate is not None):
-            raise ConfigError(f"{path}.url", "credentials would cross the network in clear "
-                              "text: use https")
-        if (e.client_certificate is None) != (e.client_key is None):
-            raise ConfigError(f"{path}.client-key",
-                              "client-certificate and client-key go together")
-        for key in ("host", "port", "ae_title"):
-            if getattr(e, key) is not None:
-                raise ConfigError(f"{path}.{key.replace('_', '-')}",
-                                  "applies to dicom exporters only")
+    if e.type in ("http", "dicomweb"):
+        _cross_check_url(e, path)
+        if e.type == "dicomweb":
+            _only_scores(e, path)
         return
     for key in ("host", "port", "ae_title"):
         if getattr(e, key) is None:
@@ -579,9 +565,36 @@ def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
                               "is required for a dicom exporter")
     if e.url is not None:
         raise ConfigError(f"{path}.url", "applies to http exporters only")
+    _only_scores(e, path)
+
+
+def _cross_check_url(e: ExporterConfig, path: str) -> None:
+    """An http or dicomweb exporter: its URL, and credentials that never cross the network
+    in clear text."""
+    if e.url is None:
+        article = "an" if e.type == "http" else "a"
+        raise ConfigError(f"{path}.url", f"is required for {article} {e.type} exporter")
+    parsed = urllib.parse.urlsplit(e.url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{path}.url", f"must be an http(s) URL; got {e.url!r}")
+    loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1")
+    if parsed.scheme == "http" and not loopback and (
+            e.bearer_token_file is not None or e.client_certificate is not None):
+        raise ConfigError(f"{path}.url", "credentials would cross the network in clear "
+                          "text: use https")
+    if (e.client_certificate is None) != (e.client_key is None):
+        raise ConfigError(f"{path}.client-key",
+                          "client-certificate and client-key go together")
+    for key in ("host", "port", "ae_title"):
+        if getattr(e, key) is not None:
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              "applies to dicom exporters only")
+
+
+def _only_scores(e: ExporterConfig, path: str) -> None:
     if e.statuses is not None and set(e.statuses) != {Status.SUCCEEDED}:
         raise ConfigError(f"{path}.statuses",
-                          "a dicom exporter sends scores: only SUCCEEDED results")
+                          f"a {e.type} exporter sends scores: only SUCCEEDED results")
 
 
 def _cross_check(config: Config) -> None:

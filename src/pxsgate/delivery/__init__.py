@@ -2,7 +2,8 @@
 idempotent delivery ids) and the exporters behind it, one module a protocol:
 
 - :mod:`.http`: the result document POSTed as JSON;
-- :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`).
+- :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`);
+- :mod:`.dicomweb`: the same SR stored by STOW-RS in a DICOMweb archive.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 from pxsgate.config import ExporterConfig
 from pxsgate.delivery.dicom import DicomSrExporter
+from pxsgate.delivery.dicomweb import StowSrExporter
 from pxsgate.delivery.http import HttpExporter
 from pxsgate.delivery.outbox import Exporter
 from pxsgate.store import Store
@@ -19,8 +21,11 @@ from pxsgate.store import Store
 def build_exporters(configs: Sequence[ExporterConfig], store: Store) -> dict[str, Exporter]:
     exporters: dict[str, Exporter] = {}
     for i, config in enumerate(configs):
+        key = f"exporters[{i}]"
         if config.type == "http":
-            exporters[config.name] = HttpExporter(config, f"exporters[{i}]")
+            exporters[config.name] = HttpExporter(config, key)
+        elif config.type == "dicomweb":
+            exporters[config.name] = StowSrExporter(config, store, key)
         else:
             exporters[config.name] = DicomSrExporter(config, store)
     return exporters

@@ -1,5 +1,6 @@
-"""The DICOM exporter: a Comprehensive SR per result (TID 1500 measurement of the PXS score,
-referencing the source images; built by :mod:`pxsgate.delivery.sr`), C-STOREd to a PACS.
+"""The DICOM exporters: a Comprehensive SR per result (TID 1500 measurement of the PXS score,
+referencing the source images; built by :mod:`pxsgate.delivery.sr`), C-STOREd to a PACS
+(here) or sent by STOW-RS (:mod:`pxsgate.delivery.dicomweb`).
 
 It raises ExportError for what a later try may fix (connection refused, timeouts, DICOM
 failure statuses) and PermanentExportError for what it cannot (a result whose source images
@@ -36,19 +37,17 @@ def _read_headers(paths: Sequence[Path]) -> list[Dataset]:
     return [dcmread(path, stop_before_pixels=True) for path in paths]
 
 
-class DicomSrExporter:
-    """A Comprehensive SR per result, C-STOREd to a PACS. Its SOP Instance UID derives from
-    the result id and the exporter, so a delivery sent twice is the same instance to the
-    PACS. The SRs of one study for one exporter share a series; a rescore's SR has the next
-    InstanceNumber and names the SR it supersedes (PredecessorDocumentsSequence). Each is
-    registered in the store before it is sent, so that a router sending the study back
-    brings it in as pxsgate's own, which never re-opens the study."""
+class SrExporter:
+    """A Comprehensive SR per result, sent to a PACS by the subclass's protocol. Its SOP
+    Instance UID derives from the result id and the exporter, so a delivery sent twice is
+    the same instance to the PACS. The SRs of one study for one exporter share a series; a
+    rescore's SR has the next InstanceNumber and names the SR it supersedes
+    (PredecessorDocumentsSequence). Each is registered in the store before it is sent, so
+    that a router sending the study back brings it in as pxsgate's own, which never
+    re-opens the study."""
 
     def __init__(self, config: ExporterConfig, store: Store) -> None:
-        if config.host is None or config.port is None or config.ae_title is None:
-            raise ConfigError(config.name, "a dicom exporter needs host, port and ae-title")
         self.name = config.name
-        self._host, self._port, self._called = config.host, config.port, config.ae_title
         self._config = config
         self._store = store
 
@@ -56,6 +55,17 @@ class DicomSrExporter:
         return None
 
     async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
+        await self._send(await self._build(document))
+
+    async def close(self) -> None:
+        return None
+
+    async def _send(self, dataset: Dataset) -> None:
+        raise NotImplementedError
+
+    async def _build(self, document: ResultDocument) -> Dataset:
+        """The result's SR, registered as pxsgate's own; PermanentExportError when it cannot
+        be built (its images gone from the spool, a newer result, a header it cannot use)."""
         from pxsgate.delivery import sr  # highdicom loads only where an SR exporter is configured
 
         uids = _source_uids(document)
@@ -79,7 +89,7 @@ class DicomSrExporter:
             at=now_iso())
         try:
             sources = await asyncio.to_thread(_read_headers, [paths[u] for u in uids])
-            dataset = sr.build_pxs_sr(
+            return sr.build_pxs_sr(
                 document.to_json(), sources, sop_instance_uid=made.sop_instance_uid,
                 series_instance_uid=made.series_instance_uid,
                 instance_number=made.instance_number,
@@ -92,6 +102,20 @@ class DicomSrExporter:
             # highdicom's messages may quote header values: not kept.
             raise PermanentExportError(
                 f"cannot build the SR: {type(exc).__name__}") from exc
+
+
+class DicomSrExporter(SrExporter):
+    """The SR by C-STORE, one association per delivery."""
+
+    def __init__(self, config: ExporterConfig, store: Store) -> None:
+        if config.host is None or config.port is None or config.ae_title is None:
+            raise ConfigError(config.name, "a dicom exporter needs host, port and ae-title")
+        super().__init__(config, store)
+        self._host, self._port, self._called = config.host, config.port, config.ae_title
+
+    async def _send(self, dataset: Dataset) -> None:
+        from pxsgate.delivery import sr
+
         try:
             status = await asyncio.to_thread(
                 sr.send_dataset, dataset, host=self._host, port=self._port,
@@ -102,9 +126,6 @@ class DicomSrExporter:
         if status not in STORED:
             raise ExportError(f"C-STORE to {self._called}@{self._host}:{self._port} "
                               f"answered 0x{status:04X}")
-
-    async def close(self) -> None:
-        return None
 
 
 def _reference(made: MadeInstance) -> Dataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -49,53 +50,74 @@ def client_ssl_context(config: ExporterConfig, key: str) -> ssl.SSLContext:
     return context
 
 
-class HttpExporter:
+class HttpClient:
+    """An HTTP session to one exporter's server, with its credentials: the bearer token and
+    the TLS context (CA bundle, client certificate) are read at start, so a missing token
+    file stops the start-up with its key path instead of failing every delivery later."""
+
     def __init__(self, config: ExporterConfig, key: str) -> None:
         assert config.url is not None
-        self.name = config.name
+        self.url = config.url
         self._config = config
         self._key = key  # the config path, for error messages
-        self._url = config.url
-        self._headers = {"Content-Type": "application/json",
-                         "User-Agent": f"pxsgate/{__version__}"}
+        self._headers = {"User-Agent": f"pxsgate/{__version__}"}
         self._ssl: ssl.SSLContext | bool = True
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Read the credentials now, so a missing token file stops the start-up with its
-        key path instead of failing every delivery later."""
         config = self._config
         if config.bearer_token_file is not None:
             token = read_secret(config.bearer_token_file, f"{self._key}.bearer-token-file")
             self._headers["Authorization"] = f"Bearer {token}"
-        if self._url.startswith("https:"):
+        if self.url.startswith("https:"):
             self._ssl = client_ssl_context(config, self._key)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.timeout_seconds))
 
-    async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """POST ``body``: the HTTP status and the answer's body; ExportError when no answer
+        came (refused, reset, timed out)."""
         assert self._session is not None
-        headers = {**self._headers, "Idempotency-Key": delivery_id,
-                   "X-Pxsgate-Delivery-Id": delivery_id,
-                   "X-Pxsgate-Result-Id": document.id}
-        body = json.dumps(document.to_json(), separators=(",", ":")).encode()
         try:
-            async with self._session.post(self._url, data=body, headers=headers,
+            async with self._session.post(url, data=body, headers={**self._headers, **headers},
                                           ssl=self._ssl) as response:
-                if 200 <= response.status < 300:
-                    return
-                # Only the body's size is kept: a receiver's error text may quote the
-                # document (patient, accession), and this message reaches logs and status.
-                answer = f"({len(await response.read())}-byte answer)"
-                status = response.status
+                return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ExportError(f"POST {self._url}: {type(exc).__name__}: {exc}") from exc
-        message = f"POST {self._url}: HTTP {status} {answer}"
-        if status in RETRYABLE_HTTP or status >= 500:
-            raise ExportError(message)
-        raise PermanentExportError(message)
+            raise ExportError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def refusal(message: str, status: int) -> ExportError:
+    """An HTTP answer that is no success: retried when a later try may succeed (408, 425,
+    429, 5xx), else permanent."""
+    if status in RETRYABLE_HTTP or status >= 500:
+        return ExportError(message)
+    return PermanentExportError(message)
+
+
+class HttpExporter:
+    def __init__(self, config: ExporterConfig, key: str) -> None:
+        self.name = config.name
+        self._client = HttpClient(config, key)
+        self._url = self._client.url
+
+    async def start(self) -> None:
+        await self._client.start()
+
+    async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
+        headers = {"Content-Type": "application/json", "Idempotency-Key": delivery_id,
+                   "X-Pxsgate-Delivery-Id": delivery_id, "X-Pxsgate-Result-Id": document.id}
+        body = json.dumps(document.to_json(), separators=(",", ":")).encode()
+        status, answer = await self._client.post(self._url, body, headers)
+        if 200 <= status < 300:
+            return
+        # Only the body's size is kept: a receiver's error text may quote the document
+        # (patient, accession), and this message reaches logs and status.
+        raise refusal(f"POST {self._url}: HTTP {status} ({len(answer)}-byte answer)", status)
+
+    async def close(self) -> None:
+        await self._client.close()

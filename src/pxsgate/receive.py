@@ -1,9 +1,9 @@
 """DICOM reception: the pynetdicom SCP, access control, and the C-STORE handler.
 
 pynetdicom runs every association on its own thread, so the handlers here run off the event
-loop. The C-STORE handler does the least it can: check the identifiers, write the bytes as
-received to the spool (fsynced, :mod:`pxsgate.spool`), have the loop index the instance in
-SQLite, and only then answer Success. It never decodes pixel data.
+loop. The C-STORE handler does the least it can: hand the bytes as received to
+:mod:`pxsgate.intake` (the checks, the fsynced spool write, the index in SQLite by the loop)
+and only then answer Success. It never decodes pixel data.
 
 Errors become DICOM status codes here (PS3.4 Annex B.2.3 and PS3.7 Annex C):
   0xA700  Refused: Out of Resources     (disk below its floor, spool at its ceiling, too
@@ -17,24 +17,20 @@ Errors become DICOM status codes here (PS3.4 Annex B.2.3 and PS3.7 Annex C):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import hashlib
 import itertools
 import socket
 import ssl
 import threading
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import structlog
 from pydicom import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -43,22 +39,22 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target, validate_uid
 
 from pxsgate.config import DicomConfig, TlsConfig
-from pxsgate.errors import SpoolError
-from pxsgate.records import Indexed, ReceivedInstance, now_iso
+from pxsgate.intake import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    Admission,
+    Arrival,
+    InstanceHandler,
+    Intake,
+    Refusal,
+)
+from pxsgate.records import Indexed, ReceivedInstance
 from pxsgate.service.failpoints import Failpoints
 from pxsgate.service.metrics import Metrics
-from pxsgate.spool import Spool, is_valid_uid
+from pxsgate.spool import Spool
 
 log = structlog.get_logger("pxsgate.receive")
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-
-# How long an association thread waits for the loop to index an instance before it answers
-# Out of Resources (the instance stays in the spool, so the sender's retry is idempotent).
-INDEX_TIMEOUT_S = 30.0
 
 MAX_AE_LABELS = 64  # distinct calling AE titles with their own metric series
 
@@ -67,23 +63,7 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation)
 
-InstanceHandler = Callable[[ReceivedInstance], Awaitable[Indexed]]
 ClosedHandler = Callable[[str], None]
-# Asked before an instance is written, with its size: seconds to delay the answer (0: none),
-# or the reason to refuse it with 0xA700 (backpressure, the spool ceiling).
-Admission = Callable[[int], "float | str"]
-
-
-class _Refusal(Exception):
-    """A C-STORE answered with ``status`` and ``comment`` (its ErrorComment). A plain
-    exception, not a frozen dataclass: leaving a ``@contextmanager`` block (Spool.writing)
-    sets its ``__traceback__``, which a frozen dataclass refuses, and the refusal then
-    became an "internal error" without its reason."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -111,7 +91,6 @@ class Receiver:
     ) -> None:
         config = dicom.scp
         self._config = config
-        self._admit = admit
         self._failpoints = failpoints or Failpoints()
         self._metrics = metrics or Metrics()
         self._label = label  # how logs name a study
@@ -120,15 +99,14 @@ class Receiver:
         self._opened: dict[str, float] = {}  # association id -> monotonic start
         self._counts: dict[str, int] = {}  # association id -> instances stored
         self._ae_labels: set[str] = set()
-        self._spool = spool
         self._loop = loop
-        self._on_instance = on_instance
         self._on_closed = on_closed
         # A called AE title is served when it is listed and a pipeline maps it (Listing 1).
         mapped = {m.clara_ae_title.strip() for m in dicom.pipeline_mappings}
         self._titles = {t.ae_title.strip() for t in config.ae_titles} & mapped
         self._sources = {(s.host_ip, s.ae_title.strip()) for s in config.sources}
-        self._max_dataset = int(config.max_dataset_mb * 2**20)
+        self._intake = Intake(spool, loop, on_instance, max_dataset_mb=config.max_dataset_mb,
+                              admit=admit, failpoints=self._failpoints)
         self._ids = itertools.count(1)
         self._assoc_ids: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -355,7 +333,7 @@ class Receiver:
         assoc_id = self._association_id(event.assoc)
         try:
             instance, indexed, delay = self._receive(event, assoc_id)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             self._metrics.instances_refused.labels(status=f"0x{refusal.status:04X}").inc()
             log.warning("instance.refused", association_id=assoc_id,
                         status=f"0x{refusal.status:04X}", reason=refusal.comment)
@@ -407,196 +385,19 @@ class Receiver:
                      ) -> tuple[ReceivedInstance, Indexed, float]:
         if INVALID_REQUEST_UID in (request.AffectedSOPInstanceUID,
                                    request.AffectedSOPClassUID):
-            raise _Refusal(STATUS_CANNOT_UNDERSTAND, "invalid UID in the C-STORE request")
-        size = len(header) + len(stream)
-        if size > self._max_dataset:
-            raise _Refusal(STATUS_OUT_OF_RESOURCES,
-                           f"data set larger than {self._config.max_dataset_mb:g} MB")
-        verdict = self._admit(size)
-        if isinstance(verdict, str):
-            raise _Refusal(STATUS_OUT_OF_RESOURCES, verdict)
-        try:
-            ds = self._header(event, received, stream)
-            sop_uid = str(ds.SOPInstanceUID)
-            sop_class = str(ds.SOPClassUID)
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-        except _Refusal:
-            raise
-        except Exception as exc:  # a peer's bytes can fail in any way pydicom can
-            # pxsgate's words only: pydicom's message may quote a value (PHI).
-            raise _Refusal(STATUS_CANNOT_UNDERSTAND,
-                           f"unreadable data set ({type(exc).__name__})") from exc
-        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
-            raise _Refusal(STATUS_DATASET_MISMATCH, "SOP UIDs differ from the C-STORE request")
-        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
-                          ("SOPInstanceUID", sop_uid)):
-            if not is_valid_uid(uid):
-                raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
-        # Retention leaves a study alone from its file's write until it is indexed.
-        with self._spool.writing(study_uid):
-            try:
-                path = self._spool.write(study_uid, sop_uid, (header, stream))
-            except SpoolError as exc:
-                raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
-            self._failpoints.hit("after-spool-write")
-            digest = hashlib.sha256(header)
-            digest.update(stream)
-            instance = ReceivedInstance(
-                sop_instance_uid=sop_uid,
-                sop_class_uid=sop_class,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                path=path,
-                size=size,
-                sha256=digest.hexdigest(),
-                calling_ae=event.assoc.requestor.ae_title.strip(),
-                called_ae=_called_ae(event),
-                peer_address=str(event.assoc.requestor.address),
-                association_id=assoc_id,
-                received_at=now_iso(),
-            )
-            indexed = self._index(instance)
-        self._failpoints.hit("after-index")
-        return instance, indexed, verdict
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, "invalid UID in the C-STORE request")
+        arrival = Arrival(calling_ae=event.assoc.requestor.ae_title.strip(),
+                          called_ae=_called_ae(event),
+                          peer_address=str(event.assoc.requestor.address),
+                          association_id=assoc_id,
+                          transfer_syntax=event.context.transfer_syntax)
+        return self._intake.store(arrival, received, header, stream, expected=(
+            str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)))
 
-    def _header(self, event: evt.Event, received: BytesIO, data: memoryview) -> Dataset:
-        """Parse the whole header, everything before Pixel Data, without reading (and
-        copying) the pixel data: a data set that cannot be read is refused now, not
-        acknowledged and then found unreadable. A Deflated data set is inflated in bounded
-        chunks first (a decompression bomb is refused before it fills memory). The pixel
-        data it declares must fit max-dataset-mb once decoded."""
-        syntax = event.context.transfer_syntax
-        if syntax == DeflatedExplicitVRLittleEndian:
-            kept, total = _inflate(data, self._max_dataset, self._config.max_dataset_mb)
-            stream = BytesIO(kept)
-        else:
-            stream, total = received, len(data)
-        stream.seek(0)
-        try:
-            ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
-                              stop_when=lambda tag, vr, length: tag >= PIXEL_DATA)
-            _check_pixel_data_length(stream, syntax.is_implicit_VR, syntax.is_little_endian,
-                                     total)
-        finally:
-            received.seek(0)
-        for elem in ds.elements():
-            _check_length(elem)
-        decoded = _decoded_pixel_bytes(ds)
-        if decoded > self._max_dataset:
-            raise _Refusal(STATUS_OUT_OF_RESOURCES,
-                           f"pixel data larger than {self._config.max_dataset_mb:g} MB "
-                           "once decoded")
-        return ds
-
-    def _index(self, instance: ReceivedInstance) -> Indexed:
-        """Block this association thread until the loop has indexed the instance."""
-        try:
-            future = asyncio.run_coroutine_threadsafe(
-                self._await(self._on_instance(instance)), self._loop
-            )
-            return future.result(timeout=INDEX_TIMEOUT_S)
-        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
-            raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store did not answer") from exc
-        except Exception as exc:  # the store's failure must become a status, not a crash
-            log.error("instance.index_failed", error=str(exc))
-            raise _Refusal(STATUS_OUT_OF_RESOURCES, "the store failed") from exc
-
-    @staticmethod
-    async def _await(awaitable: Awaitable[Indexed]) -> Indexed:
-        return await awaitable
-
-
-PIXEL_DATA = 0x7FE00010
 C_STORE_RQ_FIELD = 0x0001
 # Stands in for an invalid UID of a C-STORE request's command set (_on_dimse_recv): valid
 # syntax, so that pynetdicom accepts it; never a real instance's UID.
 INVALID_REQUEST_UID = "0.0.0.0.0"
-INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
-# Of a Deflated data set, the inflated bytes kept for reading its header: the rest is
-# inflated only to be counted against max-dataset-mb.
-HEADER_KEPT = 64 * 2**20
-
-
-def _inflate(deflated: memoryview, limit: int, limit_mb: float) -> tuple[bytes, int]:
-    """A Deflated Explicit VR Little Endian data set (PS3.5 A.5) inflated in chunks, every
-    byte counted and only the first HEADER_KEPT kept: one that inflates past ``limit``
-    bytes is refused with 0xA700 having taken at most about HEADER_KEPT of memory."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    kept = bytearray()
-    total = 0
-    pending: bytes | memoryview = deflated
-    try:
-        while True:
-            out = inflater.decompress(pending, INFLATE_CHUNK)
-            total += len(out)
-            if total > limit:
-                raise _Refusal(STATUS_OUT_OF_RESOURCES,
-                               f"data set larger than {limit_mb:g} MB once inflated")
-            if len(kept) < HEADER_KEPT:
-                kept += out[:HEADER_KEPT - len(kept)]
-            pending = inflater.unconsumed_tail
-            if inflater.eof or (not pending and len(out) < INFLATE_CHUNK):
-                break
-    except zlib.error as exc:
-        raise _Refusal(STATUS_CANNOT_UNDERSTAND, "the deflated data set does not inflate"
-                       ) from exc
-    return bytes(kept), total
-
-
-def _check_pixel_data_length(stream: BytesIO, implicit: bool, little: bool, total: int
-                             ) -> None:
-    """The header was read up to Pixel Data (the stream is at its tag, if it has one): a
-    defined length must fit the ``total`` bytes of the data set. The element most often
-    cut short, and the one read_dataset stopped before."""
-    start = stream.tell()
-    head = stream.read(12)
-    stream.seek(start)
-    if len(head) < 8 or int.from_bytes(head[0:2], "little" if little else "big") != 0x7FE0:
-        return  # no Pixel Data (an SR, a header alone)
-    order: Literal["little", "big"] = "little" if little else "big"
-    if implicit:
-        length, header = int.from_bytes(head[4:8], order), 8
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
-        if len(head) < 12:
-            raise _Refusal(STATUS_CANNOT_UNDERSTAND, "Pixel Data runs past the end")
-        length, header = int.from_bytes(head[8:12], order), 12
-    else:
-        length, header = int.from_bytes(head[6:8], order), 8
-    if length != 0xFFFFFFFF and start + header + length > total:
-        raise _Refusal(STATUS_CANNOT_UNDERSTAND,
-                       "Pixel Data runs past the end of the data set")
-
-
-def _check_length(elem: Any) -> None:
-    """A raw element whose value is shorter than its declared length ran past the end of
-    the data set: pydicom keeps what there was, silently."""
-    length = getattr(elem, "length", None)
-    value = getattr(elem, "value", None)
-    if (length is not None and length != 0xFFFFFFFF and isinstance(value, bytes)
-            and len(value) != length):
-        raise _Refusal(STATUS_CANNOT_UNDERSTAND,
-                       f"element ({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X}) runs past "
-                       "the end of the data set")
-
-
-def _decoded_pixel_bytes(ds: Dataset) -> int:
-    """What the declared pixel data takes once decoded: Rows x Columns x frames x samples
-    x bytes per sample, from the header alone (0 without Rows or Columns)."""
-    def number(keyword: str, default: int) -> int:
-        try:
-            value = ds.get(keyword, default)
-            return max(0, int(value if value not in (None, "") else default))
-        except Exception:  # a value pydicom cannot convert: the pipeline judges the image
-            return default
-
-    rows, columns = number("Rows", 0), number("Columns", 0)
-    frames = max(1, number("NumberOfFrames", 1))
-    samples = max(1, number("SamplesPerPixel", 1))
-    bits = max(1, number("BitsAllocated", 16))
-    return (rows * columns * frames * samples * bits + 7) // 8
-
 
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server, except that a TLS connection's handshake is left to

@@ -35,6 +35,7 @@ class Receiver:
     hold: threading.Event = field(default_factory=threading.Event)  # set: hang requests
     release: threading.Event = field(default_factory=threading.Event)
     arrived: int = 0  # requests whose body was read, answered or not
+    gets: int = 0  # GET requests (a redirected POST becomes one)
 
     def accepted(self) -> list[Received]:
         return [r for r in self.requests if 200 <= r.status < 300]
@@ -65,9 +66,21 @@ def http_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
                 receiver.requests.append(
                     Received(dict(self.headers), json.loads(body), status, cn))
             self.send_response(status)
+            if 300 <= status < 400:  # as a proxy moving the endpoint (http -> https) does
+                self.send_header("Location", receiver.url)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
+
+        def do_GET(self) -> None:
+            # What a redirected POST became (301/302 turn it into a GET): a page that
+            # answers 200, as an index or a search would.
+            with lock:
+                receiver.gets += 1
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
 
         def log_message(self, format: str, *args: Any) -> None:
             return None

@@ -65,6 +65,8 @@ def test_listing_1_loads_unchanged() -> None:
                          "statuses": ["FAILED"]}]}, "exporters[0].statuses", "only SUCCEEDED"),
         ({"exporters": [{"name": "a", "type": "dicomweb", "url": "https://a/dicom-web",
                          "host": "pacs"}]}, "exporters[0].host", "dicom exporters only"),
+        ({"exporters": [{"name": "a", "type": "http", "url": "https://me:secret@a/api"}]},
+         "exporters[0].url", "must not carry a user or password"),
         ({"exporters": [{"name": "a", "type": "dicom", "host": "pacs", "port": 104,
                          "ae-title": "PACS", "statuses": ["SKIPPED"]}]},
          "exporters[0].statuses", "a dicom exporter sends scores"),

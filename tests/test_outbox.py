@@ -131,6 +131,20 @@ async def test_a_refusal_is_dead_lettered_at_once(tmp_path: Path) -> None:
     assert "HTTP 422" in row.last_error
 
 
+async def test_a_redirect_is_not_followed_into_a_false_delivery(tmp_path: Path) -> None:
+    """A 302 (a proxy moving the endpoint) would turn the POST into a GET whose 200 looked
+    like a delivery: the document is not delivered, so the delivery is dead, saying why."""
+    with http_receiver() as receiver:
+        receiver.answers = [302]
+        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
+            await send(gw, ap_study(65, "REDIRECT"))
+            [row] = await settled(gw)
+    assert (row.state, row.attempts) == ("dead", 1)
+    assert "HTTP 302" in row.last_error
+    assert "redirect, not followed" in row.last_error
+    assert receiver.gets == 0
+
+
 @pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs openssl")
 async def test_https_with_client_certificate_and_bearer_token(tmp_path: Path) -> None:
     pki = tmp_path / "pki"

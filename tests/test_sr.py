@@ -301,7 +301,7 @@ def test_failing_peer_raises(sources: list[Dataset], tmp_path: Path, flags: tupl
 
 def test_stow_rs_failure_reasons_are_read_from_the_store_instances_response() -> None:
     """PS3.18 10.5.3: a 202 or 409 answer lists each failed instance with its reason."""
-    from pxsgate.delivery.dicomweb import failure_reason, multipart_related
+    from pxsgate.delivery.dicomweb import failure_reason, multipart_related, stored
 
     answer = json.dumps({
         "00081198": {"vr": "SQ", "Value": [
@@ -317,6 +317,12 @@ def test_stow_rs_failure_reasons_are_read_from_the_store_instances_response() ->
     assert failure_reason(answer, "1.2.3.6") is None, "stored"
     assert failure_reason(b"<html>busy</html>", "1.2.3.4") is None
     assert failure_reason(b"[" + answer + b"]", "1.2.3.4") == 0xA700
+    assert stored(answer, "1.2.3.6")
+    assert not stored(answer, "1.2.3.4")
+    odd = json.dumps({"00081198": {"Value": [{"00081155": {"Value": "1.2.3.4"}}]},
+                      "00081199": "x"}).encode()
+    assert failure_reason(odd, "1.2.3.4") is None, "a UID string is no list: no substring match"
+    assert not stored(odd, "1.2.3.4")
 
     body, content_type = multipart_related([b"DICM-one", b"DICM-two"])
     boundary = content_type.split("boundary=")[1]

@@ -575,6 +575,10 @@ def _cross_check_url(e: ExporterConfig, path: str) -> None:
         article = "an" if e.type == "http" else "a"
         raise ConfigError(f"{path}.url", f"is required for {article} {e.type} exporter")
     parsed = urllib.parse.urlsplit(e.url)
+    if parsed.username is not None or parsed.password is not None:
+        # Errors and the outbox's last_error quote the URL: a password in it would spread.
+        raise ConfigError(f"{path}.url", "must not carry a user or password: use "
+                          "bearer-token-file or a client certificate")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"{path}.url", f"must be an http(s) URL; got {e.url!r}")
     loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1")

@@ -5,8 +5,9 @@ document exactly as pxsgate has always written it (same keys, same order) and
 
 The shape is the paper's Listing 3 plus pxsgate's additions under ``model`` and
 ``pxsgate``; :mod:`pxsgate.results` builds one, :mod:`pxsgate.change` adds the change entry,
-the store keeps its JSON, the exporters read it. Code that only passes a stored document on
-(the HTTP API, the HTTP exporter) keeps the JSON as it was stored.
+the store keeps its JSON, the exporters read it (the HTTP exporter posts ``to_json()``, which
+is the stored JSON of every document the store can hold). The HTTP API serves the stored
+JSON as it is.
 
 Documents written by earlier releases lack ``pxsgate.senders`` and ``pxsgate.inference``
 (``None`` here, and left out again by ``to_json()``).

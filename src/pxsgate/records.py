@@ -62,7 +62,7 @@ TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
 
 def may_move(to: StudyState) -> tuple[StudyState, ...]:
     """The states from which a study may move to ``to``: every ``only_from`` guard."""
-    if to is StudyState.RECEIVING:
+    if to == StudyState.RECEIVING:
         return tuple(StudyState)
     return tuple(s for s, targets in TRANSITIONS.items() if to in targets)
 

@@ -56,7 +56,7 @@ log = structlog.get_logger("pxsgate.pipeline")
 
 R = TypeVar("R")
 
-# The store's state guards (only_from) take plain strings: it writes them into its SQL.
+# The states a study leaves for ready (the store's only_from guards).
 _UNFINISHED = tuple(state.value for state in UNFINISHED_STATES)
 _READY = (StudyState.READY.value,)
 

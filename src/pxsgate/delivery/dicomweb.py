@@ -3,11 +3,12 @@ exporter sends) stored in a DICOMweb archive by STOW-RS (PS3.18 10.5): one POST 
 ``multipart/related; type="application/dicom"`` body to ``{url}/studies``, with the
 exporter's bearer token and TLS settings.
 
-The answer (PS3.18 10.5.3): 200, stored; 202, some instances stored and others not, so the
-Store Instances Response is read, and an SR in its FailedSOPSequence failed with the
-reason given; 409, none stored (a conflict: permanent). 408, 425, 429 and 5xx are retried,
-other 4xx are permanent. A failure reason of the A7xx family (out of resources) is retried;
-others are permanent.
+The answer (PS3.18 10.5.3): 200, stored; 202, stored with warnings when the Store Instances
+Response lists the SR as stored, else read as a failure; 409, none stored (a conflict:
+permanent). An SR in the FailedSOPSequence failed with the reason given: out of resources
+(A7xx) and processing failure (0110) are retried, a duplicate (0111, or Azure's B00E) means
+an earlier try stored it, others are permanent. 408, 425, 429 and 5xx are retried, other
+4xx and redirects are permanent.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from pxsgate.store import Store
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
+REFERENCED_SOP_SEQUENCE = "00081199"
+# Failure reasons that say the instance is already there: a retry after a lost answer.
+# 0x0111 Duplicate SOP Instance (PS3.7 C.4); 0xB00E (45070) is how Azure's DICOM service
+# says "already stored".
+ALREADY_STORED = frozenset({0x0111, 0xB00E})
+# Failure reasons a later try may fix: 0x0110 Processing failure, A7xx Out of Resources.
+RETRYABLE_REASONS = frozenset({0x0110})
 
 
 def part10(dataset: Dataset) -> bytes:
@@ -52,26 +60,42 @@ def multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
     return bytes(body), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def failure_reason(answer: bytes, sop_instance_uid: str) -> int | None:
-    """The FailureReason the Store Instances Response gives for this instance (0 when it
-    is listed without one), or None when it is not listed as failed or is unreadable."""
+def _response(answer: bytes) -> dict[str, Any]:
+    """The Store Instances Response as DICOM JSON; {} when the answer is not one."""
     try:
         response: Any = json.loads(answer)
     except ValueError:
-        return None
+        return {}
     if isinstance(response, list) and response:  # some archives answer an array of one
         response = response[0]
-    if not isinstance(response, dict):
+    return response if isinstance(response, dict) else {}
+
+
+def _values(item: Any, key: str) -> list[Any]:
+    attribute = item.get(key) if isinstance(item, dict) else None
+    values = attribute.get("Value") if isinstance(attribute, dict) else None
+    return values if isinstance(values, list) else []
+
+
+def _listed(response: dict[str, Any], sequence: str, sop_instance_uid: str) -> Any:
+    """The item of ``sequence`` that names this instance, or None."""
+    return next((item for item in _values(response, sequence)
+                 if sop_instance_uid in _values(item, REFERENCED_SOP_INSTANCE_UID)), None)
+
+
+def failure_reason(answer: bytes, sop_instance_uid: str) -> int | None:
+    """The FailureReason the Store Instances Response gives for this instance (0 when it
+    is listed without one), or None when it is not listed as failed or is unreadable."""
+    item = _listed(_response(answer), FAILED_SOP_SEQUENCE, sop_instance_uid)
+    if item is None:
         return None
-    failed = (response.get(FAILED_SOP_SEQUENCE) or {}).get("Value") or []
-    for item in failed:
-        if not isinstance(item, dict):
-            continue
-        uids = (item.get(REFERENCED_SOP_INSTANCE_UID) or {}).get("Value") or []
-        if sop_instance_uid in uids:
-            reasons = (item.get(FAILURE_REASON) or {}).get("Value") or [0]
-            return int(reasons[0]) if isinstance(reasons[0], int) else 0
-    return None
+    reasons = _values(item, FAILURE_REASON)
+    return reasons[0] if reasons and isinstance(reasons[0], int) else 0
+
+
+def stored(answer: bytes, sop_instance_uid: str) -> bool:
+    """The Store Instances Response lists this instance in its ReferencedSOPSequence."""
+    return _listed(_response(answer), REFERENCED_SOP_SEQUENCE, sop_instance_uid) is not None
 
 
 class StowSrExporter(SrExporter):
@@ -95,17 +119,21 @@ class StowSrExporter(SrExporter):
                               "Accept": "application/dicom+json"})
         uid = str(dataset.SOPInstanceUID)
         reason = failure_reason(answer, uid) if status in (200, 202, 409) else None
+        if reason in ALREADY_STORED:
+            return  # sent before, its answer lost: the archive holds it
         if status == 200 and reason is None:
             return
-        if status == 202 and reason is None:
+        if status == 202 and reason is None and stored(answer, uid):
             return  # stored, with a warning (coercion, elements dropped)
         where = f"STOW-RS {self._url}: HTTP {status}"
         if reason is not None:
             message = f"{where}, failure reason 0x{reason:04X}"
-            if reason & 0xFF00 == 0xA700:  # out of resources: a later try may fit
+            if reason in RETRYABLE_REASONS or reason & 0xFF00 == 0xA700:
                 raise ExportError(message)
             raise PermanentExportError(message)
-        if status in (202, 409):
+        if status == 202:
+            raise ExportError(f"{where}: the answer does not say the SR was stored")
+        if status == 409:
             raise PermanentExportError(f"{where}: the SR was not stored")
         # Only the answer's size: an archive's error text may quote the SR's header.
         raise refusal(f"{where} ({len(answer)}-byte answer)", status)

@@ -74,13 +74,18 @@ class HttpClient:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.timeout_seconds))
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
-        """POST ``body``: the HTTP status and the answer's body; ExportError when no answer
-        came (refused, reset, timed out)."""
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                   read_success: bool = True) -> tuple[int, bytes]:
+        """POST ``body``: the HTTP status and the answer's body (of a 2xx answer only when
+        ``read_success``); ExportError when no answer came (refused, reset, timed out).
+        Redirects are not followed: a 301 or 302 would turn the POST into a GET, whose 200
+        would look like a delivery; a 3xx is the receiver's error to see."""
         assert self._session is not None
         try:
             async with self._session.post(url, data=body, headers={**self._headers, **headers},
-                                          ssl=self._ssl) as response:
+                                          ssl=self._ssl, allow_redirects=False) as response:
+                if 200 <= response.status < 300 and not read_success:
+                    return response.status, b""
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ExportError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
@@ -93,9 +98,13 @@ class HttpClient:
 
 def refusal(message: str, status: int) -> ExportError:
     """An HTTP answer that is no success: retried when a later try may succeed (408, 425,
-    429, 5xx), else permanent."""
+    429, 5xx), else permanent. Redirects are not followed (as webhook senders do not): the
+    exporter's url should name where it points."""
     if status in RETRYABLE_HTTP or status >= 500:
         return ExportError(message)
+    if 300 <= status < 400:
+        return PermanentExportError(f"{message}: a redirect, not followed; set the "
+                                    "exporter's url to the address it points to")
     return PermanentExportError(message)
 
 
@@ -112,7 +121,7 @@ class HttpExporter:
         headers = {"Content-Type": "application/json", "Idempotency-Key": delivery_id,
                    "X-Pxsgate-Delivery-Id": delivery_id, "X-Pxsgate-Result-Id": document.id}
         body = json.dumps(document.to_json(), separators=(",", ":")).encode()
-        status, answer = await self._client.post(self._url, body, headers)
+        status, answer = await self._client.post(self._url, body, headers, read_success=False)
         if 200 <= status < 300:
             return
         # Only the body's size is kept: a receiver's error text may quote the document

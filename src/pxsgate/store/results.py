@@ -18,7 +18,8 @@ from typing import Any
 
 from pxsgate.document import ResultDocument
 from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision, StudyState
-from pxsgate.store.connection import StoreBase, transaction
+from pxsgate.store.connection import StoreBase
+from pxsgate.store.connection import transaction as writes
 from pxsgate.store.jobs import moves_to
 from pxsgate.store.jsonpaths import STUDY_DATETIME, doc
 from pxsgate.store.outbox import queue_deliveries
@@ -150,7 +151,7 @@ class ResultTransaction:
 class ResultsMixin(StoreBase):
     """Selection decisions, results and their embeddings."""
 
-    @transaction
+    @writes
     async def record_decisions(self, study_uid: str, decision: StudyDecision, at: str) -> None:
         rows: list[tuple[str, str | None, int, str, str, str]] = [
             (study_uid, None, int(decision.candidate), decision.rule, decision.reason, at)

@@ -258,9 +258,6 @@ class Pxsgate:
     senders: tuple[str, ...] | None = ()  # None: a document of a release without it
     inference: Inference | None = Inference(0, ())
 
-    def stage(self, name: str) -> str | None:
-        return dict(self.stages).get(name)
-
     def to_json(self) -> Json:
         out: Json = {
             "version": self.version,
@@ -323,10 +320,6 @@ class ResultDocument:
     def scores(self) -> tuple[ResultEntry, ...]:
         """The PXS score entries, headline first, without the other kinds (pxs.change)."""
         return tuple(r for r in self.results if r.is_score)
-
-    @property
-    def change(self) -> Change | None:
-        return next((r.change for r in self.results if r.change is not None), None)
 
     def with_entry(self, entry: ResultEntry) -> ResultDocument:
         """The document with ``entry`` after its results."""

@@ -56,10 +56,6 @@ log = structlog.get_logger("pxsgate.pipeline")
 
 R = TypeVar("R")
 
-# The states a study leaves for ready (the store's only_from guards).
-_UNFINISHED = tuple(state.value for state in UNFINISHED_STATES)
-_READY = (StudyState.READY.value,)
-
 EXIT_PREPROCESS = 1  # the image could not be decoded or prepared
 EXIT_MODEL = 2  # the model failed
 EXIT_INTERNAL = 3  # pxsgate itself failed on this study, again and again (a bug)
@@ -207,7 +203,7 @@ class StudyProcessor:
                                      row.senders, error=decision.reason))
             return
         await self._store.mark_study(study_uid, StudyState.SELECTED, now_iso(),
-                                     only_from=_READY)
+                                     only_from=(StudyState.READY,))
         created_at = now_iso()
         scored, attempts = await self._score_with_retries(study_uid, instances, decision,
                                                           row.attempts)
@@ -248,7 +244,7 @@ class StudyProcessor:
         """Move the study to ``ready`` (unless it finished meanwhile) and read its row back;
         None when it is not ready (finished already)."""
         await self._store.mark_study(study_uid, StudyState.READY, ready_at, column="ready_at",
-                                     only_from=_UNFINISHED)
+                                     only_from=UNFINISHED_STATES)
         row = await self._store.study(study_uid)
         if row is None or row.state != StudyState.READY:
             return None

@@ -14,14 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
-import structlog
 
 from pxsgate import __version__
 from pxsgate.config import ExporterConfig
 from pxsgate.document import ResultDocument
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
-
-log = structlog.get_logger("pxsgate.export")
 
 RETRYABLE_HTTP = frozenset({408, 425, 429})
 

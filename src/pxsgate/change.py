@@ -109,5 +109,6 @@ def change_entry(headline: ScoredImage, vector: bytes, study_time: str,
             prior_study_instance_uid=prior.study_instance_uid,
             prior_sop_instance_uid=prior.sop_instance_uid,
             prior_study_date=prior.study_datetime or prior.study_time,
-            interval_days=interval_days(prior.study_time, study_time)),
+            interval_days=interval_days(prior.study_time, study_time),
+            prior_source=prior.source),
     )

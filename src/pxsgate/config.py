@@ -350,6 +350,53 @@ class ChangeConfig:
 
 
 @dataclass(frozen=True)
+class PriorSourceConfig:
+    """The PACS asked for a patient's earlier studies: by DIMSE (Study Root C-FIND, then
+    C-GET on the same association or C-MOVE to pxsgate's own AE title) or by DICOMweb
+    (QIDO-RS, then WADO-RS)."""
+
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    # --- dimse
+    host: str | None = None
+    port: int | None = field(default=None, metadata=_check(_check_port))
+    ae_title: str | None = field(default=None, metadata=_check(_check_ae_title))  # called
+    calling_ae_title: str = field(default="PXSGATE", metadata=_check(_check_ae_title))
+    retrieve: Literal["c-get", "c-move"] = "c-get"
+    # C-MOVE's destination: one of dicom.scp.ae-titles (default: the first), which the PACS
+    # must know with pxsgate's address.
+    move_destination: str | None = field(default=None, metadata=_check(_check_ae_title))
+    # --- dicomweb
+    url: str | None = None
+    bearer_token_file: Path | None = None
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+    ca_certificates: Path | None = None
+    # --- both: one query or retrieval, at most
+    timeout_seconds: float = field(default=30.0, metadata=_check(_check_positive))
+
+    @property
+    def label(self) -> str:
+        """How results and logs name it (no credentials)."""
+        if self.type == "dicomweb":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PriorsConfig:
+    """Priors from PACS: a scored study whose patient has no usable prior in the store
+    (same weights, within change.look-back-days) has its prior fetched from the PACS,
+    embedded and kept, so that its result carries the change from day one."""
+
+    enabled: bool = False
+    # A result waits at most this long for its prior, then is stored without change.
+    wait_seconds: float = field(default=20.0, metadata=_check(_check_positive))
+    max_studies: int = field(default=3, metadata=_check(_check_positive))  # newest first
+    rate_per_minute: int = field(default=30, metadata=_check(_check_positive))
+    source: PriorSourceConfig | None = None
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The service's read-only HTTP port: /healthz and the results API. Results carry PHI,
     so it listens on loopback unless told otherwise, and can require a bearer token."""
@@ -428,6 +475,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     results: ResultsConfig = ResultsConfig()
     change: ChangeConfig = ChangeConfig()
+    priors: PriorsConfig = PriorsConfig()
     exporters: tuple[ExporterConfig, ...] = ()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -446,6 +494,11 @@ class Config:
     @property
     def spool_dir(self) -> Path:
         return self.storage.data_dir / "spool"
+
+    @property
+    def priors_dir(self) -> Path:
+        """Where fetched priors' files wait to be embedded (never the spool's studies)."""
+        return self.storage.data_dir / "priors"
 
     @property
     def db_path(self) -> Path:
@@ -616,12 +669,45 @@ def _cross_check(config: Config) -> None:
     titles = {t.ae_title for t in config.dicom.scp.ae_titles}
     if not titles:
         raise ConfigError("dicom.scp.ae-titles", "at least one AE title is required")
+    _cross_check_priors(config.priors, titles)
     for i, mapping in enumerate(config.dicom.pipeline_mappings):
         if mapping.clara_ae_title not in titles:
             raise ConfigError(
                 f"dicom.pipeline-mappings[{i}].clara-ae-title",
                 f"{mapping.clara_ae_title!r} is not one of dicom.scp.ae-titles",
             )
+
+
+def _cross_check_priors(priors: PriorsConfig, titles: set[str]) -> None:
+    path = "priors.source"
+    source = priors.source
+    if source is None:
+        if priors.enabled:
+            raise ConfigError(path, "is required when priors are enabled")
+        return
+    if source.type == "dimse":
+        for key, value in (("host", source.host), ("port", source.port),
+                           ("ae-title", source.ae_title)):
+            if value is None:
+                raise ConfigError(f"{path}.{key}", "is required for a dimse source")
+        if source.url is not None:
+            raise ConfigError(f"{path}.url", "applies to dicomweb sources only")
+        if source.move_destination is not None and source.move_destination not in titles:
+            raise ConfigError(f"{path}.move-destination",
+                              f"{source.move_destination!r} is not one of dicom.scp.ae-titles")
+        return
+    if source.url is None:
+        raise ConfigError(f"{path}.url", "is required for a dicomweb source")
+    parsed = urllib.parse.urlsplit(source.url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{path}.url", "must be an http:// or https:// URL")
+    if parsed.username or parsed.password:
+        raise ConfigError(f"{path}.url", "must not carry a user or password "
+                          "(use bearer-token-file or a client certificate)")
+    for key, value in (("host", source.host), ("port", source.port),
+                       ("ae-title", source.ae_title)):
+        if value is not None:
+            raise ConfigError(f"{path}.{key}", "applies to dimse sources only")
 
 
 def config_from_mapping(data: Any) -> Config:

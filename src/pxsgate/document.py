@@ -112,9 +112,12 @@ class Change:
     prior_sop_instance_uid: str
     prior_study_date: str
     interval_days: float
+    # Where the prior came from: "pxsgate" (a result it stored) or "pacs" (fetched from
+    # the PACS); None in documents of releases before it was said.
+    prior_source: str | None = None
 
     def to_json(self) -> Json:
-        return {
+        out: Json = {
             "distance": self.distance,
             "scoreDifference": self.score_difference,
             "priorScore": self.prior_score,
@@ -123,6 +126,9 @@ class Change:
             "priorStudyDate": self.prior_study_date,
             "intervalDays": self.interval_days,
         }
+        if self.prior_source is not None:
+            out["priorSource"] = self.prior_source
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Change:
@@ -132,7 +138,9 @@ class Change:
                    prior_study_instance_uid=str(data["priorStudyInstanceUid"]),
                    prior_sop_instance_uid=str(data["priorSopInstanceUid"]),
                    prior_study_date=str(data["priorStudyDate"]),
-                   interval_days=float(data["intervalDays"]))
+                   interval_days=float(data["intervalDays"]),
+                   prior_source=(None if data.get("priorSource") is None
+                                 else str(data["priorSource"])))
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,28 @@ class Inference:
 
 
 @dataclass(frozen=True)
+class PriorLookup:
+    """``pxsgate.priorLookup``: the PACS was asked for the patient's prior (no usable one
+    was in the store) and what came of it within priors.wait-seconds."""
+
+    outcome: str  # found | none-found | timeout | refused | failed
+    source: str  # the PACS, as priors.source names it
+    seconds: float  # how long the result waited for it
+    detail: str = ""  # why, for refused and failed (pxsgate's words, no PHI)
+
+    def to_json(self) -> Json:
+        out: Json = {"outcome": self.outcome, "source": self.source, "seconds": self.seconds}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PriorLookup:
+        return cls(outcome=str(data.get("outcome", "")), source=str(data.get("source", "")),
+                   seconds=float(data.get("seconds", 0.0)), detail=str(data.get("detail", "")))
+
+
+@dataclass(frozen=True)
 class Pxsgate:
     """pxsgate's additions to Listing 3 (``pxsgate``)."""
 
@@ -257,6 +287,7 @@ class Pxsgate:
     study_datetime: str | None = None
     senders: tuple[str, ...] | None = ()  # None: a document of a release without it
     inference: Inference | None = Inference(0, ())
+    prior_lookup: PriorLookup | None = None  # only when the PACS was asked
 
     def to_json(self) -> Json:
         out: Json = {
@@ -271,6 +302,8 @@ class Pxsgate:
             out["senders"] = list(self.senders)
         if self.inference is not None:
             out["inference"] = self.inference.to_json()
+        if self.prior_lookup is not None:
+            out["priorLookup"] = self.prior_lookup.to_json()
         return out
 
     @classmethod
@@ -278,6 +311,7 @@ class Pxsgate:
         headline, selection = data.get("headline"), data.get("selection")
         inference = data.get("inference")
         senders = data.get("senders")
+        lookup = data.get("priorLookup")
         return cls(
             version=str(data.get("version", "")),
             flags=tuple(str(f) for f in data.get("flags") or ()),
@@ -290,7 +324,8 @@ class Pxsgate:
             senders=None if senders is None else tuple(str(s) for s in senders),
             inference=(Inference(int(inference.get("attempts", 0)),
                                  tuple(int(b) for b in inference.get("batchSizes") or ()))
-                       if isinstance(inference, Mapping) else None))
+                       if isinstance(inference, Mapping) else None),
+            prior_lookup=PriorLookup.from_json(lookup) if isinstance(lookup, Mapping) else None)
 
 
 @dataclass(frozen=True)
@@ -324,6 +359,10 @@ class ResultDocument:
     def with_entry(self, entry: ResultEntry) -> ResultDocument:
         """The document with ``entry`` after its results."""
         return replace(self, results=(*self.results, entry))
+
+    def with_prior_lookup(self, lookup: PriorLookup) -> ResultDocument:
+        """The document saying what asking the PACS for the prior came to."""
+        return replace(self, pxsgate=replace(self.pxsgate, prior_lookup=lookup))
 
     def to_json(self) -> Json:
         return {

@@ -19,13 +19,16 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import structlog
 
 from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool, decoded_image_bound
 from pxsgate.errors import StoreError
-from pxsgate.infer import InferenceWorker, ModelGate
+from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
+from pxsgate.priors.finder import PriorFinder
+from pxsgate.priors.source import PriorSource
 from pxsgate.results import ModelInfo
 from pxsgate.service.metrics import Metrics
 from pxsgate.store import Store
@@ -91,11 +94,15 @@ class FairSlots:
                 del self._waiting[key]
 
 
+PRIOR_SLOT = "prior"  # the decoded-image slots' key, and the log tag, of priors' images
+
+
 class Pipeline:
     def __init__(self, config: Config, store: Store, worker: InferenceWorker, model: ModelInfo,
                  executor: concurrent.futures.Executor, decoder: DecodePool,
                  on_deliveries: Callable[[], None] = lambda: None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 prior_source: PriorSource | None = None) -> None:
         self._config = config
         self._store = store
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -112,10 +119,25 @@ class Pipeline:
         # together, memory stays bounded; the rest wait as files in the spool.
         self.max_decoded = decoded_image_bound(config.model.batch.max_size, decoder.workers)
         self._decoded = FairSlots(self.max_decoded)
+        gate = ModelGate()
+
+        async def embed_prior(path: Path) -> ImageResult:
+            """A prior's image from the PACS through the same decode and model."""
+            async with gate.shared(), self._decoded.slot(PRIOR_SLOT):
+                image = await decoder.preprocess(path)
+                return await worker.score_image(image, PRIOR_SLOT)
+
+        self.priors = None if prior_source is None else PriorFinder(
+            config.priors, prior_source, store, embed_prior,
+            selection=lambda: self._study.selection, priors_dir=config.priors_dir,
+            weights_sha256=model.weights_sha256, anchors_sha256=model.anchors_sha256,
+            metrics=metrics)
+        if self.priors is not None:
+            self.priors.clear_leftovers()
         self._study = StudyProcessor(
             config, store, worker, model, executor=executor, decoder=decoder,
-            gate=ModelGate(), decoded_slot=self._decoded.slot, on_deliveries=on_deliveries,
-            metrics=metrics or Metrics())
+            gate=gate, decoded_slot=self._decoded.slot, on_deliveries=on_deliveries,
+            metrics=metrics or Metrics(), priors=self.priors)
 
     @property
     def selection(self) -> SelectionConfig:

@@ -49,6 +49,7 @@ from pxsgate.intake import (
     Intake,
     Refusal,
 )
+from pxsgate.priors.inbox import MoveInbox
 from pxsgate.records import Indexed, ReceivedInstance
 from pxsgate.service.failpoints import Failpoints
 from pxsgate.service.metrics import Metrics
@@ -88,8 +89,12 @@ class Receiver:
         metrics: Metrics | None = None,
         label: Callable[[str], str] = lambda uid: uid[-12:],
         include_phi: bool = False,
+        move_inbox: MoveInbox | None = None,
     ) -> None:
         config = dicom.scp
+        # Priors pxsgate retrieves by C-MOVE arrive here, told apart by their move
+        # originator: they go to the inbox, never to the spool's studies.
+        self._move_inbox = move_inbox
         self._config = config
         self._failpoints = failpoints or Failpoints()
         self._metrics = metrics or Metrics()
@@ -331,6 +336,10 @@ class Receiver:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc_id = self._association_id(event.assoc)
+        inbox = self._move_inbox
+        if inbox is not None and inbox.claims(
+                cast(C_STORE, event.request).MoveOriginatorApplicationEntityTitle):
+            return self._prior_arrived(event, inbox, assoc_id)
         try:
             instance, indexed, delay = self._receive(event, assoc_id)
         except Refusal as refusal:
@@ -369,6 +378,20 @@ class Receiver:
             header.pop(0x7FE00010, None)  # not the pixel data
             log.debug("instance.dataset", association_id=assoc_id, dataset=str(header))
         return STATUS_SUCCESS
+
+    def _prior_arrived(self, event: evt.Event, inbox: MoveInbox, assoc_id: str
+                       ) -> int | Dataset:
+        """A C-STORE sub-operation of a C-MOVE pxsgate asked for (a prior from the PACS):
+        written for its lookup, never indexed as a study's instance."""
+        try:
+            study_uid = str(event.dataset.get("StudyInstanceUID", ""))
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:  # a peer's bytes can fail in any way pydicom can
+            return _status(STATUS_CANNOT_UNDERSTAND, "cannot parse the data set")
+        status, comment = inbox.store(study_uid, data)
+        log.info("prior.instance", association_id=assoc_id, size=len(data),
+                 status=f"0x{status:04X}")
+        return _status(status, comment) if status else STATUS_SUCCESS
 
     def _receive(self, event: evt.Event, assoc_id: str
                  ) -> tuple[ReceivedInstance, Indexed, float]:

@@ -191,3 +191,6 @@ class PriorImage:
     score: float
     dim: int
     vector: bytes  # float16 little-endian, dim x 2 bytes
+    # "pxsgate": a result pxsgate stored; "pacs": a prior fetched from the PACS (no result:
+    # result_id is "").
+    source: str = "pxsgate"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -27,8 +27,10 @@ from pydicom import dcmread
 from pxsgate import change, rules
 from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool
+from pxsgate.document import PriorLookup
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
+from pxsgate.priors.finder import LookupRequest
 from pxsgate.records import (
     UNFINISHED_STATES,
     ImageDecision,
@@ -80,6 +82,12 @@ def identity_of(study_uid: str, headers: Sequence[Header]) -> StudyIdentity:
             return StudyIdentity(study_uid, h.text("PatientID"), h.text("AccessionNumber"),
                                  dicom_datetime(h.text("StudyDate"), h.text("StudyTime")))
     return StudyIdentity(study_uid, "", "")
+
+
+class PriorLookups(Protocol):
+    """Asks the PACS for a patient's prior (:class:`pxsgate.priors.finder.PriorFinder`)."""
+
+    async def lookup(self, request: LookupRequest) -> PriorLookup: ...
 
 
 def _seconds_between(earlier: str, later: str) -> float:
@@ -176,7 +184,8 @@ class StudyProcessor:
                  model: ModelInfo, *, executor: concurrent.futures.Executor,
                  decoder: DecodePool, gate: ModelGate,
                  decoded_slot: Callable[[str], AbstractAsyncContextManager[None]],
-                 on_deliveries: Callable[[], None], metrics: Metrics) -> None:
+                 on_deliveries: Callable[[], None], metrics: Metrics,
+                 priors: PriorLookups | None = None) -> None:
         self._config = config
         self._store = store
         self._worker = worker
@@ -187,6 +196,7 @@ class StudyProcessor:
         self._decoded_slot = decoded_slot
         self._on_deliveries = on_deliveries  # wakes the outbox
         self._metrics = metrics
+        self._priors = priors  # None: priors from PACS are off
         self.selection: SelectionConfig = config.selection  # replaced on reload (SIGHUP)
 
     async def process(self, study_uid: str) -> None:
@@ -412,17 +422,37 @@ class StudyProcessor:
             prior_from=(change.look_back_start(study_time, config.look_back_days)
                         if config.enabled else None))
 
+    async def _ask_pacs(self, identity: StudyIdentity,
+                        embeddings: StudyEmbeddings | None) -> PriorLookup | None:
+        """With priors from PACS on, a scored study whose patient has no usable prior in
+        the store waits (at most priors.wait-seconds) for the PACS to be asked; what came
+        of it, or None when it was not asked."""
+        if self._priors is None or embeddings is None or embeddings.prior_from is None:
+            return None
+        uid = identity.study_instance_uid
+        if not identity.patient_id or await self._store.prior_for(identity.patient_id, uid,
+                                                                  embeddings) is not None:
+            return None
+        lookup = await self._priors.lookup(LookupRequest(
+            identity.patient_id, uid, embeddings.study_time, embeddings.prior_from))
+        log.info("prior.lookup", study=self._store.study_label(uid), outcome=lookup.outcome,
+                 seconds=lookup.seconds)
+        return lookup
+
     async def _store_outcome(self, outcome: Outcome) -> Stages:
         """document -> store: the result stored as the study's current one, with its
         deliveries (and, scored, its embeddings and the change from the patient's prior),
         and counted. Returns the stages, stored included."""
+        status = outcome.status
+        embeddings = (self._embeddings(outcome.identity, outcome.created_at, outcome.scores)
+                      if status is Status.SUCCEEDED else None)
+        lookup = await self._ask_pacs(outcome.identity, embeddings)
         stored_at = now_iso()
         stages = dataclasses.replace(outcome.stages, stored=stored_at)
         document = self._document(outcome, stages, stored_at)
-        status = outcome.status
+        if lookup is not None:
+            document = document.with_prior_lookup(lookup)
         exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
-        embeddings = (self._embeddings(outcome.identity, outcome.created_at, outcome.scores)
-                      if status is Status.SUCCEEDED else None)
         label = self._store.study_label(outcome.identity.study_instance_uid)
         interval: float | None = None
         async with self._store.transaction() as tx:

@@ -38,6 +38,8 @@ from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.pipeline import Pipeline
+from pxsgate.priors.inbox import MoveInbox
+from pxsgate.priors.source import PriorSource, make_source
 from pxsgate.receive import Receiver
 from pxsgate.records import DeliveryState, Indexed, ReceivedInstance, now_iso
 from pxsgate.results import ModelInfo
@@ -122,6 +124,7 @@ class Gateway:
         self._pipeline: Pipeline | None = None
         self._assembler: Assembler | None = None
         self._receiver: Receiver | None = None
+        self._move_inbox: MoveInbox | None = None  # priors retrieved by C-MOVE
         self.outbox = Outbox(self.store, build_exporters(config.exporters, self.store),
                              {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
@@ -210,10 +213,23 @@ class Gateway:
         assert self._decoder is not None
         pipeline = self._pipeline = Pipeline(
             self.config, self.store, self.worker, model, self._executor, self._decoder,
-            self.outbox.wake, metrics=self.metrics)
+            self.outbox.wake, metrics=self.metrics, prior_source=self._prior_source())
         self._watch_metrics(model)
         assembler = self._assembler = Assembler(loop, self._study_ready)
         return pipeline, assembler
+
+    def _prior_source(self) -> PriorSource | None:
+        """The PACS that priors are fetched from (None: priors from PACS are off); a
+        C-MOVE's instances arrive on the DICOM port, taken by the move inbox."""
+        priors = self.config.priors
+        if not priors.enabled or priors.source is None:
+            return None
+        source = priors.source
+        destination = (source.move_destination
+                       or self.config.dicom.scp.ae_titles[0].ae_title)
+        if source.type == "dimse" and source.retrieve == "c-move":
+            self._move_inbox = MoveInbox(source.calling_ae_title)
+        return make_source(source, self._move_inbox, destination)
 
     def _watch_metrics(self, model: ModelInfo) -> None:
         self.metrics.watch(
@@ -243,7 +259,8 @@ class Gateway:
                                   self._instance_received, self._association_closed,
                                   admit=admission.admit, failpoints=self.failpoints,
                                   metrics=self.metrics, label=self.store.study_label,
-                                  include_phi=self.config.logging.include_phi)
+                                  include_phi=self.config.logging.include_phi,
+                                  move_inbox=self._move_inbox)
         self.port = await asyncio.to_thread(self._receiver.start)
 
     # --- shutdown, in reverse -------------------------------------------------------------
@@ -291,6 +308,8 @@ class Gateway:
                 log.warning("gateway.drain_timeout", studies=self._pipeline.busy,
                             note="resumed at the next start")
                 await self._pipeline.cancel()
+            if self._pipeline.priors is not None:
+                await self._pipeline.priors.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

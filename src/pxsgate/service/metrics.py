@@ -50,6 +50,12 @@ class Metrics:
             "pxsgate_studies", "studies finished, by result status", ["outcome"], registry=r)
         self.study_retries = Counter(
             "pxsgate_study_retries", "tries of a study after a failed one", registry=r)
+        self.prior_lookups = Counter(
+            "pxsgate_prior_lookups", "priors asked of the PACS, by what the waiting result "
+            "saw (found, none-found, timeout, refused, failed)", ["outcome"], registry=r)
+        self.priors_fetched = Counter(
+            "pxsgate_priors_fetched", "prior studies fetched from the PACS and embedded",
+            registry=r)
         self.studies_in_progress = Gauge(
             "pxsgate_studies_in_progress", "studies being processed", registry=r)
         self.studies_waiting = Gauge(

@@ -14,6 +14,7 @@ data-flow order:
 - instances.py: indexing each received instance, its receptions and moves (receive);
 - jobs.py: each study's job and its state machine (records.TRANSITIONS), retention;
 - results.py: selection decisions, result documents, embeddings and prior images;
+- priors.py: priors fetched from the PACS, embedded and kept apart from results;
 - outbox.py: the deliveries of each result, and the objects made for exporters;
 - queries.py: the reads of ``pxsgate status`` and ``pxsgate evaluate``.
 """
@@ -25,6 +26,7 @@ from pxsgate.store.connection import StoreBase
 from pxsgate.store.instances import InstancesMixin
 from pxsgate.store.jobs import JobsMixin, PendingStudy, StudyRow
 from pxsgate.store.outbox import Delivery, MadeInstance, OutboxMixin, delivery_id
+from pxsgate.store.priors import FetchedPrior, PriorsMixin, ResultWithoutChange
 from pxsgate.store.queries import QueriesMixin
 from pxsgate.store.results import (
     PRIOR_IMAGE_SQL,
@@ -45,11 +47,13 @@ __all__ = [
     "UTC_FORMAT",
     "Delivery",
     "DeliveryState",
+    "FetchedPrior",
     "ImageEmbedding",
     "MadeInstance",
     "PendingStudy",
     "ResultFilter",
     "ResultTransaction",
+    "ResultWithoutChange",
     "Store",
     "StudyEmbeddings",
     "StudyRow",
@@ -57,5 +61,6 @@ __all__ = [
 ]
 
 
-class Store(InstancesMixin, JobsMixin, ResultsMixin, OutboxMixin, QueriesMixin, StoreBase):
+class Store(InstancesMixin, JobsMixin, ResultsMixin, PriorsMixin, OutboxMixin, QueriesMixin,
+            StoreBase):
     """Async access to the SQLite file. One connection; aiosqlite serialises its use."""

@@ -42,6 +42,18 @@ PRIOR_IMAGE_SQL = f"""
     LIMIT 1
 """
 
+# A prior fetched from the PACS (store/priors.py), served by fetched_priors_patient.
+FETCHED_PRIOR_SQL = """
+    SELECT '', f.study_instance_uid, f.series_instance_uid, f.sop_instance_uid,
+           f.study_time, f.study_datetime, f.score,
+           f.dim, (SELECT v.vector FROM embedding_vectors v WHERE v.id = f.vector_id)
+    FROM fetched_priors f
+    WHERE f.patient_key = :patient AND f.weights_sha256 = :weights
+      AND f.study_time < :before AND f.study_time >= :not_before
+      AND f.study_instance_uid != :study
+    ORDER BY f.study_time DESC
+    LIMIT 1
+"""
 
 @dataclass(frozen=True)
 class ImageEmbedding:
@@ -92,13 +104,8 @@ class ResultTransaction:
                           embeddings: StudyEmbeddings | None) -> PriorImage | None:
         """The patient's prior scored image for change over time; None when nothing was
         scored, change detection is off, the patient has no ID, or there is no prior."""
-        patient_key = self._store.patient_key(document.patient_id)
-        if (embeddings is None or not embeddings.images or embeddings.prior_from is None
-                or not patient_key):
-            return None
-        return await self._store.prior_image(
-            patient_key, embeddings.weights_sha256, before=embeddings.study_time,
-            not_before=embeddings.prior_from, study_uid=document.study_instance_uid)
+        return await self._store.prior_for(document.patient_id,
+                                           document.study_instance_uid, embeddings)
 
     async def add_result(self, document: ResultDocument, state: StudyState,
                          reason: str = "", exporters: Sequence[str] = (),
@@ -186,20 +193,39 @@ class ResultsMixin(StoreBase):
             return await tx.add_result(document, state, reason, exporters, now,
                                        embeddings=embeddings)
 
+    async def prior_for(self, patient_id: str, study_uid: str,
+                        embeddings: StudyEmbeddings | None) -> PriorImage | None:
+        """The prior of a study's scored images (``embeddings``) for change over time;
+        None when nothing was scored, change detection is off, the patient has no ID, or
+        there is no prior."""
+        patient_key = self.patient_key(patient_id)
+        if (embeddings is None or not embeddings.images or embeddings.prior_from is None
+                or not patient_key):
+            return None
+        return await self.prior_image(
+            patient_key, embeddings.weights_sha256, before=embeddings.study_time,
+            not_before=embeddings.prior_from, study_uid=study_uid)
+
     async def prior_image(self, patient_key: str, weights_sha256: str, *, before: str,
                           not_before: str = "", study_uid: str = "") -> PriorImage | None:
-        """The patient's most recent prior scored image: the headline image of a current
+        """The patient's most recent prior image: the headline image of a current
         SUCCEEDED result under these weights whose study time is in [not_before, before)
-        (not of ``study_uid``)."""
-        async with self.db.execute(PRIOR_IMAGE_SQL, {
-                "patient": patient_key, "weights": weights_sha256, "before": before,
-                "not_before": not_before, "study": study_uid}) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        (not of ``study_uid``), or a prior fetched from the PACS in that range, whichever is
+        more recent (a scored one at the same time)."""
+        params = {"patient": patient_key, "weights": weights_sha256, "before": before,
+                  "not_before": not_before, "study": study_uid}
+        found: list[PriorImage] = []
+        for sql, source in ((PRIOR_IMAGE_SQL, "pxsgate"), (FETCHED_PRIOR_SQL, "pacs")):
+            async with self.db.execute(sql, params) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                found.append(PriorImage(
+                    str(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]),
+                    None if row[5] is None else str(row[5]), float(row[6]), int(row[7]),
+                    bytes(row[8]), source=source))
+        if not found:
             return None
-        return PriorImage(str(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]),
-                          None if row[5] is None else str(row[5]), float(row[6]),
-                          int(row[7]), bytes(row[8]))
+        return max(found, key=lambda p: (p.study_time, p.source == "pxsgate"))
 
     async def researcher_rows(self, since: str | None = None, model: str | None = None
                               ) -> tuple[list[str], list[tuple[Any, ...]]]:

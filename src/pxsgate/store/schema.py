@@ -377,6 +377,31 @@ MIGRATIONS: tuple[str, ...] = (
            peer_address, received_at, 'new'
     FROM instances;
     """,
+    # 7: priors fetched from the PACS (issue 20)
+    """
+    -- A prior study's AP image fetched from the PACS and embedded (never a study scored:
+    -- no result, no export), kept so that the patient's next studies are compared with it
+    -- without asking the PACS again. Its DICOM files are deleted once embedded; the
+    -- vector lives in embedding_vectors like a result's. One row per study and weights.
+    CREATE TABLE fetched_priors (
+        study_instance_uid  TEXT NOT NULL,
+        weights_sha256      TEXT NOT NULL,
+        sop_instance_uid    TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        patient_key         TEXT NOT NULL,     -- as results.patient_key
+        study_time          TEXT NOT NULL,     -- as embeddings.study_time
+        study_datetime      TEXT,              -- StudyDate/StudyTime as ISO text, or NULL
+        score               REAL NOT NULL,
+        anchors_sha256      TEXT NOT NULL,
+        dim                 INTEGER NOT NULL,
+        vector_id           INTEGER NOT NULL REFERENCES embedding_vectors (id),
+        source              TEXT NOT NULL,     -- the PACS it came from (priors.source)
+        fetched_at          TEXT NOT NULL,
+        PRIMARY KEY (study_instance_uid, weights_sha256)
+    );
+    CREATE INDEX fetched_priors_patient
+        ON fetched_priors (patient_key, weights_sha256, study_time);
+    """,
 )
 
 

@@ -209,3 +209,50 @@ def test_a_retrieved_prior_file_is_the_one_in_the_pacs(tmp_path: Path, pacs: Ort
     assert source.retrieve(str(prior.StudyInstanceUID), into) == 1
     (got,) = into.iterdir()
     assert dcmread(got).SOPInstanceUID == prior.SOPInstanceUID
+
+
+async def test_backfill_gives_stored_results_their_change(tmp_path: Path,
+                                                          pacs: Orthanc) -> None:
+    """A site that enabled priors late: results stored without a change get it, from a
+    prior fetched from the PACS; the earlier result stays as history."""
+    from io import StringIO
+
+    from pxsgate.config import load_config
+    from pxsgate.tools.backfill import backfill
+
+    from .inprocess import FastModel
+
+    prior = visit(37, 1, "20200101", severity=0.4)
+    put_in_pacs(pacs, tmp_path, prior)
+    current, alone = visit(37, 2, "20200301"), visit(38, 2, "20200301")
+    async with gateway(tmp_path) as (gw, _):  # priors off
+        await send(gw, [current])
+        before = await result_of(gw, str(current.StudyInstanceUID))
+        await send(gw, [alone])
+        await result_of(gw, str(alone.StudyInstanceUID))
+    assert change_of(before) is None
+
+    config_path = tmp_path / "pxsgate.yaml"
+    config_path.write_text(config_path.read_text() + priors_yaml(pacs, "c-get"))
+    config = load_config(config_path)
+    out = StringIO()
+    tally = await backfill(config, out=out, scorer_factory=FastModel)
+    assert (tally.results, tally.changed, tally.fetched, tally.no_prior) == (2, 1, 1, 1)
+    assert "2/2 results" in out.getvalue()
+
+    async with gateway(tmp_path) as (gw, _):
+        after = await result_of(gw, str(current.StudyInstanceUID))
+        history = rows(gw, "SELECT id, current FROM results WHERE study_instance_uid = ? "
+                       "ORDER BY created_utc, rowid", str(current.StudyInstanceUID))
+    assert_valid(after)
+    assert after["id"] != before["id"]
+    assert history == [(before["id"], 0), (after["id"], 1)]
+    entry = change_of(after)
+    assert entry is not None
+    assert entry["change"]["priorSource"] == "pacs"
+    assert entry["change"]["priorStudyInstanceUid"] == prior.StudyInstanceUID
+    assert after["pxsgate"]["priorLookup"]["outcome"] == "found"
+    assert after["results"][0] == before["results"][0], "the score is unchanged"
+    # Again: nothing left to do for the patient with a prior; the other still has none.
+    tally = await backfill(config, out=StringIO(), scorer_factory=FastModel)
+    assert (tally.results, tally.changed) == (1, 0)

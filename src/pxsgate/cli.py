@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phi", action="store_true",
                    help="also show the patient ID, accession number and study date")
 
+    p = sub.add_parser("priors", help="priors from the PACS (change over time)")
+    priors_sub = p.add_subparsers(dest="priors_command", required=True, metavar="ACTION")
+    p = priors_sub.add_parser(
+        "backfill", help="results stored without a change (priors enabled late): fetch "
+        "their patients' priors from the PACS and store them again with the change")
+    _add_config(p)
+    p.add_argument("--since", type=_since, metavar="DATE",
+                   help="only results created at or after this ISO 8601 date or date-time")
+    p.add_argument("--deliver", action="store_true",
+                   help="queue the updated results for the exporters (default: store only)")
+
     p = sub.add_parser("evaluate", help="validate the stored scores against an outcomes CSV: "
                        "ROC AUC with a bootstrap CI, sensitivity/specificity, roc.png "
                        "(needs pip install 'pxsgate[evaluate]')")
@@ -553,8 +564,21 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_priors(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.tools.backfill import backfill
+
+    configure_logging(config.logging.format, "warning", sys.stderr,
+                      include_phi=config.logging.include_phi)
+    tally = _run(backfill(config, since=args.since, deliver=args.deliver, out=sys.stderr))
+    print(f"{tally.results} results without a change: {tally.changed} stored again with "
+          f"it ({tally.fetched} priors fetched from the PACS), {tally.no_prior} without a "
+          f"prior, {tally.superseded} rescored meanwhile")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "rules": cmd_rules,
+    "priors": cmd_priors,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "check-config": cmd_check_config,

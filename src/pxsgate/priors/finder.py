@@ -117,8 +117,11 @@ class PriorFinder:
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir.mkdir(parents=True, exist_ok=True)
 
-    async def lookup(self, request: LookupRequest) -> PriorLookup:
-        """Ask the PACS for the patient's prior; what came of it within wait-seconds."""
+    async def lookup(self, request: LookupRequest, wait_seconds: float | None = None
+                     ) -> PriorLookup:
+        """Ask the PACS for the patient's prior; what came of it within ``wait_seconds``
+        (default priors.wait-seconds)."""
+        wait = self._config.wait_seconds if wait_seconds is None else wait_seconds
         started = time.monotonic()
         task = self._inflight.get(request.patient_id)
         if task is None:
@@ -126,9 +129,9 @@ class PriorFinder:
             self._inflight[request.patient_id] = task
             task.add_done_callback(functools.partial(self._done, request.patient_id))
         try:
-            found = await asyncio.wait_for(asyncio.shield(task), self._config.wait_seconds)
+            found = await asyncio.wait_for(asyncio.shield(task), wait)
         except TimeoutError:
-            found = Found("timeout", f"no answer within {self._config.wait_seconds:g} s")
+            found = Found("timeout", f"no answer within {wait:g} s")
         self._metrics.prior_lookups.labels(outcome=found.outcome).inc()
         return PriorLookup(outcome=found.outcome, source=self._source.label,
                            seconds=round(time.monotonic() - started, 3), detail=found.detail)

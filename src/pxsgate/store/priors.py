@@ -5,14 +5,16 @@ that ``pxsgate priors backfill`` can give a change they lack."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from pxsgate.document import CHANGE_CODE
+from pxsgate.document import CHANGE_CODE, ResultDocument
 from pxsgate.records import Status
 from pxsgate.store.connection import StoreBase
 from pxsgate.store.connection import transaction as writes
+from pxsgate.store.outbox import queue_deliveries
+from pxsgate.store.results import ImageEmbedding, insert_result
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,14 @@ class FetchedPrior:
 
 @dataclass(frozen=True)
 class ResultWithoutChange:
-    """A current SUCCEEDED result whose headline image was never compared with a prior."""
+    """A current SUCCEEDED result whose headline image was never compared with a prior,
+    with that image's embedding as stored."""
 
-    result_id: str
-    document: dict[str, Any]
+    document: ResultDocument
+    headline: ImageEmbedding
     study_time: str
+    weights_sha256: str
+    anchors_sha256: str
 
 
 class PriorsMixin(StoreBase):
@@ -101,17 +106,50 @@ class PriorsMixin(StoreBase):
         after it (ISO 8601 with offset)."""
         clause = "AND r.created_utc >= strftime('%Y-%m-%dT%H:%M:%fZ', :since)" if since else ""
         async with self.db.execute(
-                f"""SELECT r.id, r.document, e.study_time FROM results r
+                f"""SELECT r.document, e.sop_instance_uid, e.series_instance_uid, e.score,
+                           e.dim, v.vector, e.study_time, e.anchors_sha256
+                    FROM results r
                     JOIN embeddings e ON e.result_id = r.id AND e.headline = 1
+                    JOIN embedding_vectors v ON v.id = e.vector_id
                     WHERE r.current = 1 AND r.status = '{Status.SUCCEEDED}'
                       AND r.patient_key != '' AND e.weights_sha256 = :w {clause}
                     ORDER BY r.created_utc, r.rowid""",
                 {"w": weights_sha256, "since": since}) as cur:
             rows = await cur.fetchall()
         out = []
-        for rid, text, study_time in rows:
-            document = json.loads(text)
-            if any(r.get("code") == CHANGE_CODE for r in document.get("results") or ()):
+        for text, sop, series, score, dim, vector, study_time, anchors in rows:
+            data = json.loads(text)
+            if any(r.get("code") == CHANGE_CODE for r in data.get("results") or ()):
                 continue
-            out.append(ResultWithoutChange(str(rid), document, str(study_time)))
+            out.append(ResultWithoutChange(
+                ResultDocument.from_json(data),
+                ImageEmbedding(str(sop), str(series), float(score), int(dim), bytes(vector)),
+                str(study_time), weights_sha256, str(anchors)))
         return out
+
+    @writes
+    async def add_backfilled_result(self, previous_id: str, document: ResultDocument,
+                                    exporters: Sequence[str] = ()) -> bool:
+        """``document`` (a current result with the change it lacked) as its study's
+        current result in place of ``previous_id``, which stays as history; its images'
+        embeddings carried over, and one delivery per exporter named queued. False, with
+        nothing written, when ``previous_id`` is no longer current (rescored
+        meanwhile)."""
+        cur = await self.db.execute(
+            "UPDATE results SET current = 0 WHERE id = ? AND current = 1", (previous_id,))
+        if cur.rowcount != 1:
+            await self.db.rollback()
+            return False
+        await insert_result(self.db, document, self.patient_key(document.patient_id))
+        await self.db.execute(
+            """INSERT INTO embeddings (result_id, sop_instance_uid, series_instance_uid,
+                   study_instance_uid, patient_key, study_time, headline, score,
+                   weights_sha256, anchors_sha256, dim, vector_id)
+               SELECT ?, sop_instance_uid, series_instance_uid, study_instance_uid,
+                      patient_key, study_time, headline, score, weights_sha256,
+                      anchors_sha256, dim, vector_id
+               FROM embeddings WHERE result_id = ?""", (document.id, previous_id))
+        await queue_deliveries(self.db, document.id, exporters, time.time(),
+                               document.updated_at)
+        await self.db.commit()
+        return True

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
+
 from pxsgate.document import ResultDocument
 from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision, StudyState
 from pxsgate.store.connection import StoreBase
@@ -93,6 +95,21 @@ class ResultFilter:
     limit: int | None = None
 
 
+async def insert_result(db: aiosqlite.Connection, document: ResultDocument,
+                        patient_key: str) -> None:
+    """The document as its study's current result (the caller has made the one before it
+    not current, in the same transaction)."""
+    await db.execute(
+        f"""INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
+               model_id, status, created_at, document, flags, current, created_utc,
+               patient_key)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, strftime('{UTC_FORMAT}', ?), ?)""",
+        (document.id, document.study_instance_uid, document.patient_id,
+         document.accession_number, document.model.id, str(document.status),
+         document.created_at, json.dumps(document.to_json(), separators=(",", ":")),
+         " ".join(document.pxsgate.flags), document.created_at, patient_key))
+
+
 class ResultTransaction:
     """What a study's code does inside :meth:`ResultsMixin.transaction`: read the patient's
     prior scored image, then add the result. Nothing is committed until the block ends."""
@@ -124,15 +141,7 @@ class ResultTransaction:
         await db.execute(
             "UPDATE results SET current = 0 WHERE study_instance_uid = ? AND current = 1",
             (study_uid,))
-        await db.execute(
-            f"""INSERT INTO results (id, study_instance_uid, patient_id, accession_number,
-                   model_id, status, created_at, document, flags, current, created_utc,
-                   patient_key)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, strftime('{UTC_FORMAT}', ?), ?)""",
-            (document.id, study_uid, document.patient_id, document.accession_number,
-             document.model.id, str(document.status), document.created_at,
-             json.dumps(document.to_json(), separators=(",", ":")),
-             " ".join(document.pxsgate.flags), document.created_at, patient_key))
+        await insert_result(db, document, patient_key)
         for i, e in enumerate(embeddings.images if embeddings is not None else ()):
             assert embeddings is not None
             cur = await db.execute(

@@ -608,7 +608,8 @@ def _cross_check_tls(tls: TlsConfig) -> None:
 
 def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
     if e.type in ("http", "dicomweb"):
-        _cross_check_url(e, path)
+        article = "an" if e.type == "http" else "a"
+        _cross_check_url(e, path, f"{article} {e.type} exporter", "dicom exporters")
         if e.type == "dicomweb":
             _only_scores(e, path)
         return
@@ -621,12 +622,13 @@ def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
     _only_scores(e, path)
 
 
-def _cross_check_url(e: ExporterConfig, path: str) -> None:
-    """An http or dicomweb exporter: its URL, and credentials that never cross the network
-    in clear text."""
+def _cross_check_url(e: ExporterConfig | PriorSourceConfig, path: str, what: str,
+                     dimse: str) -> None:
+    """An http or dicomweb exporter, or a dicomweb prior source (``what`` names it, and
+    ``dimse`` what the DIMSE settings apply to): its URL, and credentials that never cross
+    the network in clear text."""
     if e.url is None:
-        article = "an" if e.type == "http" else "a"
-        raise ConfigError(f"{path}.url", f"is required for {article} {e.type} exporter")
+        raise ConfigError(f"{path}.url", f"is required for {what}")
     parsed = urllib.parse.urlsplit(e.url)
     if parsed.username is not None or parsed.password is not None:
         # Errors and the outbox's last_error quote the URL: a password in it would spread.
@@ -644,8 +646,7 @@ def _cross_check_url(e: ExporterConfig, path: str) -> None:
                           "client-certificate and client-key go together")
     for key in ("host", "port", "ae_title"):
         if getattr(e, key) is not None:
-            raise ConfigError(f"{path}.{key.replace('_', '-')}",
-                              "applies to dicom exporters only")
+            raise ConfigError(f"{path}.{key.replace('_', '-')}", f"applies to {dimse} only")
 
 
 def _only_scores(e: ExporterConfig, path: str) -> None:
@@ -696,18 +697,7 @@ def _cross_check_priors(priors: PriorsConfig, titles: set[str]) -> None:
             raise ConfigError(f"{path}.move-destination",
                               f"{source.move_destination!r} is not one of dicom.scp.ae-titles")
         return
-    if source.url is None:
-        raise ConfigError(f"{path}.url", "is required for a dicomweb source")
-    parsed = urllib.parse.urlsplit(source.url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{path}.url", "must be an http:// or https:// URL")
-    if parsed.username or parsed.password:
-        raise ConfigError(f"{path}.url", "must not carry a user or password "
-                          "(use bearer-token-file or a client certificate)")
-    for key, value in (("host", source.host), ("port", source.port),
-                       ("ae-title", source.ae_title)):
-        if value is not None:
-            raise ConfigError(f"{path}.{key}", "applies to dimse sources only")
+    _cross_check_url(source, path, "a dicomweb source", "dimse sources")
 
 
 def config_from_mapping(data: Any) -> Config:

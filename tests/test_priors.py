@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from pxsgate import change
 from pxsgate.preprocess import preprocess_file
 
-from .conftest import free_port
+from .conftest import free_port, pxsgate
 from .inprocess import gateway, result_of, send, stand_in_embedding
 from .orthanc import DICOMWEB_PLUGIN, GDCM_PLUGIN, Orthanc, orthanc_dicomweb_plugin, orthanc_server
 from .test_change import change_of, visit
@@ -138,6 +138,10 @@ async def test_the_prior_comes_from_the_pacs(tmp_path: Path, pacs: Orthanc,
         assert "priorLookup" not in second["pxsgate"]
         again = change_of(second)
         assert again is not None
+        trace = await asyncio.to_thread(pxsgate, "trace", str(current.StudyInstanceUID),
+                                        "--config", tmp_path / "pxsgate.yaml")
+        assert "(fetched from the PACS)" in trace.stdout
+        assert "found after" in trace.stdout
         assert again["change"]["priorSource"] == "pxsgate"
         assert again["change"]["priorStudyInstanceUid"] == current.StudyInstanceUID
         if queried is not None:
@@ -191,6 +195,10 @@ async def test_a_pacs_that_refuses(tmp_path: Path, pacs: Orthanc) -> None:
     assert lookup["seconds"] < 5
     assert "detail" in lookup
     assert doc["status"] == "SUCCEEDED"
+    trace = await asyncio.to_thread(pxsgate, "trace", str(current.StudyInstanceUID),
+                                    "--config", tmp_path / "pxsgate.yaml")
+    assert f"prior asked of {pacs.aet}@127.0.0.1:" in trace.stdout
+    assert ": refused after " in trace.stdout
 
 
 def test_a_retrieved_prior_file_is_the_one_in_the_pacs(tmp_path: Path, pacs: Orthanc) -> None:

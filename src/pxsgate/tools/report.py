@@ -375,8 +375,14 @@ def _trace_result(lines: list[str], result: Mapping[str, Any], label: Mapping[st
         when = f" of {found.get('priorStudyDate')}" if phi else ""
         diff = found.get("scoreDifference")
         shift = f"; score {diff:+.6f} since then" if isinstance(diff, int | float) else ""
+        origin = " (fetched from the PACS)" if found.get("priorSource") == "pacs" else ""
         add(f"  change {entry.get('value')}: PXS distance to the patient's prior image "
-            f"{prior}{when}, {found.get('intervalDays')} days before{shift}")
+            f"{prior}{origin}{when}, {found.get('intervalDays')} days before{shift}")
+    lookup = block.get("priorLookup")
+    if isinstance(lookup, Mapping):
+        detail = f": {lookup['detail']}" if lookup.get("detail") else ""
+        add(f"  prior asked of {lookup.get('source')}: {lookup.get('outcome')} "
+            f"after {lookup.get('seconds')} s{detail}")
     flags = block.get("flags") or []
     add(f"  flags: {' '.join(flags) if flags else 'none'}")
     senders = block.get("senders") or []

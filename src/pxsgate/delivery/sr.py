@@ -97,7 +97,9 @@ def uid_from_id(text: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, text).int}"
 
 
-def _is_demo(model: Mapping[str, Any]) -> bool:
+def is_demo(model: Mapping[str, Any]) -> bool:
+    """Whether a result's ``model`` block says demonstration weights (not for clinical
+    use): every exporter says so to its readers."""
     return DEMO_MARKER in str(model.get("description", "")).lower()
 
 
@@ -184,7 +186,7 @@ def build_pxs_sr(
     result_id = str(document.get("id") or sop_instance_uid)
     report = _measurement_report(
         _measurement_groups(scored, _algorithm(model), result_id), manufacturer, device_serial)
-    demo = _is_demo(model)
+    demo = is_demo(model)
     _add_comments(report, _comments(document, demo))
     moment = _document_time(document)
     when: dict[str, Any] = {}

@@ -88,6 +88,12 @@ def test_listing_1_loads_unchanged() -> None:
         ({"priors": {"source": {"type": "dicomweb", "url": "https://pacs/dicom-web",
                                 "port": 104}}}, "priors.source.port", "dimse sources only"),
         ({"priors": {"wait-seconds": 0}}, "priors.wait-seconds", "greater"),
+        ({"exporters": [{"name": "a", "type": "http", "url": "https://a/api",
+                         "when": {"flags-any": ["urgent"]}}]},
+         "exporters[0].when.flags-any", "unknown flag(s) urgent"),
+        ({"exporters": [{"name": "a", "type": "http", "url": "https://a/api",
+                         "when": {"score-at-least": "high"}}]},
+         "exporters[0].when.score-at-least", "number"),
     ],
 )
 def test_errors_name_the_key_path(patch: dict[str, object], path: str, words: str) -> None:
@@ -118,3 +124,18 @@ def test_serve_refuses_a_bad_config_before_opening_a_port(tmp_path: Path) -> Non
     result = pxsgate("serve", "--config", bad, check=False, timeout=60)
     assert result.returncode == 2
     assert "dicom.scp.colour" in result.stderr
+
+
+def test_the_review_flags_are_the_rules_and_the_schemas() -> None:
+    """An exporter's when: checks flags against records.REVIEW_FLAGS: the same as the
+    rules set and the JSON Schema allows."""
+    import json
+
+    from pxsgate import rules
+    from pxsgate.records import REVIEW_FLAGS
+
+    set_by_rules = {v for k, v in vars(rules).items() if k.startswith("FLAG_")}
+    schema = json.loads((Path(rules.__file__).parent / "schemas"
+                         / "result-document.schema.json").read_text())
+    in_schema = set(schema["$defs"]["pxsgate"]["properties"]["flags"]["items"]["enum"])
+    assert set_by_rules == set(REVIEW_FLAGS) == in_schema

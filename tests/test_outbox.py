@@ -485,3 +485,38 @@ async def test_fake_sent_once_when_woken_while_in_flight(tmp_path: Path) -> None
     assert (row.state, row.attempts) == ("delivered", 1)
     assert r.exporter.delivered == [delivery]
     assert len(r.exporter.calls) == 1, "nor once delivered"
+
+
+async def test_when_filters_decide_which_exporters_get_a_delivery_row(
+        tmp_path: Path) -> None:
+    """when: beside statuses: a result that meets an exporter's conditions gets a delivery
+    row there; one that does not gets none at all (not a row skipped later)."""
+    from .test_change import visit
+
+    with http_receiver() as receiver:
+        extra = http_exporter(receiver.url, name="everything",
+                              when="{score-at-least: 0.0}")
+        for name, when in (("critical", "{score-at-least: 1.5}"),  # above any score here
+                           ("changes", "{change-at-least: 0.0}"),
+                           ("flagged", "{flags-any: [multiple-ap-images]}"),
+                           ("both", "{change-at-least: 0.0, flags-any: [wrong-patient], "
+                                    "match: all}")):
+            extra += http_exporter(receiver.url, name=name, when=when).removeprefix(
+                "exporters:\n")
+        async with gateway(tmp_path, extra) as (gw, _):
+            first, second = visit(71, 1, "20200101"), visit(71, 2, "20200201")
+            two_aps = ap_study(72, "WHEN", images=2)
+            for study in ([first], [second], two_aps):
+                await send(gw, study)
+                await result_of(gw, str(study[0].StudyInstanceUID))
+            rows = await settled(gw, 4)
+            docs = {d["id"]: d for d in await gw.store.results()}
+    by_study: dict[str, set[str]] = {}
+    for row in rows:
+        by_study.setdefault(docs[row.result_id]["studyInstanceUid"], set()).add(row.exporter)
+    assert by_study == {
+        str(first.StudyInstanceUID): {"everything"},
+        str(second.StudyInstanceUID): {"everything", "changes"},
+        str(two_aps[0].StudyInstanceUID): {"everything", "flagged"},
+    }
+    assert all(row.state == "delivered" for row in rows)

@@ -18,7 +18,7 @@ import re
 import types
 import typing
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ import yaml
 from pxsgate import default_rules
 from pxsgate.errors import ConfigError
 from pxsgate.matchers import Rule, parse_rules
-from pxsgate.records import Status
+from pxsgate.records import REVIEW_FLAGS, Status
 
 DEFAULT_CONFIG_PATH = Path("config/pxsgate.yaml")
 CONFIG_ENV = "PXSGATE_CONFIG"
@@ -418,6 +418,44 @@ def _check_name(value: Any) -> str | None:
     return "must be 1-64 characters: lowercase letters, digits, '-' and '_'"
 
 
+def _check_flags(value: Any) -> str | None:
+    unknown = sorted(set(value) - set(REVIEW_FLAGS))
+    if unknown:
+        return f"unknown flag(s) {', '.join(unknown)}; known: {', '.join(REVIEW_FLAGS)}"
+    return None
+
+
+@dataclass(frozen=True)
+class WhenConfig:
+    """An exporter's ``when:``: only results that meet it go there (beside ``statuses``).
+    With ``match: any`` (the default) one condition met is enough: a critical-result
+    webhook on a high score or a large change; with ``all`` each one given must be met.
+    A result that meets none gets no delivery row at all."""
+
+    score_at_least: float | None = None  # the headline PXS score
+    change_at_least: float | None = None  # the PXS change to the patient's prior
+    flags_any: tuple[str, ...] = field(default=(), metadata=_check(_check_flags))
+    match: Literal["any", "all"] = "any"
+
+    @property
+    def given(self) -> bool:
+        return (self.score_at_least is not None or self.change_at_least is not None
+                or bool(self.flags_any))
+
+    def met(self, score: float | None, change: float | None, flags: Sequence[str]) -> bool:
+        """Whether a result with this headline score, change and flags meets it."""
+        checks: list[bool] = []
+        if self.score_at_least is not None:
+            checks.append(score is not None and score >= self.score_at_least)
+        if self.change_at_least is not None:
+            checks.append(change is not None and change >= self.change_at_least)
+        if self.flags_any:
+            checks.append(bool(set(self.flags_any) & set(flags)))
+        if not checks:
+            return True
+        return any(checks) if self.match == "any" else all(checks)
+
+
 @dataclass(frozen=True)
 class ExporterConfig:
     """One destination of the outbox. Every stored result whose status is in ``statuses``
@@ -428,6 +466,7 @@ class ExporterConfig:
     # Which results go there. Default: every status for http (the paper's results
     # communicator), SUCCEEDED for dicom (an SR reports a score).
     statuses: tuple[Literal["SUCCEEDED", "FAILED", "SKIPPED"], ...] | None = None
+    when: WhenConfig = WhenConfig()  # and only those that meet this (score, change, flags)
     # --- http: POST the result document as JSON
     url: str | None = None
     bearer_token_file: Path | None = None
@@ -453,6 +492,11 @@ class ExporterConfig:
         if self.statuses is not None:
             return self.statuses
         return RESULT_STATUSES if self.type == "http" else (Status.SUCCEEDED,)
+
+    def wants(self, status: str, score: float | None, change: float | None,
+              flags: Sequence[str]) -> bool:
+        """Whether a result of this status, headline score, change and flags goes here."""
+        return status in self.wanted_statuses and self.when.met(score, change, flags)
 
 
 @dataclass(frozen=True)

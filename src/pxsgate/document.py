@@ -356,6 +356,20 @@ class ResultDocument:
         """The PXS score entries, headline first, without the other kinds (pxs.change)."""
         return tuple(r for r in self.results if r.is_score)
 
+    @property
+    def headline_score(self) -> float | None:
+        """The headline PXS score (None: nothing scored)."""
+        headline = self.pxsgate.headline
+        return None if headline is None else float(headline.value)
+
+    @property
+    def change_distance(self) -> float | None:
+        """The PXS change to the patient's prior (None: no change entry)."""
+        for entry in self.results:
+            if entry.change is not None:
+                return entry.change.distance
+        return None
+
     def with_entry(self, entry: ResultEntry) -> ResultDocument:
         """The document with ``entry`` after its results."""
         return replace(self, results=(*self.results, entry))

@@ -16,6 +16,12 @@ if TYPE_CHECKING:  # numpy only for the annotation: this module stays light to i
     import numpy.typing as npt
 
 
+# The review flags a result may carry (pxsgate.flags; rules.py sets them, the JSON Schema
+# lists them, an exporter's when: may ask for them).
+REVIEW_FLAGS = ("multiple-ap-images", "many-ap-images", "wrong-patient", "rescored",
+                "instance-moved", "image-failed", "images-capped")
+
+
 class Status(StrEnum):
     """A result's status (the result document's ``status``, its JSON Schema's enum)."""
 

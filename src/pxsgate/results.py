@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pxsgate import __version__
+from pxsgate.config import ExporterConfig
 from pxsgate.document import (
     CHANGE_CODE,
     DOCUMENT_VERSION,
@@ -140,3 +141,12 @@ def build_document(
             study_datetime=identity.study_datetime, senders=tuple(senders),
             inference=Inference(attempts, tuple(batch_sizes))),
     )
+
+
+def exporters_for(exporters: Sequence[ExporterConfig], document: ResultDocument) -> list[str]:
+    """The exporters a stored result goes to: its status is among theirs and it meets
+    their ``when:`` (an exporter it does not meet gets no delivery row at all)."""
+    score, change = document.headline_score, document.change_distance
+    flags = document.pxsgate.flags
+    return [e.name for e in exporters
+            if e.wants(str(document.status), score, change, flags)]

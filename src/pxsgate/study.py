@@ -48,6 +48,7 @@ from pxsgate.results import (
     StudyIdentity,
     build_document,
     dicom_datetime,
+    exporters_for,
 )
 from pxsgate.rules import Header
 from pxsgate.service.metrics import Metrics
@@ -452,7 +453,6 @@ class StudyProcessor:
         document = self._document(outcome, stages, stored_at)
         if lookup is not None:
             document = document.with_prior_lookup(lookup)
-        exporters = [e.name for e in self._config.exporters if status in e.wanted_statuses]
         label = self._store.study_label(outcome.identity.study_instance_uid)
         interval: float | None = None
         async with self._store.transaction() as tx:
@@ -462,6 +462,8 @@ class StudyProcessor:
             if prior is not None and embeddings is not None:
                 document, interval = with_change(document, outcome.scores, embeddings, prior,
                                                  label)
+            # Chosen once the change is known: an exporter's when: may ask for one.
+            exporters = exporters_for(self._config.exporters, document)
             deliveries = await tx.add_result(document, outcome.state, outcome.error,
                                              exporters, embeddings=embeddings)
         if interval is not None:

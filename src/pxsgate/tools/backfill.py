@@ -29,6 +29,7 @@ from pxsgate.infer import ImageResult, InferenceWorker, PxsScorer, Scorer
 from pxsgate.priors.finder import LookupRequest, PriorFinder
 from pxsgate.priors.source import make_source
 from pxsgate.records import PriorImage, ScoredImage, now_iso
+from pxsgate.results import exporters_for
 from pxsgate.store import Store, StudyEmbeddings
 from pxsgate.store.priors import ResultWithoutChange
 
@@ -110,15 +111,13 @@ async def backfill(config: Config, *, since: str | None = None, deliver: bool = 
                              weights_sha256=model.weights_sha256,
                              anchors_sha256=model.anchors_sha256)
         finder.clear_leftovers()
-        exporters = ([e.name for e in config.exporters if "SUCCEEDED" in e.wanted_statuses]
-                     if deliver else [])
         try:
             items = await store.results_without_change(model.weights_sha256, since)
             tally = Tally(results=len(items))
             progress = Progress(len(items), out)
             progress.update(0, tally)
             for done, item in enumerate(items, start=1):
-                await _one(item, store, finder, config, exporters, tally)
+                await _one(item, store, finder, config, deliver, tally)
                 progress.update(done, tally)
         finally:
             await finder.close()
@@ -129,7 +128,7 @@ async def backfill(config: Config, *, since: str | None = None, deliver: bool = 
 
 
 async def _one(item: ResultWithoutChange, store: Store, finder: PriorFinder, config: Config,
-               exporters: list[str], tally: Tally) -> None:
+               deliver: bool, tally: Tally) -> None:
     document = item.document
     embeddings = StudyEmbeddings(
         images=(item.headline,), study_time=item.study_time,
@@ -155,6 +154,7 @@ async def _one(item: ResultWithoutChange, store: Store, finder: PriorFinder, con
     except ValueError:  # a stored vector of another size: no change entry
         tally.no_prior += 1
         return
+    exporters = exporters_for(config.exporters, updated) if deliver else []
     if await store.add_backfilled_result(item.document.id, updated, exporters):
         tally.changed += 1
     else:

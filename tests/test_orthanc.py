@@ -61,7 +61,8 @@ end
 ACTIVE_STATES = ("receiving", "ready", "selected", "inferring")
 
 
-def sr_exporter(orthanc_port: int, calling_aet: str = EXPORTER_AET) -> str:
+def sr_exporter(orthanc_port: int, calling_aet: str = EXPORTER_AET,
+                objects: str = "[sr]") -> str:
     return f"""exporters:
   - name: orthanc
     type: dicom
@@ -69,6 +70,7 @@ def sr_exporter(orthanc_port: int, calling_aet: str = EXPORTER_AET) -> str:
     port: {orthanc_port}
     ae-title: ORTHANC
     calling-ae-title: {calling_aet}
+    objects: {objects}
     timeout-seconds: 10
     backoff-initial-seconds: 0.2
     backoff-max-seconds: 1
@@ -100,7 +102,8 @@ class Pair:
 @contextlib.contextmanager
 def pxsgate_and_orthanc(tmp: Path, *, lua: str | None = None, export_sr: bool = True,
                         extra_scp: str = "", scu_preferred_syntax: str | None = None,
-                        exporter_aet: str = EXPORTER_AET) -> Iterator[Pair]:
+                        exporter_aet: str = EXPORTER_AET, objects: str = "[sr]"
+                        ) -> Iterator[Pair]:
     """pxsgate first (its port is known only once it listens), its SR exporter aimed at the
     port Orthanc is about to take; then Orthanc, whose DicomModalities name pxsgate's SCP
     (``pxsgate``, for routing) and its exporter's calling AE (``pxsgate-sr``, store only)."""
@@ -110,7 +113,8 @@ def pxsgate_and_orthanc(tmp: Path, *, lua: str | None = None, export_sr: bool = 
     (tmp / "pxsgate").mkdir(parents=True)
     svc = start_service(tmp / "pxsgate", settle=SETTLE, http_port=http_port,
                         extra_scp=extra_scp, ae_titles=(PXSGATE_AET,),
-                        extra=sr_exporter(orthanc_port, exporter_aet) if export_sr else "")
+                        extra=(sr_exporter(orthanc_port, exporter_aet, objects)
+                               if export_sr else ""))
     modalities = {
         "pxsgate": {"AET": PXSGATE_AET, "Host": "127.0.0.1", "Port": svc.port,
                     "AllowStore": False, "AllowFind": False, "AllowMove": False,
@@ -430,3 +434,61 @@ def test_orthanc_dicomweb_exporter_stores_the_sr_by_stow_rs(tmp_path: Path) -> N
     assert sr_file.SOPInstanceUID == uid_from_id(f"{doc['id']}/archive/sr")
     assert sr_file.StudyInstanceUID == uid
     assert sr_file.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+
+
+# --- (e) the score as an image any viewer shows ------------------------------------------------
+
+
+def test_orthanc_secondary_capture_files_into_the_study_and_renders(tmp_path: Path) -> None:
+    """objects: [sr, secondary-capture]: the SC joins the study in Orthanc (the router sent
+    the image there too), Orthanc renders it, dciodvfy finds no error, its picture is the
+    exact model input under the burned-in score, and a rescore's SC is the next in its
+    series."""
+    from pxsgate.preprocess import preprocess_file
+
+    from .test_dciodvfy import unexpected_errors
+
+    first_image, late_image = ap_study(74, "ORTHSC", images=2)
+    uid = str(first_image.StudyInstanceUID)
+    source = tmp_path / "first.dcm"
+    source.write_bytes(encode(first_image))
+    with pxsgate_and_orthanc(tmp_path, objects="[sr, secondary-capture]") as pair:
+        orthanc = pair.orthanc
+        assert orthanc.upload(source)["Status"] == "Success"
+        assert send_datasets("127.0.0.1", pair.svc.port, [first_image]).ok
+        doc = pair.svc.wait_for([uid], timeout=45)[uid]
+        assert doc["status"] == "SUCCEEDED", doc["errorMessage"]
+        [sc1] = poll(lambda: orthanc.instances_of(uid, "OT"), 30, "the SC in Orthanc")
+        study_id = orthanc.study_id(uid)
+        assert study_id is not None
+        in_study = {i["ID"] for i in orthanc.study_instances(study_id)}
+        preview = orthanc.request("GET", f"/instances/{sc1['OrthancId']}/preview")
+        sc1_file = tmp_path / "sc1.dcm"
+        sc1_file.write_bytes(orthanc.file(sc1["OrthancId"]))
+        poll(lambda: orthanc.instances_of(uid, "SR"), 30, "the SR in Orthanc")
+
+        assert send_datasets("127.0.0.1", pair.svc.port, [late_image]).ok
+        poll(lambda: len(pair.history(uid)) == 2, 45, "the second result")
+        later = poll(lambda: [t for t in orthanc.instances_of(uid, "OT")
+                              if t["SOPInstanceUID"] != sc1["SOPInstanceUID"]],
+                     30, "the second SC in Orthanc")
+
+    assert sc1["OrthancId"] in in_study and len(in_study) >= 2, "filed into the study"
+    assert preview[:8] == b"\x89PNG\r\n\x1a\n", "Orthanc renders it"
+    assert not unexpected_errors(sc1_file, "1.2.840.10008.5.1.4.1.1.7")
+    sc = pydicom.dcmread(sc1_file)
+    assert sc.StudyInstanceUID == uid
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesDescription.startswith("PXS score image")
+    assert doc["pxsgate"]["headline"]["value"] in sc.ImageComments
+    pixels = sc.pixel_array
+    band = pixels.shape[0] - 640
+    assert band > 0, "a text band above the image"
+    assert pixels[:band].max() == 255, "text burned into the band"
+    # Below the band: the exact model input, each pixel shown 2x2.
+    model_input = preprocess_file(source)
+    np.testing.assert_array_equal(pixels[band:][::2, ::2], model_input)
+    np.testing.assert_array_equal(pixels[band:][1::2, 1::2], model_input)
+    [sc2] = later
+    assert sc2["SeriesInstanceUID"] == sc1["SeriesInstanceUID"], "its own series, continued"
+    assert int(sc2["InstanceNumber"]) == int(sc1["InstanceNumber"]) + 1

@@ -478,6 +478,9 @@ class ExporterConfig:
     port: int | None = field(default=None, metadata=_check(_check_port))
     ae_title: str | None = field(default=None, metadata=_check(_check_ae_title))  # called
     calling_ae_title: str = field(default="PXSGATE", metadata=_check(_check_ae_title))
+    # What is sent per result: the SR, and a Secondary Capture (the model input with the
+    # score burned in, for viewers that do not render SR). dicom exporters only.
+    objects: tuple[Literal["sr", "secondary-capture"], ...] = ("sr",)
     # --- both
     timeout_seconds: float = field(default=30.0, metadata=_check(_check_positive))
     rate_per_second: float = field(default=10.0, metadata=_check(_check_positive))
@@ -651,6 +654,7 @@ def _cross_check_tls(tls: TlsConfig) -> None:
 
 
 def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
+    _check_objects(e, path)
     if e.type in ("http", "dicomweb"):
         article = "an" if e.type == "http" else "a"
         _cross_check_url(e, path, f"{article} {e.type} exporter", "dicom exporters")
@@ -691,6 +695,15 @@ def _cross_check_url(e: ExporterConfig | PriorSourceConfig, path: str, what: str
     for key in ("host", "port", "ae_title"):
         if getattr(e, key) is not None:
             raise ConfigError(f"{path}.{key.replace('_', '-')}", f"applies to {dimse} only")
+
+
+def _check_objects(e: ExporterConfig, path: str) -> None:
+    if not e.objects:
+        raise ConfigError(f"{path}.objects", "names nothing to send")
+    if len(set(e.objects)) != len(e.objects):
+        raise ConfigError(f"{path}.objects", "names an object twice")
+    if e.type != "dicom" and e.objects != ("sr",):
+        raise ConfigError(f"{path}.objects", "applies to dicom exporters only")
 
 
 def _only_scores(e: ExporterConfig, path: str) -> None:

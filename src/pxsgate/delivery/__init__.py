@@ -2,7 +2,8 @@
 idempotent delivery ids) and the exporters behind it, one module a protocol:
 
 - :mod:`.http`: the result document POSTed as JSON;
-- :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`);
+- :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`), and with
+  ``objects`` a Secondary Capture of the score burned into the model input (:mod:`.sc`);
 - :mod:`.dicomweb`: the same SR stored by STOW-RS in a DICOMweb archive.
 """
 
@@ -18,7 +19,10 @@ from pxsgate.delivery.outbox import Exporter
 from pxsgate.store import Store
 
 
-def build_exporters(configs: Sequence[ExporterConfig], store: Store) -> dict[str, Exporter]:
+def build_exporters(configs: Sequence[ExporterConfig], store: Store, *,
+                    jpeg_roundtrip: bool = False) -> dict[str, Exporter]:
+    """The configured exporters by name; ``jpeg_roundtrip``: the service's preprocessing
+    (a secondary capture shows the model input it makes)."""
     exporters: dict[str, Exporter] = {}
     for i, config in enumerate(configs):
         key = f"exporters[{i}]"
@@ -27,5 +31,6 @@ def build_exporters(configs: Sequence[ExporterConfig], store: Store) -> dict[str
         elif config.type == "dicomweb":
             exporters[config.name] = StowSrExporter(config, store, key)
         else:
-            exporters[config.name] = DicomSrExporter(config, store)
+            exporters[config.name] = DicomSrExporter(config, store,
+                                                     jpeg_roundtrip=jpeg_roundtrip)
     return exporters

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import ComprehensiveSRStorage
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from pxsgate.config import ExporterConfig
 from pxsgate.document import ResultDocument
@@ -38,24 +39,28 @@ def _read_headers(paths: Sequence[Path]) -> list[Dataset]:
 
 
 class SrExporter:
-    """A Comprehensive SR per result, sent to a PACS by the subclass's protocol. Its SOP
-    Instance UID derives from the result id and the exporter, so a delivery sent twice is
-    the same instance to the PACS. The SRs of one study for one exporter share a series; a
-    rescore's SR has the next InstanceNumber and names the SR it supersedes
-    (PredecessorDocumentsSequence). Each is registered in the store before it is sent, so
-    that a router sending the study back brings it in as pxsgate's own, which never
-    re-opens the study."""
+    """A Comprehensive SR per result (and, with ``objects: [sr, secondary-capture]``, a
+    Secondary Capture showing the score), sent to a PACS by the subclass's protocol. Each
+    object's SOP Instance UID derives from the result id and the exporter, so a delivery
+    sent twice is the same instance to the PACS. The objects of one study for one exporter
+    share a series per kind; a rescore's has the next InstanceNumber, and its SR names the
+    SR it supersedes (PredecessorDocumentsSequence). Each is registered in the store before
+    it is sent, so that a router sending the study back brings it in as pxsgate's own,
+    which never re-opens the study."""
 
-    def __init__(self, config: ExporterConfig, store: Store) -> None:
+    def __init__(self, config: ExporterConfig, store: Store, *,
+                 jpeg_roundtrip: bool = False) -> None:
         self.name = config.name
         self._config = config
         self._store = store
+        self._jpeg_roundtrip = jpeg_roundtrip  # the service's preprocessing, for the SC
 
     async def start(self) -> None:
         return None
 
     async def deliver(self, delivery_id: str, document: ResultDocument) -> None:
-        await self._send(await self._build(document))
+        for dataset in await self._build_objects(document):
+            await self._send(dataset)
 
     async def close(self) -> None:
         return None
@@ -63,24 +68,40 @@ class SrExporter:
     async def _send(self, dataset: Dataset) -> None:
         raise NotImplementedError
 
+    async def _build_objects(self, document: ResultDocument) -> list[Dataset]:
+        """What the exporter sends for the result, in ``objects`` order."""
+        objects = []
+        for kind in self._config.objects:
+            if kind == "sr":
+                objects.append(await self._build(document))
+            else:
+                objects.append(await self._build_sc(document))
+        return objects
+
+    async def _sources(self, document: ResultDocument, uids: Sequence[str]) -> dict[str, Path]:
+        """The files of the result's images; PermanentExportError when one is gone from the
+        spool or the result is no longer its study's current one."""
+        paths = await self._store.instance_paths(list(uids))
+        missing = [u for u in uids if u not in paths or not paths[u].exists()]
+        if missing:
+            raise PermanentExportError(
+                f"{len(missing)} source image(s) of the result are no longer in the spool")
+        if not await self._store.is_current(document.id):
+            # The study was scored again while this delivery waited: an SR of the old score
+            # would take the next number and supersede the newer one in PACS.
+            raise PermanentExportError(
+                "superseded: the study was scored again; its newer result's SR is sent")
+        return paths
+
     async def _build(self, document: ResultDocument) -> Dataset:
         """The result's SR, registered as pxsgate's own; PermanentExportError when it cannot
         be built (its images gone from the spool, a newer result, a header it cannot use)."""
         from pxsgate.delivery import sr  # highdicom loads only where an SR exporter is configured
 
         uids = _source_uids(document)
-        paths = await self._store.instance_paths(uids)
-        missing = [u for u in uids if u not in paths or not paths[u].exists()]
-        if missing:
-            raise PermanentExportError(
-                f"{len(missing)} source image(s) of the result are no longer in the spool")
+        paths = await self._sources(document, uids)
         result_id = document.id
         study_uid = document.study_instance_uid
-        if not await self._store.is_current(result_id):
-            # The study was scored again while this delivery waited: an SR of the old score
-            # would take the next number and supersede the newer one in PACS.
-            raise PermanentExportError(
-                "superseded: the study was scored again; its newer result's SR is sent")
         made, previous = await self._store.made_instance(
             result_id=result_id, exporter=self.name, study_uid=study_uid,
             sop_class_uid=ComprehensiveSRStorage,  # what build_pxs_sr makes
@@ -95,22 +116,63 @@ class SrExporter:
                 instance_number=made.instance_number,
                 previous_versions=[_reference(previous)] if previous is not None else ())
         except Exception as exc:
-            # Never sent: it must not be named as a predecessor or take a number.
-            await self._store.forget_made_instance(made.sop_instance_uid)
-            if isinstance(exc, sr.SrError):
-                raise PermanentExportError(f"cannot build the SR: {exc}") from exc
-            # highdicom's messages may quote header values: not kept.
-            raise PermanentExportError(
-                f"cannot build the SR: {type(exc).__name__}") from exc
+            await self._forget(made, exc, "SR")
+
+    async def _build_sc(self, document: ResultDocument) -> Dataset:
+        """The result's Secondary Capture (the headline image's model input with the score
+        burned in), registered as pxsgate's own under ``{exporter}/sc``."""
+        from pxsgate.delivery import sc, sr
+
+        json_doc = document.to_json()
+        try:
+            headline = sc.headline_uid(json_doc)
+        except sr.SrError as exc:
+            raise PermanentExportError(f"cannot build the secondary capture: {exc}") from exc
+        paths = await self._sources(document, [headline])
+        result_id, study_uid = document.id, document.study_instance_uid
+        made, _ = await self._store.made_instance(
+            result_id=result_id, exporter=f"{self.name}/sc", study_uid=study_uid,
+            sop_class_uid=SecondaryCaptureImageStorage,
+            sop_instance_uid=sr.uid_from_id(f"{result_id}/{self.name}/sc"),
+            series_instance_uid=sr.uid_from_id(f"{study_uid}/{self.name}/sc-series"),
+            at=now_iso())
+        try:
+            path = paths[headline]
+            (source,) = await asyncio.to_thread(_read_headers, [path])
+            model_input = await asyncio.to_thread(self._model_input, path)
+            return sc.build_pxs_sc(json_doc, source, model_input,
+                                   sop_instance_uid=made.sop_instance_uid,
+                                   series_instance_uid=made.series_instance_uid,
+                                   instance_number=made.instance_number)
+        except Exception as exc:
+            await self._forget(made, exc, "secondary capture")
+
+    def _model_input(self, path: Path) -> Any:
+        """What the model saw: the same preprocessing of the same file (deterministic)."""
+        from pxsgate.preprocess import preprocess_file
+
+        return preprocess_file(path, jpeg_roundtrip=self._jpeg_roundtrip)
+
+    async def _forget(self, made: MadeInstance, exc: Exception, what: str) -> NoReturn:
+        """An object that could not be built is never sent: it must not be named as a
+        predecessor or take a number."""
+        from pxsgate.delivery import sr
+
+        await self._store.forget_made_instance(made.sop_instance_uid)
+        if isinstance(exc, sr.SrError | PermanentExportError):
+            raise PermanentExportError(f"cannot build the {what}: {exc}") from exc
+        # highdicom's messages may quote header values: not kept.
+        raise PermanentExportError(f"cannot build the {what}: {type(exc).__name__}") from exc
 
 
 class DicomSrExporter(SrExporter):
     """The SR by C-STORE, one association per delivery."""
 
-    def __init__(self, config: ExporterConfig, store: Store) -> None:
+    def __init__(self, config: ExporterConfig, store: Store, *,
+                 jpeg_roundtrip: bool = False) -> None:
         if config.host is None or config.port is None or config.ae_title is None:
             raise ConfigError(config.name, "a dicom exporter needs host, port and ae-title")
-        super().__init__(config, store)
+        super().__init__(config, store, jpeg_roundtrip=jpeg_roundtrip)
         self._host, self._port, self._called = config.host, config.port, config.ae_title
 
     async def _send(self, dataset: Dataset) -> None:

@@ -125,7 +125,8 @@ class Gateway:
         self._assembler: Assembler | None = None
         self._receiver: Receiver | None = None
         self._move_inbox: MoveInbox | None = None  # priors retrieved by C-MOVE
-        self.outbox = Outbox(self.store, build_exporters(config.exporters, self.store),
+        self.outbox = Outbox(self.store, build_exporters(
+            config.exporters, self.store, jpeg_roundtrip=config.preprocess.jpeg_roundtrip),
                              {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
         self._api: Api | None = None

@@ -473,7 +473,8 @@ def test_orthanc_secondary_capture_files_into_the_study_and_renders(tmp_path: Pa
                               if t["SOPInstanceUID"] != sc1["SOPInstanceUID"]],
                      30, "the second SC in Orthanc")
 
-    assert sc1["OrthancId"] in in_study and len(in_study) >= 2, "filed into the study"
+    assert sc1["OrthancId"] in in_study, "filed into the study"
+    assert len(in_study) >= 2, "beside the image the router sent"
     assert preview[:8] == b"\x89PNG\r\n\x1a\n", "Orthanc renders it"
     assert not unexpected_errors(sc1_file, "1.2.840.10008.5.1.4.1.1.7")
     sc = pydicom.dcmread(sc1_file)

@@ -10,6 +10,7 @@ the models the exporter's own output must satisfy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -36,7 +37,7 @@ from pxsgate.records import ScoredImage
 from pxsgate.results import ModelInfo, StudyIdentity, build_document
 
 from .http_receiver import Received, Receiver, http_receiver
-from .inprocess import FastModel, gateway, result_of, send
+from .inprocess import FastModel, eventually, gateway, result_of, send
 from .test_change import change_of, visit
 from .test_lifecycle import ap_study
 from .test_outbox import settled
@@ -293,6 +294,31 @@ async def test_a_missing_token_is_refused_as_unauthorized(tmp_path: Path) -> Non
             [row] = await settled(gw)
     assert (row.state, row.attempts) == ("dead", 1)
     assert "HTTP 401" in row.last_error
+
+
+async def test_until_the_server_has_the_device_one_delivery_at_a_time(tmp_path: Path) -> None:
+    """Two transactions at once would both find no Device and both create it; from then on
+    every conditional create would find two and be refused (412)."""
+    with http_receiver() as receiver:
+        fhir_receiver(receiver).hold.set()  # the first POST waits for release
+        extra = fhir_exporter(receiver.url, bearer_token_file=token_file(tmp_path))
+        async with gateway(tmp_path, extra) as (gw, _):
+            one, two = ap_study(77, "FHIRONE"), ap_study(78, "FHIRTWO")
+            await send(gw, one)
+            await eventually(lambda: _true(receiver.arrived == 1), 30, "the first POST")
+            await send(gw, two)
+            await result_of(gw, str(two[0].StudyInstanceUID))
+            await asyncio.sleep(1.0)  # the second is due and waiting
+            assert receiver.arrived == 1, "the second waits for the first's Device"
+            receiver.release.set()
+            rows = await settled(gw, 2)
+    assert [r.state for r in rows] == ["delivered", "delivered"]
+    devices = {conditions(r)[0][2] for r in receiver.requests}
+    assert len(devices) == 1, "one model, one Device search"
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 # --- the Bundle itself, without a gateway -------------------------------------------------

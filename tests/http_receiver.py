@@ -2,7 +2,8 @@
 
 It runs in a thread (http.server), so it serves both in-process gateways and ``pxsgate
 serve`` subprocesses. ``answers`` scripts the status codes of the next requests (then 200);
-``hold`` makes it keep requests open without answering, like a hung endpoint.
+``hold`` makes it keep requests open without answering, like a hung endpoint; ``reply``
+gives the answer's body and Content-Type (default ``{}``), as a FHIR server answers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,8 @@ class Receiver:
     release: threading.Event = field(default_factory=threading.Event)
     arrived: int = 0  # requests whose body was read, answered or not
     gets: int = 0  # GET requests (a redirected POST becomes one)
+    # (status, the request) -> (body, Content-Type) of the answer; None: "{}"
+    reply: Callable[[int, Received], tuple[bytes, str | None]] | None = None
 
     def accepted(self) -> list[Received]:
         return [r for r in self.requests if 200 <= r.status < 300]
@@ -63,14 +66,19 @@ def http_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
                     cert = self.connection.getpeercert()
                     if cert:
                         cn = dict(x[0] for x in cert["subject"]).get("commonName")
-                receiver.requests.append(
-                    Received(dict(self.headers), json.loads(body), status, cn))
+                received = Received(dict(self.headers), json.loads(body), status, cn)
+                receiver.requests.append(received)
+            answer, content_type = b"{}", None
+            if receiver.reply is not None:
+                answer, content_type = receiver.reply(status, received)
             self.send_response(status)
             if 300 <= status < 400:  # as a proxy moving the endpoint (http -> https) does
                 self.send_header("Location", receiver.url)
-            self.send_header("Content-Length", "2")
+            if content_type is not None:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(answer)
 
         def do_GET(self) -> None:
             # What a redirected POST became (301/302 turn it into a GET): a page that

@@ -70,6 +70,39 @@ def test_listing_1_loads_unchanged() -> None:
         ({"exporters": [{"name": "a", "type": "dicom", "host": "pacs", "port": 104,
                          "ae-title": "PACS", "statuses": ["SKIPPED"]}]},
          "exporters[0].statuses", "a dicom exporter sends scores"),
+        # --- fhir
+        ({"exporters": [{"name": "a", "type": "fhir", "patient-id-system": "urn:oid:1.2"}]},
+         "exporters[0].url", "required for a fhir exporter"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir"}]},
+         "exporters[0].patient-id-system", "required for a fhir exporter"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "MRN"}]},
+         "exporters[0].patient-id-system", "absolute URI"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "code-system": "my codes"}]},
+         "exporters[0].code-system", "absolute URI"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "score-code": " pxs"}]},
+         "exporters[0].score-code", "FHIR code"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "score-code": "pxs-change"}]},
+         "exporters[0].score-code", "must differ"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "http://10.0.0.5/fhir",
+                         "patient-id-system": "urn:oid:1.2",
+                         "bearer-token-file": "/etc/t"}]}, "exporters[0].url", "https"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "statuses": ["FAILED"]}]},
+         "exporters[0].statuses", "a fhir exporter sends scores"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "ae-title": "EHR"}]},
+         "exporters[0].ae-title", "dicom exporters only"),
+        ({"exporters": [{"name": "a", "type": "http", "url": "https://a/api",
+                         "patient-id-system": "urn:oid:1.2"}]},
+         "exporters[0].patient-id-system", "fhir exporters only"),
+        ({"exporters": [{"name": "a", "type": "fhir", "url": "https://ehr/fhir",
+                         "patient-id-system": "urn:oid:1.2", "typo-code": "x"}]},
+         "exporters[0].typo-code", "unknown key"),
+        # --- fhir: end
         ({"priors": {"enabled": True}}, "priors.source", "required when priors are enabled"),
         ({"priors": {"source": {"type": "dimse", "host": "pacs", "port": 104}}},
          "priors.source.ae-title", "required for a dimse source"),
@@ -148,3 +181,14 @@ def test_the_review_flags_are_the_rules_and_the_schemas() -> None:
                          / "result-document.schema.json").read_text())
     in_schema = set(schema["$defs"]["pxsgate"]["properties"]["flags"]["items"]["enum"])
     assert set_by_rules == set(REVIEW_FLAGS) == in_schema
+
+
+def test_a_fhir_exporter_loads_with_its_defaults() -> None:
+    config = config_from_mapping({"exporters": [{
+        "name": "ehr", "type": "fhir", "url": "https://ehr.example.org/fhir",
+        "patient-id-system": "urn:oid:1.2.840.99999.1", "score-code": "99999-1"}]})
+    [fhir] = config.exporters
+    assert (fhir.type, fhir.patient_id_system, fhir.score_code) == (
+        "fhir", "urn:oid:1.2.840.99999.1", "99999-1")
+    assert fhir.code_system is None  # the exporter's default: urn:pxsgate:codes
+    assert fhir.wanted_statuses == ("SUCCEEDED",)

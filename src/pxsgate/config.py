@@ -462,7 +462,7 @@ class ExporterConfig:
     gets one delivery row per exporter, in the same transaction as the result."""
 
     name: str = field(metadata=_check(_check_name))
-    type: Literal["http", "dicom", "dicomweb"]
+    type: Literal["http", "dicom", "dicomweb", "fhir"]
     # Which results go there. Default: every status for http (the paper's results
     # communicator), SUCCEEDED for dicom (an SR reports a score).
     statuses: tuple[Literal["SUCCEEDED", "FAILED", "SKIPPED"], ...] | None = None
@@ -481,6 +481,14 @@ class ExporterConfig:
     # What is sent per result: the SR, and a Secondary Capture (the model input with the
     # score burned in, for viewers that do not render SR). dicom exporters only.
     objects: tuple[Literal["sr", "secondary-capture"], ...] = ("sr",)
+    # --- fhir: a FHIR R4 transaction Bundle POSTed to url (the FHIR base), with the http
+    # keys' token and TLS. The Patient is referenced by identifier: its system is required.
+    patient_id_system: str | None = None  # e.g. urn:oid:<the PatientID issuer's OID>
+    code_system: str | None = None  # of the three codes; default urn:pxsgate:codes
+    score_code: str | None = None  # default pxs-score
+    change_code: str | None = None  # default pxs-change
+    report_code: str | None = None  # default pxs-report
+    # --- fhir: end
     # --- both
     timeout_seconds: float = field(default=30.0, metadata=_check(_check_positive))
     rate_per_second: float = field(default=10.0, metadata=_check(_check_positive))
@@ -655,6 +663,12 @@ def _cross_check_tls(tls: TlsConfig) -> None:
 
 def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
     _check_objects(e, path)
+    # --- fhir
+    if e.type == "fhir":
+        _cross_check_fhir(e, path)
+        return
+    _no_fhir_keys(e, path)
+    # --- fhir: end
     if e.type in ("http", "dicomweb"):
         article = "an" if e.type == "http" else "a"
         _cross_check_url(e, path, f"{article} {e.type} exporter", "dicom exporters")
@@ -668,6 +682,46 @@ def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
     if e.url is not None:
         raise ConfigError(f"{path}.url", "applies to http exporters only")
     _only_scores(e, path)
+
+
+# --- fhir
+# pxsgate's own codes (no LOINC or SNOMED CT concept names the PXS score), in this system.
+FHIR_DEFAULT_CODE_SYSTEM = "urn:pxsgate:codes"
+FHIR_DEFAULT_CODES = {"score": "pxs-score", "change": "pxs-change", "report": "pxs-report"}
+_FHIR_KEYS = ("patient_id_system", "code_system", "score_code", "change_code", "report_code")
+_FHIR_CODE_RE = re.compile(r"^\S+( \S+)*$")  # FHIR's code datatype
+
+
+def _cross_check_fhir(e: ExporterConfig, path: str) -> None:
+    _cross_check_url(e, path, "a fhir exporter", "dicom exporters")
+    _only_scores(e, path)
+    if e.patient_id_system is None:
+        raise ConfigError(f"{path}.patient-id-system", "is required for a fhir exporter: "
+                          "the system of the PatientIDs (a URI, e.g. urn:oid:...)")
+    for key in ("patient_id_system", "code_system"):
+        value = getattr(e, key)
+        if value is not None and (not urllib.parse.urlsplit(value).scheme
+                                  or any(c.isspace() for c in value)):
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              f"must be an absolute URI (urn:... or http(s)://...); got {value!r}")
+    for key in ("score_code", "change_code", "report_code"):
+        value = getattr(e, key)
+        if value is not None and not _FHIR_CODE_RE.match(value):
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              "must be a FHIR code: no leading, trailing or double spaces")
+    codes = [e.score_code or FHIR_DEFAULT_CODES["score"],
+             e.change_code or FHIR_DEFAULT_CODES["change"],
+             e.report_code or FHIR_DEFAULT_CODES["report"]]
+    if len(set(codes)) != len(codes):
+        raise ConfigError(f"{path}.score-code", "score-code, change-code and report-code "
+                          f"must differ (defaults: {', '.join(FHIR_DEFAULT_CODES.values())})")
+
+
+def _no_fhir_keys(e: ExporterConfig, path: str) -> None:
+    for key in _FHIR_KEYS:
+        if getattr(e, key) is not None:
+            raise ConfigError(f"{path}.{key.replace('_', '-')}", "applies to fhir exporters only")
+# --- fhir: end
 
 
 def _cross_check_url(e: ExporterConfig | PriorSourceConfig, path: str, what: str,

@@ -5,6 +5,8 @@ idempotent delivery ids) and the exporters behind it, one module a protocol:
 - :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`), and with
   ``objects`` a Secondary Capture of the score burned into the model input (:mod:`.sc`);
 - :mod:`.dicomweb`: the same SR stored by STOW-RS in a DICOMweb archive.
+- :mod:`.fhir`: a FHIR R4 transaction Bundle (score and change Observations, a
+  DiagnosticReport, the model's Device) POSTed to a FHIR server's base URL.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pxsgate.config import ExporterConfig
 from pxsgate.delivery.dicom import DicomSrExporter
 from pxsgate.delivery.dicomweb import StowSrExporter
+from pxsgate.delivery.fhir import FhirExporter
 from pxsgate.delivery.http import HttpExporter
 from pxsgate.delivery.outbox import Exporter
 from pxsgate.store import Store
@@ -30,6 +33,8 @@ def build_exporters(configs: Sequence[ExporterConfig], store: Store, *,
             exporters[config.name] = HttpExporter(config, key)
         elif config.type == "dicomweb":
             exporters[config.name] = StowSrExporter(config, store, key)
+        elif config.type == "fhir":
+            exporters[config.name] = FhirExporter(config, key)
         else:
             exporters[config.name] = DicomSrExporter(config, store,
                                                      jpeg_roundtrip=jpeg_roundtrip)

@@ -193,7 +193,8 @@ def build_oru(document: ResultDocument, config: ExporterConfig, message_control_
                    if r.code == CHANGE_CODE and r.change is not None), None)
     if change is not None:
         c = change
-        note = (f"Distance to the image of the prior study of {c.prior_study_date} "
+        prior = c.prior_study_date.replace("T", " ")
+        note = (f"Distance to the image of the prior study of {prior} "
                 f"({c.interval_days:g} days earlier; prior PXS score "
                 f"{format_score(c.prior_score)}, score difference "
                 f"{'+' if c.score_difference >= 0 else ''}{format_score(c.score_difference)}).")

@@ -117,6 +117,17 @@ def _check_sha256(value: Any) -> str | None:
     return "must be a sha256: 64 lowercase hexadecimal digits (sha256sum prints it)"
 
 
+def _check_hl7_text(value: Any) -> str | None:
+    # A name or code written into one HL7 v2 component: its delimiters would be escaped, so
+    # "PXS^PXS score^L" would arrive as one literal value, not three parts.
+    text = str(value)
+    if any(c in text for c in "|^~\\&"):
+        return "cannot contain the HL7 delimiters | ^ ~ \\ &: give each part its own key"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return "cannot contain control characters"
+    return None
+
+
 def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": fn}
 
@@ -462,7 +473,7 @@ class ExporterConfig:
     gets one delivery row per exporter, in the same transaction as the result."""
 
     name: str = field(metadata=_check(_check_name))
-    type: Literal["http", "dicom", "dicomweb", "fhir"]
+    type: Literal["http", "dicom", "dicomweb", "fhir", "hl7"]
     # Which results go there. Default: every status for http (the paper's results
     # communicator), SUCCEEDED for dicom (an SR reports a score).
     statuses: tuple[Literal["SUCCEEDED", "FAILED", "SKIPPED"], ...] | None = None
@@ -497,6 +508,35 @@ class ExporterConfig:
     # Wait before try n+1: min(max, initial * 2^(n-1)), of which a random half is jitter.
     backoff_initial_seconds: float = field(default=5.0, metadata=_check(_check_positive))
     backoff_max_seconds: float = field(default=900.0, metadata=_check(_check_positive))
+    # --- hl7: an HL7 v2.5.1 ORU^R01 by MLLP to host:port (the dicom keys), SUCCEEDED
+    # results only; TLS 1.2+ when tls is true, with ca-certificates, client-certificate and
+    # client-key as for http. Each name or code is one value (no | ^ ~ \ &).
+    tls: bool = False
+    sending_application: str = field(default="PXSGATE", metadata=_check(_check_hl7_text))
+    sending_facility: str = field(default="", metadata=_check(_check_hl7_text))  # MSH-4
+    receiving_application: str = field(default="", metadata=_check(_check_hl7_text))
+    receiving_facility: str = field(default="", metadata=_check(_check_hl7_text))  # MSH-6
+    # PID-3's assigning authority (CX-4): the namespace the PatientIDs belong to.
+    patient_id_authority: str = field(default="", metadata=_check(_check_hl7_text))
+    # OBR-4, the universal service identifier: identifier, text, coding system.
+    service_id: str = field(default="PXS", metadata=_check(_check_hl7_text))
+    service_text: str = field(default="PXS lung disease severity",
+                              metadata=_check(_check_hl7_text))
+    service_system: str = field(default="L", metadata=_check(_check_hl7_text))
+    # OBX-3 of the score and of the change since the prior; the coding system (HL7 table
+    # 0396; L = local) is both's.
+    observation_id: str = field(default="PXS", metadata=_check(_check_hl7_text))
+    observation_text: str = field(default="PXS score", metadata=_check(_check_hl7_text))
+    observation_system: str = field(default="L", metadata=_check(_check_hl7_text))
+    change_observation_id: str = field(default="PXS-CHANGE",
+                                       metadata=_check(_check_hl7_text))
+    change_observation_text: str = field(default="PXS change since prior",
+                                         metadata=_check(_check_hl7_text))
+    processing_id: Literal["P", "T", "D"] = "P"  # MSH-11: production, training, debugging
+    # PID-5/7/8 (name, birth date, sex) from the scored image's header while it is in the
+    # spool; off: the ORU names the patient by PID-3 alone.
+    include_phi: bool = False
+    # --- hl7: end
 
     @property
     def wanted_statuses(self) -> tuple[str, ...]:
@@ -663,6 +703,9 @@ def _cross_check_tls(tls: TlsConfig) -> None:
 
 def _cross_check_exporter(e: ExporterConfig, path: str) -> None:
     _check_objects(e, path)
+    _cross_check_hl7(e, path)
+    if e.type == "hl7":
+        return
     # --- fhir
     if e.type == "fhir":
         _cross_check_fhir(e, path)
@@ -722,6 +765,46 @@ def _no_fhir_keys(e: ExporterConfig, path: str) -> None:
         if getattr(e, key) is not None:
             raise ConfigError(f"{path}.{key.replace('_', '-')}", "applies to fhir exporters only")
 # --- fhir: end
+
+
+_HL7_KEYS = ("tls", "sending_application", "sending_facility", "receiving_application",
+             "receiving_facility", "patient_id_authority", "service_id", "service_text",
+             "service_system", "observation_id", "observation_text", "observation_system",
+             "change_observation_id", "change_observation_text", "processing_id",
+             "include_phi")
+
+
+def _cross_check_hl7(e: ExporterConfig, path: str) -> None:
+    """An hl7 exporter: host and port, TLS files only with tls, the codes it must send;
+    any other exporter: none of the hl7 keys."""
+    if e.type != "hl7":
+        defaults = {f.name: f.default for f in dataclasses.fields(ExporterConfig)}
+        for key in _HL7_KEYS:
+            if getattr(e, key) != defaults[key]:
+                raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                                  "applies to hl7 exporters only")
+        return
+    for key in ("host", "port"):
+        if getattr(e, key) is None:
+            raise ConfigError(f"{path}.{key}", "is required for an hl7 exporter")
+    for key in ("url", "bearer_token_file", "ae_title"):
+        if getattr(e, key) is not None:
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              "does not apply to hl7 exporters")
+    for key in ("sending_application", "service_id", "observation_id",
+                "observation_system", "change_observation_id"):
+        if not getattr(e, key):
+            raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                              "cannot be empty for an hl7 exporter")
+    if (e.client_certificate is None) != (e.client_key is None):
+        raise ConfigError(f"{path}.client-key",
+                          "client-certificate and client-key go together")
+    if not e.tls:
+        for key in ("ca_certificates", "client_certificate"):
+            if getattr(e, key) is not None:
+                raise ConfigError(f"{path}.{key.replace('_', '-')}",
+                                  "applies with tls: true only")
+    _only_scores(e, path)
 
 
 def _cross_check_url(e: ExporterConfig | PriorSourceConfig, path: str, what: str,

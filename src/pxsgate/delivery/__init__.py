@@ -4,9 +4,11 @@ idempotent delivery ids) and the exporters behind it, one module a protocol:
 - :mod:`.http`: the result document POSTed as JSON;
 - :mod:`.dicom`: a Comprehensive SR C-STOREd to a PACS (built by :mod:`.sr`), and with
   ``objects`` a Secondary Capture of the score burned into the model input (:mod:`.sc`);
-- :mod:`.dicomweb`: the same SR stored by STOW-RS in a DICOMweb archive.
+- :mod:`.dicomweb`: the same SR stored by STOW-RS in a DICOMweb archive;
 - :mod:`.fhir`: a FHIR R4 transaction Bundle (score and change Observations, a
-  DiagnosticReport, the model's Device) POSTed to a FHIR server's base URL.
+  DiagnosticReport, the model's Device) POSTed to a FHIR server's base URL;
+- :mod:`.hl7v2`: an HL7 v2.5.1 ORU^R01 sent by MLLP (TLS optional) to an interface engine,
+  RIS or EHR, its ACK judged (AA delivered, AE retried, AR dead).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pxsgate.config import ExporterConfig
 from pxsgate.delivery.dicom import DicomSrExporter
 from pxsgate.delivery.dicomweb import StowSrExporter
 from pxsgate.delivery.fhir import FhirExporter
+from pxsgate.delivery.hl7v2 import Hl7Exporter
 from pxsgate.delivery.http import HttpExporter
 from pxsgate.delivery.outbox import Exporter
 from pxsgate.store import Store
@@ -35,6 +38,8 @@ def build_exporters(configs: Sequence[ExporterConfig], store: Store, *,
             exporters[config.name] = StowSrExporter(config, store, key)
         elif config.type == "fhir":
             exporters[config.name] = FhirExporter(config, key)
+        elif config.type == "hl7":
+            exporters[config.name] = Hl7Exporter(config, store, key)
         else:
             exporters[config.name] = DicomSrExporter(config, store,
                                                      jpeg_roundtrip=jpeg_roundtrip)

@@ -69,6 +69,7 @@ log = structlog.get_logger("pxsgate.stow")
 STOW_PATH = "/dicomweb/studies"
 STATUS_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 Table I.2-2
 CHUNK = 1 << 20  # bytes read from the body at a time
+MAX_BOUNDARY = 200  # characters (see _Reader)
 MAX_WARNINGS = 8  # distinct failure reasons echoed in Warning header fields
 CALLING = "STOW-RS"  # the calling AE title of a STOW-RS request in the store and trace
 DICOM_JSON = "application/dicom+json"
@@ -197,7 +198,7 @@ class Stow:
         """Read, check and store each part in turn; failures go to ``outcome``."""
         body = 0  # bytes of the body read so far
         try:
-            reader = MultipartReader(request.headers, request.content)
+            reader = _Reader(request.headers, request.content)
             while True:
                 part = await reader.next()
                 if part is None:
@@ -248,7 +249,8 @@ class Stow:
             instance, indexed, delay = await asyncio.shield(work)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await work
+                instance, indexed, _ = await work
+                self._stored(instance, indexed)  # stored; the peer will not hear of it
             raise
         except _PartFailed as failed:
             self._failed(arrival, outcome, failed.refusal, failed.uids)
@@ -374,6 +376,18 @@ def store_instances_response(stored: list[tuple[str, str]],
         ds.ReferencedSOPSequence = refs
     answer: dict[str, Any] = ds.to_json_dict()
     return answer
+
+
+class _Reader(MultipartReader):
+    """aiohttp's multipart reader, with a boundary of up to MAX_BOUNDARY characters: RFC
+    2046 allows 70, which aiohttp enforces, but Orthanc's DICOMweb plugin (1.x) sends 73
+    (two UUIDs joined by a dash)."""
+
+    def _get_boundary(self) -> str:
+        boundary = str(self._mimetype.parameters["boundary"])
+        if len(boundary) > MAX_BOUNDARY:
+            raise ValueError(f"boundary longer than {MAX_BOUNDARY} characters")
+        return boundary
 
 
 def _is_dicom_multipart(request: web.Request) -> bool:

@@ -12,6 +12,9 @@ Receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
              decodes and scores at the same time (settle 0: decoding overlaps ingest)
   pxsgate pdu=N  pxsgate advertising a maximum PDU of N bytes (the sender's P-DATA PDUs are
              at most that long), for each N of --pdu-sizes
+  pxsgate stow-rs  the same files by STOW-RS (POST /dicomweb/studies) in one
+             multipart/related request streamed from a file by a separate client process
+             (http.client), to the same checks, fsync and index (pxsgate.stow)
 Writes benchmarks/results/ingest-<date>.json and prints a table with the ratios.
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -35,6 +39,7 @@ from benchmarks import common
 from benchmarks.common import STORESCP, STORESCU, free_port
 from pxsgate.config import Config
 from pxsgate.decode import auto_workers
+from pxsgate.delivery.dicomweb import multipart_related
 from pxsgate.service.gateway import Gateway
 from pxsgate.tools import synth
 
@@ -67,6 +72,34 @@ def send(port: int, files: list[Path], *extra: str) -> float:
     return time.perf_counter() - started
 
 
+# The STOW-RS client, a process of its own as storescu is: streams the body file in 1 MiB
+# blocks; fails unless every instance was stored (HTTP 200).
+STOW_CLIENT = """
+import http.client, sys
+port, path, ctype = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600, blocksize=1 << 20)
+with open(path, "rb") as body:
+    conn.request("POST", "/dicomweb/studies", body=body, headers={"Content-Type": ctype})
+answer = conn.getresponse()
+text = answer.read()
+sys.exit(0 if answer.status == 200 else f"HTTP {answer.status}: {text[:500]!r}")
+"""
+
+
+def stow_body(files: list[Path], path: Path) -> tuple[Path, str]:
+    """The files as one multipart/related request body, written to ``path``."""
+    body, content_type = multipart_related([f.read_bytes() for f in files])
+    path.write_bytes(body)
+    return path, content_type
+
+
+def stow_send(port: int, body: Path, content_type: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", STOW_CLIENT, str(port), str(body), content_type],
+                   check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
 def storescp_once(files: list[Path], out: Path) -> float:
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +113,10 @@ def storescp_once(files: list[Path], out: Path) -> float:
 
 
 async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
-                       pdu: int | None = None) -> float:
+                       pdu: int | None = None,
+                       stow: tuple[Path, str] | None = None) -> float:
+    """One run of the gateway; ``stow``: the body and Content-Type to POST by STOW-RS
+    instead of sending the files by C-STORE."""
     base = Config()
     scp = replace(base.dicom.scp, host="127.0.0.1", port=0)
     if pdu is not None:
@@ -89,7 +125,9 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
         base,
         dicom=replace(base.dicom, scp=scp),
         storage=replace(base.storage, data_dir=data, min_free_mb=64),
-        http=replace(base.http, port=0),  # no HTTP API: nothing to collide with
+        # No HTTP API (nothing to collide with) unless it is STOW-RS that is measured.
+        http=replace(base.http, host="127.0.0.1",
+                     port=free_port() if stow is not None else 0),
         # Without decode load, keep scoring out of the measured window.
         assembly=replace(base.assembly, settle_seconds=0.0 if j2k else 600.0),
     )
@@ -100,7 +138,10 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
         if j2k:
             load = asyncio.create_task(asyncio.to_thread(send, gateway.port, j2k, "-R", "-xv"))
             await asyncio.sleep(1.0)  # the first J2K studies are being decoded by now
-        elapsed = await asyncio.to_thread(send, gateway.port, files)
+        if stow is not None:
+            elapsed = await asyncio.to_thread(stow_send, gateway.http_port, *stow)
+        else:
+            elapsed = await asyncio.to_thread(send, gateway.port, files)
         if load is not None:
             await load
     finally:
@@ -115,12 +156,16 @@ def run(count: int, rows: int, cols: int, repeats: int,
         files = make_files(root / "raw", count, rows, cols)
         j2k = make_files(root / "j2k", max(4, count // 2), rows, cols, j2k=True, seed=8)
         total_mb = sum(p.stat().st_size for p in files) / 1e6
-        times: dict[str, list[float]] = {"storescp": [], "pxsgate": [], "pxsgate+j2k": []}
+        stow = stow_body(files, root / "stow-body")
+        times: dict[str, list[float]] = {"storescp": [], "pxsgate": [], "pxsgate+j2k": [],
+                                         "pxsgate stow-rs": []}
         times.update({f"pxsgate pdu={n}": [] for n in pdu_sizes})
         for r in range(repeats):  # interleaved, so drift in the machine hits all alike
             times["storescp"].append(storescp_once(files, root / f"scp{r}"))
             times["pxsgate"].append(asyncio.run(pxsgate_once(files, root / f"gw{r}", None)))
             times["pxsgate+j2k"].append(asyncio.run(pxsgate_once(files, root / f"gj{r}", j2k)))
+            times["pxsgate stow-rs"].append(
+                asyncio.run(pxsgate_once(files, root / f"gs{r}", None, stow=stow)))
             for n in pdu_sizes:
                 times[f"pxsgate pdu={n}"].append(
                     asyncio.run(pxsgate_once(files, root / f"gp{n}-{r}", None, n)))
@@ -142,6 +187,8 @@ def run(count: int, rows: int, cols: int, repeats: int,
     rec = figures["receivers"]
     figures["ratio_pxsgate_vs_storescp"] = round(
         rec["pxsgate"]["mb_per_s"] / rec["storescp"]["mb_per_s"], 3)
+    figures["ratio_stow_vs_cstore"] = round(
+        rec["pxsgate stow-rs"]["mb_per_s"] / rec["pxsgate"]["mb_per_s"], 3)
     figures["drop_while_decoding"] = round(
         1 - rec["pxsgate+j2k"]["mb_per_s"] / rec["pxsgate"]["mb_per_s"], 3)
     return figures
@@ -151,6 +198,7 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
     rec = figures["receivers"]
     ratio = figures["ratio_pxsgate_vs_storescp"]
     scp = rec["storescp"]
+    stow, cstore = rec["pxsgate stow-rs"], rec["pxsgate"]
     return [
         common.headline(
             f"ingest: pxsgate receiving {figures['files']} x {figures['image']} over loopback "
@@ -160,6 +208,14 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
             reference=f"DCMTK storescp +B, no fsync: {scp['mb_per_s']} MB/s "
                       f"(spread {scp['spread_s']} s)",
             ratio=ratio, goal=">= storescp's rate", met=ratio >= 1.0),
+        common.headline(
+            "ingest: pxsgate receiving the same files by STOW-RS (one multipart/related "
+            "request; fsync + SQLite index per instance)", stow["mb_per_s"], "MB/s",
+            spread_text=f"{stow['instances_per_s']} inst/s; spread "
+                        f"{stow['spread_s']} s of {stow['median_s']} s",
+            reference=f"pxsgate by C-STORE (storescu), same run: {cstore['mb_per_s']} MB/s",
+            ratio=figures["ratio_stow_vs_cstore"], goal=">= 80% of C-STORE's rate",
+            met=figures["ratio_stow_vs_cstore"] >= 0.8),
         common.headline(
             "ingest: drop while JPEG 2000 studies decode and score", round(
                 100 * figures["drop_while_decoding"], 1), "%",
@@ -193,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, f in figures["receivers"].items():
         print(f"  {name:<18} {f['instances_per_s']:7.2f} inst/s  {f['mb_per_s']:7.1f} MB/s  "
               f"(median {f['median_s']} s, spread {f['spread_s']} s)")
-    print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; drop while "
-          f"decoding JPEG 2000: {figures['drop_while_decoding']:.1%}")
+    print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; STOW-RS / "
+          f"C-STORE: {figures['ratio_stow_vs_cstore']:.2f}; drop while decoding JPEG 2000: "
+          f"{figures['drop_while_decoding']:.1%}")
     print(f"  figures: {out}")
     return figures
 

@@ -51,7 +51,8 @@ def test_quick_run_of_every_benchmark_writes_figures_and_a_summary(tmp_path: Pat
         assert lat["release_to_stored"]["p50"] >= e2e["settle_seconds"] - 0.05
         assert lat["ready_to_stored"]["p99"] >= lat["ready_to_stored"]["p50"]
     ingest = json.loads(next(tmp_path.glob("ingest-cpu-*.json")).read_text())
-    assert set(ingest["receivers"]) == {"storescp", "pxsgate", "pxsgate+j2k"}
+    assert set(ingest["receivers"]) == {"storescp", "pxsgate", "pxsgate+j2k",
+                                        "pxsgate stow-rs"}
     assert all(len(r["runs_s"]) == 2 for r in ingest["receivers"].values())
 
 

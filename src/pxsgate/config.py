@@ -409,14 +409,21 @@ class PriorsConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """The service's read-only HTTP port: /healthz and the results API. Results carry PHI,
-    so it listens on loopback unless told otherwise, and can require a bearer token."""
+    """The service's HTTP port: /healthz, the results API and STOW-RS ingress. Results
+    carry PHI, so it listens on loopback unless told otherwise, and can require a bearer
+    token."""
 
     host: str = "127.0.0.1"
     port: int = field(default=8787, metadata=_check(_check_port))  # 0 = off
     # A file holding the token that every request except /healthz must present as
     # "Authorization: Bearer TOKEN" (a file, so the secret stays out of the config).
     bearer_token_file: Path | None = None
+    # HTTPS (same keys as dicom.scp.tls); with ca-certificates, a client certificate
+    # verified against them is accepted in place of the token.
+    tls: TlsConfig = TlsConfig()
+    # STOW-RS ingress (POST /dicomweb/studies): the largest request body; each part is
+    # also held to dicom.scp.max-dataset-mb.
+    stow_max_request_mb: float = field(default=4096.0, metadata=_check(_check_positive))
 
 
 RESULT_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED)
@@ -688,8 +695,7 @@ def _build(cls: type[Any], data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _cross_check_tls(tls: TlsConfig) -> None:
-    path = "dicom.scp.tls"
+def _cross_check_tls(tls: TlsConfig, path: str = "dicom.scp.tls") -> None:
     if tls.certificate is None:
         if tls.private_key or tls.ca_certificates or tls.require_client_certificate:
             raise ConfigError(f"{path}.certificate", "is required when TLS is configured")
@@ -851,6 +857,7 @@ def _only_scores(e: ExporterConfig, path: str) -> None:
 
 def _cross_check(config: Config) -> None:
     _cross_check_tls(config.dicom.scp.tls)
+    _cross_check_tls(config.http.tls, "http.tls")
     names: set[str] = set()
     for i, exporter in enumerate(config.exporters):
         if exporter.name in names:

@@ -93,12 +93,13 @@ class Intake:
         self._max_dataset = int(max_dataset_mb * 2**20)
 
     def store(self, arrival: Arrival, received: BytesIO, header: bytes, stream: memoryview,
-              expected: tuple[str, str] | None = None
+              expected: tuple[str, str] | None = None, expected_study: str | None = None
               ) -> tuple[ReceivedInstance, Indexed, float]:
         """Store one data set: ``header`` (the Part-10 preamble and file meta) and
         ``stream`` (a view of the data set as received, ``received``'s buffer) written to
         the spool and indexed. ``expected``: the SOP Instance and Class UIDs the request
-        named, which the data set must carry. Returns the instance, what indexing did, and
+        named, which the data set must carry; ``expected_study``: the StudyInstanceUID it
+        must carry (a STOW-RS URL's). Returns the instance, what indexing did, and
         the seconds the answer is to be delayed (backpressure); raises Refusal."""
         size = len(header) + len(stream)
         if size > self._max_dataset:
@@ -121,6 +122,9 @@ class Intake:
                            f"unreadable data set ({type(exc).__name__})") from exc
         if expected is not None and (sop_uid, sop_class) != expected:
             raise Refusal(STATUS_DATASET_MISMATCH, "SOP UIDs differ from the C-STORE request")
+        if expected_study is not None and study_uid != expected_study:
+            raise Refusal(STATUS_DATASET_MISMATCH,
+                          "StudyInstanceUID differs from the study of the request")
         for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                           ("SOPInstanceUID", sop_uid)):
             if not is_valid_uid(uid):

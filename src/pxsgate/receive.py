@@ -90,6 +90,7 @@ class Receiver:
         label: Callable[[str], str] = lambda uid: uid[-12:],
         include_phi: bool = False,
         move_inbox: MoveInbox | None = None,
+        intake: Intake | None = None,
     ) -> None:
         config = dicom.scp
         # Priors pxsgate retrieves by C-MOVE arrive here, told apart by their move
@@ -110,8 +111,10 @@ class Receiver:
         mapped = {m.clara_ae_title.strip() for m in dicom.pipeline_mappings}
         self._titles = {t.ae_title.strip() for t in config.ae_titles} & mapped
         self._sources = {(s.host_ip, s.ae_title.strip()) for s in config.sources}
-        self._intake = Intake(spool, loop, on_instance, max_dataset_mb=config.max_dataset_mb,
-                              admit=admit, failpoints=self._failpoints)
+        # The gateway's Intake, shared with STOW-RS (pxsgate.stow); else one of its own.
+        self._intake = intake or Intake(spool, loop, on_instance,
+                                        max_dataset_mb=config.max_dataset_mb, admit=admit,
+                                        failpoints=self._failpoints)
         self._ids = itertools.count(1)
         self._assoc_ids: dict[int, str] = {}
         self._lock = threading.Lock()

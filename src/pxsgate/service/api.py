@@ -7,10 +7,15 @@
     GET /studies/{uid}            one study: its current result, earlier results, selection
                                   decisions, instances with their senders, deliveries
     GET /metrics                  Prometheus text format (never needs a token: no PHI)
+    POST /dicomweb/studies[/{study}]
+                                  STOW-RS ingress (pxsgate.stow): instances stored as a
+                                  C-STORE stores them
 
-No write endpoints. Results carry PHI: it listens on loopback unless ``http.host`` says
-otherwise, and with ``http.bearer-token-file`` every request but /healthz and /metrics needs
-the token.
+The one write endpoint is STOW-RS. Results carry PHI: it listens on loopback unless
+``http.host`` says otherwise, and with ``http.bearer-token-file`` every request but /healthz
+and /metrics needs the token, or (HTTPS with ``http.tls.ca-certificates``) a client
+certificate verified against that bundle. Without a token on a port beyond loopback, STOW-RS
+is refused (403) unless such a certificate is presented.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, HttpConfig
 from pxsgate.service.metrics import CONTENT_TYPE, Metrics
 from pxsgate.store import ResultFilter, Store
+from pxsgate.stow import Stow, https_context, verified_certificate
 
 log = structlog.get_logger("pxsgate.api")
 
@@ -159,7 +165,8 @@ def _auth(token: str | None, failures: FailedLogins) -> Middleware:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in OPEN_PATHS:
+        if (token is not None and request.path not in OPEN_PATHS
+                and verified_certificate(request) is None):
             peer = request.remote or "?"
             wait = failures.retry_after(peer)
             if wait > 0:
@@ -188,7 +195,8 @@ class Api:
     """The HTTP server's lifecycle: start() binds, stop() closes."""
 
     def __init__(self, config: HttpConfig, store: Store, health: Health,
-                 token: str | None = None, metrics: Metrics | None = None) -> None:
+                 token: str | None = None, metrics: Metrics | None = None,
+                 stow: Stow | None = None) -> None:
         self._config = config
         app = web.Application(middlewares=[_auth(token, FailedLogins())])
         app[STORE_KEY] = store
@@ -198,14 +206,17 @@ class Api:
         app.router.add_get("/metrics", _metrics)
         app.router.add_get("/results", _results)
         app.router.add_get("/studies/{uid}", _study)
+        if stow is not None:
+            app.router.add_routes(stow.routes())
         self._runner = web.AppRunner(app, access_log=None,
                                      handler_cancellation=True)
         self.port = 0
 
     async def start(self) -> int:
         await self._runner.setup()
+        tls = self._config.tls
         site = web.TCPSite(self._runner, self._config.host, self._config.port,
-                           reuse_address=True)
+                           reuse_address=True, ssl_context=https_context(tls))
         await site.start()
         self.port = self._config.port
         log.info("http.started", host=self._config.host, port=self.port,

@@ -37,6 +37,7 @@ from pxsgate.delivery.http import read_secret
 from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
+from pxsgate.intake import Intake
 from pxsgate.pipeline import Pipeline
 from pxsgate.priors.inbox import MoveInbox
 from pxsgate.priors.source import PriorSource, make_source
@@ -53,6 +54,7 @@ from pxsgate.service.sdnotify import Notifier
 from pxsgate.service.supervisor import Supervisor
 from pxsgate.spool import Spool
 from pxsgate.store import Store
+from pxsgate.stow import Stow, is_loopback
 
 log = structlog.get_logger("pxsgate.server")
 
@@ -130,6 +132,7 @@ class Gateway:
                              {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
         self._api: Api | None = None
+        self._shared_intake: Intake | None = None
         self._supervisor = Supervisor(self.notifier, self.worker, self.store, self.retention,
                                       self.metrics, self.status_line, self._unhealthy)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -249,18 +252,43 @@ class Gateway:
         if token is None and http.host not in LOOPBACK:
             log.warning("http.unprotected", host=http.host,
                         note="results carry PHI: set http.bearer-token-file")
-        self._api = Api(http, self.store, self.health, token, self.metrics)
+        self._api = Api(http, self.store, self.health, token, self.metrics,
+                        stow=self._stow(token))
         self.http_port = await self._api.start()
+
+    def _intake(self) -> Intake:
+        """The one Intake of every way in (C-STORE, STOW-RS): same checks, same admission
+        (backpressure, the spool ceiling)."""
+        if self._shared_intake is None:
+            loop = asyncio.get_running_loop()
+            admission = AdmissionControl(self.config.backpressure, self.retention,
+                                         lambda: self.backlog, loop)
+            self._shared_intake = Intake(
+                self.spool, loop, self._instance_received,
+                max_dataset_mb=self.config.dicom.scp.max_dataset_mb, admit=admission.admit,
+                failpoints=self.failpoints)
+        return self._shared_intake
+
+    def _stow(self, token: str | None) -> Stow:
+        """STOW-RS on the HTTP port: each request an association of its own, released
+        (study completion) when it ends."""
+        http, scp = self.config.http, self.config.dicom.scp
+        return Stow(self._intake(), self._association_closed,
+                    called_ae=scp.ae_titles[0].ae_title,
+                    transfer_syntaxes=scp.transfer_syntaxes,
+                    max_dataset_mb=scp.max_dataset_mb,
+                    max_request_mb=http.stow_max_request_mb,
+                    refuse_anonymous=token is None and not is_loopback(http.host),
+                    metrics=self.metrics, label=self.store.study_label)
 
     async def _open_port(self, loop: asyncio.AbstractEventLoop) -> None:
         """The DICOM port, last: everything behind it can take work now."""
-        admission = AdmissionControl(self.config.backpressure, self.retention,
-                                     lambda: self.backlog, loop)
         self._receiver = Receiver(self.config.dicom, self.spool, loop,
                                   self._instance_received, self._association_closed,
-                                  admit=admission.admit, failpoints=self.failpoints,
+                                  failpoints=self.failpoints,
                                   metrics=self.metrics, label=self.store.study_label,
                                   include_phi=self.config.logging.include_phi,
+                                  intake=self._intake(),
                                   move_inbox=self._move_inbox)
         self.port = await asyncio.to_thread(self._receiver.start)
 

@@ -46,6 +46,9 @@ class Metrics:
         self.instances_refused = Counter(
             "pxsgate_instances_refused", "C-STORE requests answered with an error status",
             ["status"], registry=r)
+        self.stow_instances = Counter(
+            "pxsgate_stow_instances", "STOW-RS parts, by outcome: stored, failed",
+            ["outcome"], registry=r)
         self.studies = Counter(
             "pxsgate_studies", "studies finished, by result status", ["outcome"], registry=r)
         self.study_retries = Counter(

@@ -24,7 +24,8 @@ from pxsgate.config import RESULT_STATUSES, Config, load_config, resolve_config_
 from pxsgate.errors import ConfigError, PxsgateError
 from pxsgate.log import configure_logging
 from pxsgate.records import DeliveryState, Status, now_iso
-from pxsgate.store import ResultFilter, Store
+from pxsgate.store import ROLES, ResultFilter, Store
+from pxsgate.ui.passwords import MIN_PASSWORD_LENGTH
 
 R = TypeVar("R")
 
@@ -147,6 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only results created at or after this ISO 8601 date or date-time")
     p.add_argument("--deliver", action="store_true",
                    help="queue the updated results for the exporters (default: store only)")
+
+    p = sub.add_parser("users", help="the web UI's users (/ui/ on the HTTP port)")
+    users_sub = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    q = users_sub.add_parser(
+        "add", help="add a user; the password is read from the terminal (twice), or as one "
+        f"line from stdin; at least {MIN_PASSWORD_LENGTH} characters")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--role", required=True, choices=ROLES,
+                   help="viewer: de-identified pages; reviewer: identifiers, reviews; "
+                   "operator: also retries and forced completions")
+    for action, text in (("list", "list the users"),
+                         ("remove", "remove a user (its audit entries and reviews stay)"),
+                         ("disable", "keep the user, but refuse its logins"),
+                         ("enable", "allow a disabled user's logins again")):
+        q = users_sub.add_parser(action, help=text)
+        if action != "list":
+            q.add_argument("name", metavar="NAME")
+        else:
+            q.add_argument("--json", action="store_true")
+    for q in users_sub.choices.values():
+        _add_config(q)
+        q.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+
+    p = sub.add_parser("audit", help="the web UI's audit trail: logins, views of "
+                       "identifiers, reviews, refusals (oldest first)")
+    _add_config(p)
+    p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
+    p.add_argument("--since", metavar="WHEN", type=_since,
+                   help="entries at or after this ISO 8601 date or date-time")
+    p.add_argument("--user", metavar="NAME", help="only this user's entries")
+    p.add_argument("--limit", type=int, metavar="N", help="only the latest N entries")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON array, each entry with its PS3.15 audit message fields")
 
     p = sub.add_parser("evaluate", help="validate the stored scores against an outcomes CSV: "
                        "ROC AUC with a bootstrap CI, sensitivity/specificity, roc.png "
@@ -576,6 +610,109 @@ def cmd_priors(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+USER_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
+
+
+def _read_password() -> str:
+    """From the terminal (asked twice, not echoed), else one line from stdin."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            raise _UsageError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def cmd_users(args: argparse.Namespace, config: Config) -> int:
+    import getpass
+    import re
+
+    from pxsgate.ui.audit import Action, Auditor, Outcome
+    from pxsgate.ui.passwords import hash_password
+
+    db = _store_path(args, config)
+    command = args.users_command
+    if command == "list":
+        users = _run(_with_store(db, lambda store: store.users()))
+        if args.json:
+            json.dump([{"name": u.name, "role": u.role, "createdAt": u.created_at,
+                        "disabled": u.disabled} for u in users], sys.stdout, indent=2)
+            print()
+            return EXIT_OK
+        for u in users:
+            print(f"{u.name:<24} {u.role:<9} {u.created_at[:19]}"
+                  f"{'  (disabled)' if u.disabled else ''}")
+        print(f"({len(users)} user(s))")
+        return EXIT_OK
+    name = args.name
+    if command == "add":
+        if not re.fullmatch(USER_NAME_RE, name):
+            print("pxsgate users: a name is 1-64 letters, digits, '.', '_', '@' or '-'",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            password = _read_password()
+        except _UsageError as exc:
+            print(f"pxsgate users: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if len(password) < MIN_PASSWORD_LENGTH:
+            print(f"pxsgate users: the password has {len(password)} characters, fewer than "
+                  f"{MIN_PASSWORD_LENGTH}", file=sys.stderr)
+            return EXIT_USAGE
+        hashed = hash_password(password)
+    operator = f"{getpass.getuser()}@cli"
+
+    async def change(store: Store) -> bool:
+        if command == "add":
+            done = await store.add_user(name, args.role, hashed, now_iso())
+            action, detail = Action.USER_ADDED, f"{name} as {args.role}"
+        elif command == "remove":
+            done = await store.remove_user(name)
+            action, detail = Action.USER_REMOVED, name
+        else:
+            done = await store.set_user_disabled(name, command == "disable")
+            action = Action.USER_DISABLED if command == "disable" else Action.USER_ENABLED
+            detail = name
+        if done:
+            await Auditor(store).record(action, Outcome.SUCCESS, user=operator, role="cli",
+                                        peer="local", detail=detail)
+        return done
+
+    if not _run(_with_store(db, change)):
+        why = "exists already" if command == "add" else "is no user"
+        print(f"pxsgate users: {name!r} {why}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{name}: {'added as ' + args.role if command == 'add' else command + 'd'}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    from datetime import datetime
+
+    from pxsgate.store import audit_time
+    from pxsgate.ui.audit import ps315
+
+    db = _store_path(args, config)
+    since = audit_time(datetime.fromisoformat(args.since)) if args.since else None
+    entries = _run(_with_store(db, lambda store: store.audit_entries(
+        since_utc=since, user=args.user, limit=args.limit)))
+    if args.json:
+        json.dump([ps315(e) for e in entries], sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    for e in entries:
+        print(f"{e.event_time}  {e.user_name:<16} {e.role or '-':<9} {e.action:<14} "
+              f"{e.outcome:>2}  {e.study_key or '-':<12}  {e.peer_address:<15}  {e.detail}")
+    print(f"({len(entries)} entr{'y' if len(entries) == 1 else 'ies'})")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "rules": cmd_rules,
     "priors": cmd_priors,
@@ -590,4 +727,6 @@ _COMMANDS = {
     "status": cmd_status,
     "trace": cmd_trace,
     "evaluate": cmd_evaluate,
+    "users": cmd_users,
+    "audit": cmd_audit,
 }

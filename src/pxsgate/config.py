@@ -426,6 +426,38 @@ class HttpConfig:
     stow_max_request_mb: float = field(default=4096.0, metadata=_check(_check_positive))
 
 
+def _check_networks(value: Any) -> str | None:
+    import ipaddress
+
+    for text in value:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            return f"{text!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+    return None
+
+
+def _check_header(value: Any) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9-]{1,64}", str(value)):
+        return None
+    return "must be an HTTP header name: letters, digits and '-'"
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """The web UI under /ui/ on the HTTP port: its own logins (``pxsgate users``), not the
+    API's bearer token."""
+
+    enabled: bool | None = None  # default: on when http.port is set
+    # A login ends this long after it began, or after this long without a request.
+    session_minutes: float = field(default=480.0, metadata=_check(_check_positive))
+    idle_minutes: float = field(default=30.0, metadata=_check(_check_positive))
+    # Single sign-on through a reverse proxy: ``user-header`` names the user, trusted only
+    # from these addresses or networks, and only for a user that `pxsgate users` added.
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=_check(_check_networks))
+    user_header: str | None = field(default=None, metadata=_check(_check_header))
+
+
 RESULT_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -580,6 +612,7 @@ class Config:
     priors: PriorsConfig = PriorsConfig()
     exporters: tuple[ExporterConfig, ...] = ()
     http: HttpConfig = HttpConfig()
+    ui: UiConfig = UiConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def timings(self, ae_title: str) -> tuple[float, float]:
@@ -601,6 +634,11 @@ class Config:
     def priors_dir(self) -> Path:
         """Where fetched priors' files wait to be embedded (never the spool's studies)."""
         return self.storage.data_dir / "priors"
+
+    @property
+    def ui_enabled(self) -> bool:
+        """Whether /ui/ is served: ``ui.enabled``, by default whether the HTTP port is on."""
+        return bool(self.http.port) if self.ui.enabled is None else self.ui.enabled
 
     @property
     def db_path(self) -> Path:
@@ -855,9 +893,21 @@ def _only_scores(e: ExporterConfig, path: str) -> None:
                           f"a {e.type} exporter sends scores: only SUCCEEDED results")
 
 
+def _cross_check_ui(config: Config) -> None:
+    ui = config.ui
+    if ui.enabled and not config.http.port:
+        raise ConfigError("ui.enabled", "the web UI needs the HTTP port: set http.port")
+    if ui.trusted_proxies and ui.user_header is None:
+        raise ConfigError("ui.user-header", "is required with ui.trusted-proxies")
+    if ui.user_header is not None and not ui.trusted_proxies:
+        raise ConfigError("ui.trusted-proxies",
+                          "is required with ui.user-header (the proxies it is trusted from)")
+
+
 def _cross_check(config: Config) -> None:
     _cross_check_tls(config.dicom.scp.tls)
     _cross_check_tls(config.http.tls, "http.tls")
+    _cross_check_ui(config)
     names: set[str] = set()
     for i, exporter in enumerate(config.exporters):
         if exporter.name in names:

@@ -10,6 +10,8 @@
     POST /dicomweb/studies[/{study}]
                                   STOW-RS ingress (pxsgate.stow): instances stored as a
                                   C-STORE stores them
+    /ui/...                       the web UI (pxsgate.ui), with logins of its own: the
+                                  bearer token below is not asked for there
 
 The one write endpoint is STOW-RS. Results carry PHI: it listens on loopback unless
 ``http.host`` says otherwise, and with ``http.bearer-token-file`` every request but /healthz
@@ -110,6 +112,10 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(report, status=200 if report.get("ok") else 503)
 
 
+async def _to_ui(request: web.Request) -> web.Response:
+    raise web.HTTPFound(UI_PREFIX)
+
+
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS_KEY].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -117,6 +123,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 # Open without the token: monitors and Prometheus scrape them, and they carry no PHI.
 OPEN_PATHS = ("/healthz", "/metrics")
+UI_PREFIX = "/ui/"  # the web UI (pxsgate.ui), when it is on
 
 
 MIN_TOKEN_LENGTH = 32  # characters: `openssl rand -hex 32` gives 64
@@ -126,20 +133,24 @@ MAX_PEERS_TRACKED = 4096
 
 
 class FailedLogins:
-    """Failed token checks per peer address, in a sliding window: beyond FAILURES_ALLOWED a
+    """Failed token checks per peer address, in a sliding window: beyond ``allowed`` a
     peer is answered 429 (with Retry-After) without its token being looked at, so that
-    guessing is slow. A bounded table: the oldest peer is forgotten first."""
+    guessing is slow. A bounded table: the oldest peer is forgotten first. (The web UI's
+    login counts per peer and per user name with two of these.)"""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 allowed: int = FAILURES_ALLOWED, window_s: float = FAILURE_WINDOW_S) -> None:
         self._clock = clock
+        self._allowed = allowed
+        self._window_s = window_s
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def retry_after(self, peer: str) -> float:
         """Seconds until ``peer`` may try again; 0 when it may now."""
         times = self._recent(peer)
-        if len(times) < FAILURES_ALLOWED:
+        if len(times) < self._allowed:
             return 0.0
-        return max(0.0, times[0] + FAILURE_WINDOW_S - self._clock())
+        return max(0.0, times[0] + self._window_s - self._clock())
 
     def failed(self, peer: str) -> int:
         """Count a failure; return the peer's failures in the window."""
@@ -153,12 +164,17 @@ class FailedLogins:
 
     def _recent(self, peer: str) -> deque[float]:
         times = self._failures.get(peer, deque())
-        while times and times[0] <= self._clock() - FAILURE_WINDOW_S:
+        while times and times[0] <= self._clock() - self._window_s:
             times.popleft()
         return times
 
 
-def _auth(token: str | None, failures: FailedLogins) -> Middleware:
+def _own_login(path: str) -> bool:
+    """The web UI's paths: they have a login of their own (pxsgate.ui), not the token."""
+    return path == UI_PREFIX.rstrip("/") or path.startswith(UI_PREFIX)
+
+
+def _auth(token: str | None, failures: FailedLogins, ui: bool = False) -> Middleware:
     # The header as bytes: aiohttp decodes headers as UTF-8 with surrogate escapes, which
     # a plain .encode() refuses (a 500 for a Latin-1 header, before any login).
     expected = f"Bearer {token}".encode()
@@ -166,6 +182,7 @@ def _auth(token: str | None, failures: FailedLogins) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if (token is not None and request.path not in OPEN_PATHS
+                and not (ui and _own_login(request.path))
                 and verified_certificate(request) is None):
             peer = request.remote or "?"
             wait = failures.retry_after(peer)
@@ -196,9 +213,9 @@ class Api:
 
     def __init__(self, config: HttpConfig, store: Store, health: Health,
                  token: str | None = None, metrics: Metrics | None = None,
-                 stow: Stow | None = None) -> None:
+                 stow: Stow | None = None, ui: web.Application | None = None) -> None:
         self._config = config
-        app = web.Application(middlewares=[_auth(token, FailedLogins())])
+        app = web.Application(middlewares=[_auth(token, FailedLogins(), ui is not None)])
         app[STORE_KEY] = store
         app[HEALTH_KEY] = health
         app[METRICS_KEY] = metrics or Metrics()
@@ -208,6 +225,9 @@ class Api:
         app.router.add_get("/studies/{uid}", _study)
         if stow is not None:
             app.router.add_routes(stow.routes())
+        if ui is not None:
+            app.router.add_get(UI_PREFIX.rstrip("/"), _to_ui)
+            app.add_subapp(UI_PREFIX, ui)
         self._runner = web.AppRunner(app, access_log=None,
                                      handler_cancellation=True)
         self.port = 0

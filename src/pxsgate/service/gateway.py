@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiohttp import web
 
 from pxsgate.assemble import Assembler
 from pxsgate.config import Config
@@ -55,6 +56,7 @@ from pxsgate.service.supervisor import Supervisor
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 from pxsgate.stow import Stow, is_loopback
+from pxsgate.ui.app import build_app
 
 log = structlog.get_logger("pxsgate.server")
 
@@ -253,8 +255,15 @@ class Gateway:
             log.warning("http.unprotected", host=http.host,
                         note="results carry PHI: set http.bearer-token-file")
         self._api = Api(http, self.store, self.health, token, self.metrics,
-                        stow=self._stow(token))
+                        stow=self._stow(token), ui=self._ui())
         self.http_port = await self._api.start()
+
+    def _ui(self) -> web.Application | None:
+        """The web UI under /ui/ (ui.enabled; by default on with the HTTP port)."""
+        if not self.config.ui_enabled:
+            return None
+        return build_app(self.config.ui, self.store,
+                         secure_cookies=self.config.http.tls.enabled)
 
     def _intake(self) -> Intake:
         """The one Intake of every way in (C-STORE, STOW-RS): same checks, same admission

@@ -16,12 +16,25 @@ data-flow order:
 - results.py: selection decisions, result documents, embeddings and prior images;
 - priors.py: priors fetched from the PACS, embedded and kept apart from results;
 - outbox.py: the deliveries of each result, and the objects made for exporters;
-- queries.py: the reads of ``pxsgate status`` and ``pxsgate evaluate``.
+- queries.py: the reads of ``pxsgate status`` and ``pxsgate evaluate``;
+- access.py: the web UI's users, sessions, audit trail and reviews.
 """
 
 from __future__ import annotations
 
 from pxsgate.records import DONE_STATES, UNFINISHED_STATES, DeliveryState
+from pxsgate.store.access import (
+    AUDIT_OUTCOMES,
+    ROLES,
+    VERDICTS,
+    AccessMixin,
+    AuditEntry,
+    Review,
+    Session,
+    User,
+    WorklistRow,
+    audit_time,
+)
 from pxsgate.store.connection import StoreBase
 from pxsgate.store.instances import InstancesMixin
 from pxsgate.store.jobs import JobsMixin, PendingStudy, StudyRow
@@ -40,11 +53,15 @@ from pxsgate.store.results import (
 from pxsgate.store.schema import MIGRATIONS
 
 __all__ = [
+    "AUDIT_OUTCOMES",
     "DONE_STATES",
     "MIGRATIONS",
     "PRIOR_IMAGE_SQL",
+    "ROLES",
     "UNFINISHED_STATES",
     "UTC_FORMAT",
+    "VERDICTS",
+    "AuditEntry",
     "Delivery",
     "DeliveryState",
     "FetchedPrior",
@@ -54,13 +71,18 @@ __all__ = [
     "ResultFilter",
     "ResultTransaction",
     "ResultWithoutChange",
+    "Review",
+    "Session",
     "Store",
     "StudyEmbeddings",
     "StudyRow",
+    "User",
+    "WorklistRow",
+    "audit_time",
     "delivery_id",
 ]
 
 
 class Store(InstancesMixin, JobsMixin, ResultsMixin, PriorsMixin, OutboxMixin, QueriesMixin,
-            StoreBase):
+            AccessMixin, StoreBase):
     """Async access to the SQLite file. One connection; aiosqlite serialises its use."""

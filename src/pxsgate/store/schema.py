@@ -402,6 +402,68 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX fetched_priors_patient
         ON fetched_priors (patient_key, weights_sha256, study_time);
     """,
+    # 8: the web UI's users, sessions, audit trail and reviews (issue 22)
+    """
+    -- Who may log in to /ui/: a role, and a memory-hard password hash (pxsgate.ui.passwords:
+    -- scrypt$N$r$p$salt$hash). Added and removed by `pxsgate users`; a disabled user keeps
+    -- its row (and its name in the audit trail) but cannot log in.
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        role          TEXT NOT NULL CHECK (role IN ('viewer', 'reviewer', 'operator')),
+        password_hash TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        disabled      INTEGER NOT NULL DEFAULT 0
+    );
+
+    -- A login: its id is the SHA-256 of the cookie's random token (the token itself is
+    -- never stored), the CSRF token its forms carry, an absolute and an idle expiry.
+    CREATE TABLE sessions (
+        id         TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires    REAL NOT NULL,                -- Unix time: the absolute end
+        last_seen  REAL NOT NULL,                -- Unix time: the idle timeout counts from it
+        csrf       TEXT NOT NULL
+    );
+    CREATE INDEX sessions_user ON sessions (user_name);
+
+    -- The audit trail, append-only (the triggers refuse UPDATE and DELETE). Its columns map
+    -- onto a DICOM PS3.15 audit message: EventDateTime, ActiveParticipant (UserID, role,
+    -- NetworkAccessPointID), the action (EventID / EventTypeCode / EventActionCode, see
+    -- pxsgate.ui.audit), EventOutcomeIndicator (0 success, 4 minor, 8 serious, 12 major
+    -- failure) and the study as ParticipantObject (its key, as the logs name it).
+    CREATE TABLE audit (
+        id           INTEGER PRIMARY KEY,
+        event_time   TEXT NOT NULL,              -- UTC, YYYY-MM-DDTHH:MM:SS.SSSZ
+        user_name    TEXT NOT NULL,              -- '?' for a name that is no user
+        role         TEXT NOT NULL,              -- '' before login; 'cli' for the CLI
+        action       TEXT NOT NULL,
+        outcome      INTEGER NOT NULL CHECK (outcome IN (0, 4, 8, 12)),
+        study_key    TEXT NOT NULL DEFAULT '',
+        peer_address TEXT NOT NULL DEFAULT '',
+        detail       TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_time ON audit (event_time);
+    CREATE INDEX audit_user ON audit (user_name, event_time);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+
+    -- A reviewer's verdict on a result: added, never editing the result itself.
+    CREATE TABLE reviews (
+        id                 INTEGER PRIMARY KEY,
+        result_id          TEXT NOT NULL REFERENCES results (id),
+        study_instance_uid TEXT NOT NULL,
+        reviewer           TEXT NOT NULL,
+        verdict            TEXT NOT NULL CHECK (verdict IN
+            ('confirmed', 'wrong-image-used', 'wrong-patient', 'not-a-valid-exam')),
+        comment            TEXT NOT NULL DEFAULT '',
+        created_at         TEXT NOT NULL
+    );
+    CREATE INDEX reviews_study ON reviews (study_instance_uid);
+    CREATE INDEX reviews_result ON reviews (result_id);
+    """,
 )
 
 

@@ -1,0 +1,266 @@
+"""Who may see what (the web UI, issue 22): users and their roles, login sessions, the
+append-only audit trail, and reviewers' verdicts on results. The policy (roles, password
+hashing, expiry, what is audited) is pxsgate.ui's; this holds the rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pxsgate.store.connection import StoreBase, transaction
+from pxsgate.store.jsonpaths import PXS_SCORE, STUDY_DATETIME, doc
+
+ROLES = ("viewer", "reviewer", "operator")  # each may do what the ones before it may
+VERDICTS = ("confirmed", "wrong-image-used", "wrong-patient", "not-a-valid-exam")
+AUDIT_OUTCOMES = (0, 4, 8, 12)  # PS3.15 EventOutcomeIndicator
+
+
+def audit_time(moment: datetime | None = None) -> str:
+    """An audit entry's time: UTC with milliseconds, comparable as text."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+    password_hash: str
+    created_at: str
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class Session:
+    """A login (its id: the hash of the cookie's token), with its user's current role."""
+
+    id: str
+    user_name: str
+    role: str
+    disabled: bool
+    created_at: str
+    expires: float  # Unix time
+    last_seen: float  # Unix time
+    csrf: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event_time: str  # audit_time()
+    user_name: str
+    role: str
+    action: str
+    outcome: int  # AUDIT_OUTCOMES
+    study_key: str = ""
+    peer_address: str = ""
+    detail: str = ""
+    id: int | None = None  # set once stored
+
+
+@dataclass(frozen=True)
+class Review:
+    id: int
+    result_id: str
+    study_instance_uid: str
+    reviewer: str
+    verdict: str
+    comment: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """A study's current result as the worklist lists it; identifiers included: the page
+    decides what a role is shown."""
+
+    result_id: str
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+    study_time: str | None
+    status: str
+    score: float | None
+    flags: str
+    created_at: str
+    verdict: str | None  # the latest review's
+
+
+_AUDIT_COLUMNS = ("event_time, user_name, role, action, outcome, study_key, peer_address, "
+                  "detail")
+_SESSION_SQL = """SELECT s.id, s.user_name, u.role, u.disabled, s.created_at, s.expires,
+                         s.last_seen, s.csrf
+                  FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.id = ?"""
+
+
+class AccessMixin(StoreBase):
+    """Users, sessions, audit entries and reviews."""
+
+    # --- users ------------------------------------------------------------------------
+
+    @transaction
+    async def add_user(self, name: str, role: str, password_hash: str, at: str) -> bool:
+        """Add a user; False when the name is taken."""
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO users (name, role, password_hash, created_at) "
+            "VALUES (?, ?, ?, ?)", (name, role, password_hash, at))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    @transaction
+    async def remove_user(self, name: str) -> bool:
+        """Remove a user and end its sessions; its audit entries and reviews keep its name."""
+        await self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+        cur = await self.db.execute("DELETE FROM users WHERE name = ?", (name,))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    @transaction
+    async def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        """Disable (ending its sessions) or enable a user; False when there is none."""
+        if disabled:
+            await self.db.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+        cur = await self.db.execute("UPDATE users SET disabled = ? WHERE name = ?",
+                                    (int(disabled), name))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def user(self, name: str) -> User | None:
+        async with self.db.execute(
+                "SELECT name, role, password_hash, created_at, disabled FROM users "
+                "WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return User(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    async def users(self) -> list[User]:
+        async with self.db.execute(
+                "SELECT name, role, password_hash, created_at, disabled FROM users "
+                "ORDER BY name") as cur:
+            return [User(r[0], r[1], r[2], r[3], bool(r[4])) for r in await cur.fetchall()]
+
+    # --- sessions ---------------------------------------------------------------------
+
+    @transaction
+    async def create_session(self, session_id: str, user_name: str, at: str, now: float,
+                             expires: float, csrf: str) -> None:
+        await self.db.execute(
+            "INSERT INTO sessions (id, user_name, created_at, expires, last_seen, csrf) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (session_id, user_name, at, expires, now, csrf))
+        await self.db.commit()
+
+    async def session(self, session_id: str) -> Session | None:
+        async with self.db.execute(_SESSION_SQL, (session_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return Session(row[0], row[1], row[2], bool(row[3]), row[4], float(row[5]),
+                       float(row[6]), row[7])
+
+    @transaction
+    async def touch_session(self, session_id: str, now: float) -> None:
+        await self.db.execute("UPDATE sessions SET last_seen = ? WHERE id = ?",
+                              (now, session_id))
+        await self.db.commit()
+
+    @transaction
+    async def end_session(self, session_id: str) -> None:
+        await self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        await self.db.commit()
+
+    @transaction
+    async def purge_sessions(self, now: float, idle_seconds: float) -> int:
+        """Delete sessions past their expiry or idle past ``idle_seconds``."""
+        cur = await self.db.execute(
+            "DELETE FROM sessions WHERE expires <= ? OR last_seen <= ?",
+            (now, now - idle_seconds))
+        await self.db.commit()
+        return cur.rowcount
+
+    # --- the audit trail --------------------------------------------------------------
+
+    @transaction
+    async def record_audit(self, entry: AuditEntry) -> int:
+        """Append one entry; its id."""
+        cur = await self.db.execute(
+            f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.event_time, entry.user_name, entry.role, entry.action, entry.outcome,
+             entry.study_key, entry.peer_address, entry.detail))
+        await self.db.commit()
+        return int(cur.lastrowid or 0)
+
+    async def audit_entries(self, since_utc: str | None = None, user: str | None = None,
+                            limit: int | None = None) -> list[AuditEntry]:
+        """Entries oldest first (the latest ``limit`` of them), at or after ``since_utc``
+        (audit_time's format), of one user."""
+        where: list[str] = []
+        params: list[Any] = []
+        if since_utc is not None:
+            where.append("event_time >= ?")
+            params.append(since_utc)
+        if user is not None:
+            where.append("user_name = ?")
+            params.append(user)
+        sql = f"SELECT id, {_AUDIT_COLUMNS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        async with self.db.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [AuditEntry(r[1], r[2], r[3], r[4], int(r[5]), r[6], r[7], r[8], id=int(r[0]))
+                for r in reversed(list(rows))]
+
+    # --- reviews ----------------------------------------------------------------------
+
+    async def current_result_id(self, study_uid: str) -> str | None:
+        async with self.db.execute(
+                "SELECT id FROM results WHERE study_instance_uid = ? AND current = 1 "
+                "ORDER BY rowid DESC LIMIT 1", (study_uid,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def result_study(self, result_id: str) -> str | None:
+        """The StudyInstanceUID of a result (any, current or not)."""
+        async with self.db.execute(
+                "SELECT study_instance_uid FROM results WHERE id = ?", (result_id,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    @transaction
+    async def add_review(self, result_id: str, study_uid: str, reviewer: str, verdict: str,
+                         comment: str, at: str) -> int:
+        cur = await self.db.execute(
+            "INSERT INTO reviews (result_id, study_instance_uid, reviewer, verdict, comment, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (result_id, study_uid, reviewer, verdict, comment, at))
+        await self.db.commit()
+        return int(cur.lastrowid or 0)
+
+    async def reviews(self, study_uid: str) -> list[Review]:
+        """A study's reviews (of any of its results), oldest first."""
+        async with self.db.execute(
+                "SELECT id, result_id, study_instance_uid, reviewer, verdict, comment, "
+                "created_at FROM reviews WHERE study_instance_uid = ? ORDER BY id",
+                (study_uid,)) as cur:
+            return [Review(*r) for r in await cur.fetchall()]
+
+    # --- the worklist -----------------------------------------------------------------
+
+    async def worklist(self, limit: int = 50) -> list[WorklistRow]:
+        """The newest current results, newest first, with each one's latest verdict."""
+        rows: Sequence[Any]
+        async with self.db.execute(
+                f"""SELECT r.id, r.study_instance_uid, r.patient_id, r.accession_number,
+                           {doc(STUDY_DATETIME)}, r.status, {PXS_SCORE}, r.flags,
+                           r.created_at,
+                           (SELECT v.verdict FROM reviews v WHERE v.result_id = r.id
+                            ORDER BY v.id DESC LIMIT 1)
+                    FROM results r WHERE r.current = 1
+                    ORDER BY r.created_utc DESC, r.rowid DESC LIMIT ?""", (limit,)) as cur:
+            rows = list(await cur.fetchall())
+        return [WorklistRow(r[0], r[1], r[2], r[3], r[4], r[5],
+                            None if r[6] is None else float(r[6]), r[7], r[8], r[9])
+                for r in rows]

@@ -19,8 +19,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from pxsgate.config import config_from_mapping
+from pxsgate.errors import ConfigError
 from pxsgate.service.gateway import Gateway
+from pxsgate.ui.auth import SESSION_COOKIE, UiAuth
+from pxsgate.ui.passwords import hash_password, verify_password
 
 from .conftest import free_port, pxsgate
 from .inprocess import gateway, result_of, send
@@ -67,13 +72,17 @@ def add_user(config: Path, name: str, role: str, password: str
                           text=True, capture_output=True, timeout=60)
 
 
+def _write_token(tmp: Path) -> None:
+    tmp.mkdir(exist_ok=True)
+    (tmp / "token").write_text(TOKEN + "\n")
+
+
 @asynccontextmanager
 async def ui_site(tmp: Path, ui: str = "") -> AsyncIterator[Site]:
     """A gateway with the HTTP port behind a bearer token, /ui/ on it, and the three users
     added through the real CLI."""
     port = free_port()
-    tmp.mkdir(exist_ok=True)
-    (tmp / "token").write_text(TOKEN + "\n")
+    _write_token(tmp)
     extra = f"ui:\n{ui}" if ui else ""
     async with gateway(tmp, extra=extra, http_port=port,
                        http_token_file=tmp / "token") as (gw, _):
@@ -121,7 +130,8 @@ async def test_roles_see_what_they_may_and_every_action_is_audited(tmp_path: Pat
         listed = pxsgate("users", "list", "--json", "--config", site.config)
         assert {u["name"]: u["role"] for u in json.loads(listed.stdout)} == ROLES
         short = await asyncio.to_thread(add_user, site.config, "shorty", "viewer", "too-short")
-        assert short.returncode == 2 and "fewer than 12" in short.stderr
+        assert short.returncode == 2
+        assert "fewer than 12" in short.stderr
 
         # The JSON API keeps its token; /ui/ is not behind it, and has its own login.
         async with site.client() as anonymous:
@@ -144,7 +154,8 @@ async def test_roles_see_what_they_may_and_every_action_is_audited(tmp_path: Pat
             response = await login(viewer, "vera")
             assert response.status == 303
             cookie = response.cookies["pxsgate_session"]
-            assert cookie["httponly"] and cookie["samesite"] == "Strict"
+            assert cookie["httponly"]
+            assert cookie["samesite"] == "Strict"
             assert not cookie["secure"]  # no http.tls here
             async with viewer.get("/ui/") as r:
                 assert r.status == 200
@@ -158,7 +169,8 @@ async def test_roles_see_what_they_may_and_every_action_is_audited(tmp_path: Pat
                 assert r.status == 403
                 assert r.headers["X-Frame-Options"] == "DENY"
         denied = entries(site, "denied", user="vera", outcome=8)
-        assert denied and denied[-1]["detail"] == "review: needs the role reviewer"
+        assert denied
+        assert denied[-1]["detail"] == "review: needs the role reviewer"
         assert denied[-1]["studyKey"] == site.gw.store.study_label(uid)
         assert entries(site, "view-worklist", user="vera") == []  # nothing identified shown
 
@@ -175,7 +187,8 @@ async def test_roles_see_what_they_may_and_every_action_is_audited(tmp_path: Pat
                 assert r.status == 303
             async with reviewer.post("/ui/logout", data={"csrf": csrf_of(page)},
                                      allow_redirects=False) as r:
-                assert r.status == 303 and r.headers["Location"] == "/ui/login"
+                assert r.status == 303
+                assert r.headers["Location"] == "/ui/login"
             async with reviewer.get("/ui/", allow_redirects=False) as r:
                 assert r.status == 303  # logged out: the session is gone
         reviews = await site.gw.store.reviews(uid)
@@ -186,16 +199,19 @@ async def test_roles_see_what_they_may_and_every_action_is_audited(tmp_path: Pat
         trail = site.audit("--user", "rita")
         assert [e["action"] for e in trail] == ["login", "view-worklist", "review", "logout"]
         review = trail[2]
-        assert review["outcome"] == 0 and review["detail"] == "confirmed"
+        assert review["outcome"] == 0
+        assert review["detail"] == "confirmed"
         assert review["studyKey"] == site.gw.store.study_label(uid)
-        assert review["peer"] == "127.0.0.1" and review["role"] == "reviewer"
+        assert review["peer"] == "127.0.0.1"
+        assert review["role"] == "reviewer"
         assert review["EventIdentification"]["EventID"]["code"] == "110110"
         assert review["EventIdentification"]["EventActionCode"] == "C"
         assert "AP film" not in json.dumps(site.audit())  # the comment is not in the trail
         added = entries(site, "user-added")
         assert [e["detail"] for e in added] == [f"{n} as {r}" for n, r in ROLES.items()]
         text = pxsgate("audit", "--config", site.config, "--since", "2000-01-01").stdout
-        assert "review" in text and "rita" in text
+        assert "review" in text
+        assert "rita" in text
         assert pxsgate("audit", "--config", site.config, "--json", "--since",
                        "2999-01-01").stdout.strip() == "[]"
 
@@ -229,7 +245,7 @@ async def test_wrong_passwords_are_limited_and_forms_need_their_csrf_token(
         failed = entries(site, "login-failed")
         assert [(e["user"], e["outcome"], e["detail"]) for e in failed] == (
             [("rita", 4, "wrong password")] * 5
-            + [("?", 8, "too many failed logins: refused unchecked")])
+            + [("rita", 8, "too many failed logins: refused unchecked")])
         assert (await login(client, "nobody-here", "whatever-password")).status == 429
         assert not entries(site, "login")
 
@@ -237,8 +253,10 @@ async def test_wrong_passwords_are_limited_and_forms_need_their_csrf_token(
     out = capsys.readouterr().out
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     failed_events = [e for e in events if e.get("event") == "audit.login-failed"]
-    assert len(failed_events) == 7 and failed_events[0]["level"] == "warning"
-    assert "not-the-password" not in out and PASSWORDS["rita"] not in out
+    assert len(failed_events) == 7
+    assert failed_events[0]["level"] == "warning"
+    assert "not-the-password" not in out
+    assert PASSWORDS["rita"] not in out
 
 
 async def test_a_post_without_the_session_csrf_token_is_refused(tmp_path: Path) -> None:
@@ -284,10 +302,9 @@ async def test_the_user_header_is_trusted_from_the_proxy_only(tmp_path: Path) ->
         async with client.get("/ui/", headers={"X-Remote-User": "mallory"},
                               allow_redirects=False) as r:
             assert r.status == 200  # mallory is no user: still rita's session
-        async with site.client() as other:
-            async with other.get("/ui/", headers={"X-Remote-User": "mallory"},
-                                 allow_redirects=False) as r:
-                assert r.status == 303
+        async with site.client() as other, other.get(
+                "/ui/", headers={"X-Remote-User": "mallory"}, allow_redirects=False) as r:
+            assert r.status == 303
         assert entries(site, "login", user="rita", detail="sso")
         assert entries(site, "login-failed", user="?", detail="sso: unknown user")
 
@@ -299,3 +316,43 @@ async def test_the_user_header_is_trusted_from_the_proxy_only(tmp_path: Path) ->
         assert entries(site, "denied", outcome=8,
                        detail="X-Remote-User from an address not in ui.trusted-proxies")
         assert not entries(site, "login")
+
+
+@pytest.mark.parametrize(("ui", "path"), [
+    ({"trusted-proxies": ["10.0.0.5"]}, "ui.user-header"),
+    ({"user-header": "X-Remote-User"}, "ui.trusted-proxies"),
+    ({"trusted-proxies": ["proxy.example"], "user-header": "X-Remote-User"},
+     "ui.trusted-proxies"),
+    ({"user-header": "X Remote User", "trusted-proxies": ["10.0.0.0/8"]}, "ui.user-header"),
+    ({"session-minutes": 0}, "ui.session-minutes"),
+    ({"enabled": True, "_port": 0}, "ui.enabled"),
+])
+def test_ui_config_is_validated(ui: dict[str, Any], path: str) -> None:
+    port = ui.pop("_port", 8787)
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"http": {"port": port}, "ui": ui})
+    assert caught.value.path == path
+
+
+def test_ui_is_on_with_the_http_port_by_default() -> None:
+    assert config_from_mapping({}).ui_enabled
+    assert not config_from_mapping({"http": {"port": 0}}).ui_enabled
+    assert not config_from_mapping({"ui": {"enabled": False}}).ui_enabled
+
+
+def test_passwords_and_the_secure_cookie() -> None:
+    stored = hash_password("correct horse battery")
+    assert stored.startswith("scrypt$32768$8$1$")
+    assert verify_password("correct horse battery", stored)
+    assert not verify_password("correct horse batterY", stored)
+    assert not verify_password("anything", "md5$abc")
+    assert hash_password("correct horse battery") != stored  # a salt of its own
+    for secure in (True, False):
+        store: Any = None  # set_session_cookie needs no store
+        auth = UiAuth(config_from_mapping({}).ui, store, secure_cookies=secure)
+        response = web.Response()
+        auth.set_session_cookie(response, "token")
+        cookie = response.cookies[SESSION_COOKIE]
+        assert bool(cookie["secure"]) is secure
+        assert cookie["httponly"]
+        assert cookie["samesite"] == "Strict"

@@ -75,8 +75,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     wait = max(auth.failures_by_peer.retry_after(peer),
                auth.failures_by_name.retry_after(name.lower()))
     if wait > 0:
+        known = await auth.store.user(name) is not None  # else maybe a mistyped password
         await auth.audit(request, Action.LOGIN_FAILED, Outcome.SERIOUS_FAILURE,
-                         name="?", detail="too many failed logins: refused unchecked")
+                         name=name if known else "?",
+                         detail="too many failed logins: refused unchecked")
         response = _login_page(request, 429, "Too many failed logins: try again later.",
                                next_path)
         response.headers["Retry-After"] = str(max(1, round(wait)))

@@ -17,6 +17,8 @@ shows identifiers records the view in the audit trail.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from aiohttp import web
 
 from pxsgate.records import now_iso
@@ -70,7 +72,7 @@ def _score(row: WorklistRow) -> str:
 
 def review_form(user: CurrentUser, study_uid: str, result_id: str) -> Markup:
     options = html.join(render('<option value="$v">$v</option>', v=v) for v in VERDICTS)
-    return render(_REVIEW_FORM, uid=study_uid, csrf=html.csrf_field(user.csrf),
+    return render(_REVIEW_FORM, uid=quote(study_uid, safe=""), csrf=html.csrf_field(user.csrf),
                   result=result_id, options=options)
 
 

@@ -4,6 +4,7 @@ DICOM files, named without UIDs; a picture that cannot be made never fails a stu
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -262,3 +263,31 @@ def test_study_pictures_leaves_out_pxsgates_own_objects(tmp_path: Path) -> None:
     assert (second.selected, second.thumbnail) == (None, None)
     assert FilePictures(tmp_path / "pictures").key("1.2.1") == first.key, "a stable secret"
     assert FilePictures(tmp_path / "other").key("1.2.1") != first.key
+
+
+async def test_retention_waits_for_a_studys_thumbnails(tmp_path: Path) -> None:
+    """A study's files stay while its thumbnails are being made; then retention deletes
+    them and the thumbnails stay."""
+    study = ap_study(2205, "PICWAIT")
+    uid = str(study[0].StudyInstanceUID)
+    async with gateway(tmp_path) as (gw, _):
+        thumbnails = gw.thumbnails
+        assert thumbnails is not None
+        go = asyncio.Event()
+        make = thumbnails._make
+
+        async def held(path: Path) -> np.ndarray:
+            await go.wait()
+            return await make(path)
+
+        thumbnails._make = held  # type: ignore[method-assign]
+        await send(gw, study)
+        await result_of(gw, uid)
+        later = time.time() + 25 * 3600
+        assert thumbnails.pending(uid)
+        assert await gw.retention.run(now=later) == 0, "kept for its thumbnails"
+        go.set()
+        await thumbnails.wait_idle()
+        assert await gw.retention.run(now=later) == 1
+        assert gw.pictures is not None
+        check_thumbnail(gw.pictures.thumbnail(str(study[0].SOPInstanceUID)))

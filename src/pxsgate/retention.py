@@ -6,7 +6,8 @@ A study is finished when its result is stored and none of its deliveries is pend
 after that; sooner, oldest finished first, when the spool is above ``max-spool-gb``.
 Nothing is deleted that an unfinished job still needs: studies being received, waiting,
 being scored, or with a delivery pending (the SR exporter reads the source images) are
-never candidates, nor is a study whose thumbnails are still being made. The instances'
+never candidates, nor (unless the spool is above its ceiling) a study whose thumbnails are
+still being made. The instances'
 rows, decisions and results stay: ``pxsgate results`` and the study's story are kept; only
 the pixels go. The study's pictures (:mod:`pxsgate.pictures`) stay too: they are removed
 only ``pictures.keep-days`` after they were made, checked here once an hour.
@@ -69,9 +70,12 @@ class Retention:
             # Re-counted each pass, so small drifts of the running count do not last.
             self.spool_bytes = await self._store.spool_bytes()
             now = time.time() if now is None else now
-            purged = await self._purge(now - self._retention_s, lambda: True)
+            purged = await self._purge(now - self._retention_s, lambda: True, wait=True)
             if self.over_ceiling(incoming):
-                purged += await self._purge(None, lambda: self.over_ceiling(incoming))
+                # Above the ceiling a study's thumbnails do not hold its files: reception
+                # comes first (the thumbnails not yet made are not made).
+                purged += await self._purge(None, lambda: self.over_ceiling(incoming),
+                                            wait=False)
                 if self.over_ceiling(incoming):
                     log.warning("spool.ceiling", spool_mb=self.spool_bytes // 2**20,
                                 ceiling_mb=self.ceiling // 2**20,
@@ -93,7 +97,9 @@ class Retention:
             log.info("pictures.pruned", pictures=removed, keep_days=self._pictures_keep_days)
         return removed
 
-    async def _purge(self, finished_before: float | None, wanted: Callable[[], bool]) -> int:
+    async def _purge(self, finished_before: float | None, wanted: Callable[[], bool], *,
+                     wait: bool) -> int:
+        """``wait``: a study whose thumbnails are being made keeps its files for now."""
         purged = 0
         while wanted():
             batch = await self._store.purgeable_studies(finished_before, BATCH)
@@ -103,7 +109,7 @@ class Retention:
             for study_uid, paths, size in batch:
                 if not wanted():
                     break
-                if self._busy(study_uid):
+                if wait and self._busy(study_uid):
                     continue  # its thumbnails are being made from these files
                 if not self._spool.begin_purge(study_uid):
                     continue  # an instance of it is arriving: it is being re-opened

@@ -7,10 +7,10 @@ after that; sooner, oldest finished first, when the spool is above ``max-spool-g
 Nothing is deleted that an unfinished job still needs: studies being received, waiting,
 being scored, or with a delivery pending (the SR exporter reads the source images) are
 never candidates, nor (unless the spool is above its ceiling) a study whose thumbnails are
-still being made. The instances'
-rows, decisions and results stay: ``pxsgate results`` and the study's story are kept; only
-the pixels go. The study's pictures (:mod:`pxsgate.pictures`) stay too: they are removed
-only ``pictures.keep-days`` after they were made, checked here once an hour.
+still being made. The instances' rows, decisions and results stay: ``pxsgate results`` and
+the study's story are kept; only the pixels go. The study's pictures
+(:mod:`pxsgate.pictures`) stay too: they are removed only ``pictures.keep-days`` after they
+were made, checked here once an hour.
 
 The byte count of the spool is kept here, on the loop, so that reception (association
 threads) can check the ceiling without a query per image.

@@ -234,10 +234,14 @@ def reuid(datasets: list[Dataset], number: int, prefix: str = "BENCH") -> str:
 
 
 def write_config(path: Path, data_dir: Path, *, http_port: int, weights: str = "demo",
-                 device: str = "cpu", settle: float | None = None) -> Path:
+                 device: str = "cpu", settle: float | None = None,
+                 pictures: bool = True) -> Path:
     """A serve config: loopback DICOM on a free port, the data directory, JSON logs. Every
-    other setting keeps the service's default (``settle`` None: the default settle time)."""
+    other setting keeps the service's default (``settle`` None: the default settle time;
+    ``pictures`` False: pictures.enabled off, to measure what they cost)."""
     model = f"model:\n  weights: {json.dumps(weights)}\n  device: {json.dumps(device)}\n"
+    if not pictures:
+        model += "pictures:\n  enabled: false\n"
     return harness.write_config(path, data_dir, http_port=http_port, settle=settle,
                                 min_free_mb=64, ae_titles=(AE_TITLE,), extra=model)
 

@@ -4,6 +4,7 @@ service sustains before latency grows.
 
     python -m benchmarks.e2e [--rates auto] [--studies 30] [--syntaxes raw,j2k]
                              [--rows 3000 --cols 2500] [--device auto] [--settle S]
+                             [--pictures on|off]
 
 Starts the real command line (``python -m pxsgate serve``, default settings apart from the
 loopback ports and a temporary data directory; demo weights) and, for each transfer syntax
@@ -239,7 +240,7 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
         http_port = common.free_port()
         config = common.write_config(root / "pxsgate.yaml", root / "data", http_port=http_port,
                                      weights=args.weights, device=args.device,
-                                     settle=args.settle)
+                                     settle=args.settle, pictures=args.pictures == "on")
         service = common.start_service(config)
         db = root / "data" / "pxsgate.sqlite3"
         number = 0
@@ -348,6 +349,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=4, help="distinct synthetic radiographs")
     p.add_argument("--device", default="auto", help="model.device (default auto)")
     p.add_argument("--weights", default="demo")
+    p.add_argument("--pictures", choices=("on", "off"), default="on",
+                   help="pictures.enabled (default on; off: what thumbnails and model "
+                        "inputs cost, by comparison)")
     p.add_argument("--settle", type=float, default=None,
                    help="assembly.settle-seconds (default: the service's default, 2 s)")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")

@@ -317,6 +317,8 @@ async def test_retention_deletes_finished_images_and_keeps_what_is_needed(
         spool = gw.config.spool_dir
         before = gw.retention.spool_bytes
         assert before > 0
+        assert gw.thumbnails is not None
+        await gw.thumbnails.wait_idle()  # a study's files stay until its thumbnails are made
         assert await gw.retention.run() == 1
         assert not (spool / str(gone[0].StudyInstanceUID)).exists()
         assert (spool / str(kept[0].StudyInstanceUID)).exists(), "a delivery is pending"

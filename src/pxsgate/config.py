@@ -233,6 +233,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PicturesConfig:
+    """Each study's pictures for the pages (pxsgate.pictures): every instance's thumbnail
+    and each scored image's model input, under storage.data-dir/pictures, kept after
+    retention deletes the DICOM files."""
+
+    enabled: bool = True
+    # Pictures are removed this many days after they were made (a rescore makes them
+    # again); null: kept for ever (about 50 KB per scored image, a few KB per thumbnail).
+    keep_days: float | None = field(default=None, metadata=_check(_check_positive))
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     """Each study's job: retries, limits and shutdown."""
 
@@ -601,6 +613,7 @@ class LoggingConfig:
 class Config:
     dicom: DicomConfig = DicomConfig()
     storage: StorageConfig = StorageConfig()
+    pictures: PicturesConfig = PicturesConfig()
     assembly: AssemblyConfig = AssemblyConfig()
     jobs: JobsConfig = JobsConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
@@ -639,6 +652,11 @@ class Config:
     def ui_enabled(self) -> bool:
         """Whether /ui/ is served: ``ui.enabled``, by default whether the HTTP port is on."""
         return bool(self.http.port) if self.ui.enabled is None else self.ui.enabled
+
+    @property
+    def pictures_dir(self) -> Path:
+        """Thumbnails and model inputs (pxsgate.pictures), kept after the spool's files."""
+        return self.storage.data_dir / "pictures"
 
     @property
     def db_path(self) -> Path:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from pxsgate.errors import DecodeFailed
-from pxsgate.preprocess import U8Array, preprocess_file
+from pxsgate.preprocess import THUMBNAIL_SIDE, U8Array, preprocess_file, thumbnail_file
 
 if TYPE_CHECKING:  # config only for the annotation: a decode process does not load it
     from pxsgate.config import PreprocessConfig
@@ -34,13 +34,15 @@ if TYPE_CHECKING:  # config only for the annotation: a decode process does not l
 log = structlog.get_logger("pxsgate.pipeline")
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+IDLE_TIME_FACTOR = 10  # a thumbnail's time limit: the decode time limit times this
 
 
 def init_worker(parent: int | None = None, log_format: str = "auto",
-                include_phi: bool = False) -> None:
+                include_phi: bool = False, idle: bool = False) -> None:
     """Lower the process's priority, tie its life to the service's, and send what the
     libraries log or warn here (pydicom decoding a peer's file) through the service's
-    format, without data set values unless ``include_phi``."""
+    format, without data set values unless ``include_phi``. ``idle``: the process runs
+    only when a core has nothing else to do (SCHED_IDLE; the thumbnails' process)."""
     import sys
 
     from pxsgate.log import route_library_logs
@@ -51,6 +53,11 @@ def init_worker(parent: int | None = None, log_format: str = "auto",
     # Nice 19 weighs 15 against the receiver threads' 1024 in the Linux scheduler.
     with contextlib.suppress(OSError):
         os.nice(19)
+    if idle:
+        # SCHED_IDLE: below nice 19, scheduled only on a core nothing else wants, so
+        # thumbnails never take time from reception, decoding for the model or inference.
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # A service killed with SIGKILL (a crash, the OOM killer) runs no clean-up: without
     # this its decode processes would live on as orphans. Linux only; best effort.
     with contextlib.suppress(OSError, AttributeError):
@@ -83,6 +90,9 @@ class DecodePool:
     Spawned, not forked: the service has threads (pynetdicom, torch) and forking a threaded
     process can deadlock the child. A worker that dies (a codec crashing on a malformed
     image) fails that image's study with a clear error and the pool is replaced.
+
+    Thumbnails (:meth:`thumbnail`) have a process of their own, started at the first one,
+    that runs only when a core is idle: they never wait in front of a model input.
     """
 
     def __init__(self, config: PreprocessConfig, time_limit: float = 120.0,
@@ -92,11 +102,13 @@ class DecodePool:
         self._jpeg = config.jpeg_roundtrip
         self._time_limit = time_limit
         self._pool = self._new()
+        self._idle_pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    def _new(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _new(self, idle: bool = False) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker, initargs=(os.getpid(), *self._log))
+            max_workers=1 if idle else self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker, initargs=(os.getpid(), *self._log, idle))
 
     async def start(self) -> None:
         """Start every worker now, so the first study does not pay for the spawns."""
@@ -125,10 +137,39 @@ class DecodePool:
                 self._pool = self._new()
             raise DecodeFailed("the decoder process died on this image") from exc
 
+    async def thumbnail(self, path: Path, max_side: int = THUMBNAIL_SIDE) -> U8Array:
+        """The image's thumbnail (``preprocess.thumbnail_file``), made in the idle process;
+        PreprocessError as :meth:`preprocess` (DecodeFailed: the process, not the image)."""
+        if self._idle_pool is None:
+            self._idle_pool = self._new(idle=True)
+        pool = self._idle_pool
+        call = functools.partial(thumbnail_file, path, max_side)
+        # An idle process waits while the cores are busy: a longer limit, for a codec
+        # that loops, not for a busy hour.
+        limit = self._time_limit * IDLE_TIME_FACTOR
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(pool, call), limit)
+        except TimeoutError:
+            if pool is self._idle_pool:
+                log.warning("decode.thumbnail_timeout", time_limit_s=limit)
+                self._idle_pool = None
+                _terminate(pool)
+            raise DecodeFailed(f"the thumbnail took longer than {limit:g} s") from None
+        except BrokenProcessPool as exc:
+            if pool is self._idle_pool:
+                log.error("decode.worker_died", thumbnail=True)
+                self._idle_pool = None
+            raise DecodeFailed("the thumbnail process died on this image") from exc
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the processes; one still busy after ``timeout`` seconds is terminated."""
         pool = self._pool
         processes = _processes(pool)
+        if self._idle_pool is not None:
+            idle, self._idle_pool = self._idle_pool, None
+            processes += _processes(idle)
+            idle.shutdown(wait=False, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for process in processes:

@@ -27,6 +27,7 @@ from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool, decoded_image_bound
 from pxsgate.errors import StoreError
 from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
+from pxsgate.pictures import PictureStore, Thumbnailer
 from pxsgate.priors.finder import PriorFinder
 from pxsgate.priors.source import PriorSource
 from pxsgate.results import ModelInfo
@@ -102,7 +103,9 @@ class Pipeline:
                  executor: concurrent.futures.Executor, decoder: DecodePool,
                  on_deliveries: Callable[[], None] = lambda: None,
                  metrics: Metrics | None = None,
-                 prior_source: PriorSource | None = None) -> None:
+                 prior_source: PriorSource | None = None,
+                 pictures: PictureStore | None = None,
+                 thumbnails: Thumbnailer | None = None) -> None:
         self._config = config
         self._store = store
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -137,7 +140,8 @@ class Pipeline:
         self._study = StudyProcessor(
             config, store, worker, model, executor=executor, decoder=decoder,
             gate=gate, decoded_slot=self._decoded.slot, on_deliveries=on_deliveries,
-            metrics=metrics or Metrics(), priors=self.priors)
+            metrics=metrics or Metrics(), priors=self.priors, pictures=pictures,
+            thumbnails=thumbnails)
 
     @property
     def selection(self) -> SelectionConfig:

@@ -52,6 +52,8 @@ __all__ = [
     "preprocess_image_file",
     "preprocess_pixels",
     "resize_shorter",
+    "thumbnail_file",
+    "thumbnail_pixels",
     "to_model_input",
     "to_uint8",
 ]
@@ -314,6 +316,59 @@ def preprocess_image_file(path: Path) -> U8Array:
     except Exception as exc:  # PIL raises many types on malformed files; translate here
         raise PreprocessError(f"{path}: not a readable image file: {exc}") from exc
     return center_crop(resize_shorter(grey))
+
+
+# --- thumbnails (for people, not the model) -----------------------------------------------------
+
+THUMBNAIL_SIDE = 256
+
+
+def thumbnail_pixels(pixels: np.ndarray, photometric: str,
+                     max_side: int = THUMBNAIL_SIDE) -> U8Array:
+    """Integer pixels -> an 8-bit picture whose longest side is at most ``max_side``.
+
+    Windowed as the published preprocessing normalises (``to_uint8``: min-max over the whole
+    image, MONOCHROME1 inverted), without the histogram equalisation, so that it looks like
+    the film. Cheaper than ``to_uint8`` on the full image: the min and max are taken on
+    the full image, then it is reduced by box filtering (PIL ``reduce`` on float32) to about
+    twice the size wanted before it is scaled to 8 bits, then resized with Lanczos.
+    """
+    if pixels.ndim != 2 or max_side < 1:
+        raise PreprocessError(f"cannot make a thumbnail of an array of shape {pixels.shape}")
+    low, high = float(pixels.min()), float(pixels.max())
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))  # mode F
+    factor = max(pixels.shape) // (2 * max_side)
+    if factor > 1:
+        image = image.reduce(factor)
+    reduced = np.asarray(image, dtype=np.float32)
+    if high > low:
+        scaled = np.clip((reduced - np.float32(low)) * np.float32(255.0 / (high - low)),
+                         0, 255).astype(np.uint8)
+    else:
+        scaled = np.zeros(reduced.shape, dtype=np.uint8)
+    if photometric == "MONOCHROME1":
+        scaled = np.bitwise_not(scaled)
+    picture = Image.fromarray(scaled)
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(picture, dtype=np.uint8)
+
+
+def thumbnail_file(path: Path, max_side: int = THUMBNAIL_SIDE) -> U8Array:
+    """A DICOM file -> its thumbnail (``thumbnail_pixels``); what the model could not take
+    (colour, multi-frame, no pixel data) or an unreadable file raises PreprocessError."""
+    try:
+        ds = pydicom.dcmread(path)
+    except OSError as exc:
+        raise DecodeFailed(f"cannot read the file: {_reason(exc)}") from exc
+    except Exception as exc:  # dcmread raises many types on malformed input
+        raise PreprocessError(f"not a readable DICOM file: {_reason(exc)}") from exc
+    try:
+        return thumbnail_pixels(pixels_from_dataset(ds), str(ds.PhotometricInterpretation),
+                                max_side)
+    except PreprocessError:
+        raise
+    except Exception as exc:  # a malformed pixel-module element
+        raise PreprocessError(f"cannot make the thumbnail: {_reason(exc)}") from exc
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -6,8 +6,11 @@ A study is finished when its result is stored and none of its deliveries is pend
 after that; sooner, oldest finished first, when the spool is above ``max-spool-gb``.
 Nothing is deleted that an unfinished job still needs: studies being received, waiting,
 being scored, or with a delivery pending (the SR exporter reads the source images) are
-never candidates. The instances' rows, decisions and results stay: ``pxsgate results`` and
-the study's story are kept; only the pixels go.
+never candidates, nor (unless the spool is above its ceiling) a study whose thumbnails are
+still being made. The instances' rows, decisions and results stay: ``pxsgate results`` and
+the study's story are kept; only the pixels go. The study's pictures
+(:mod:`pxsgate.pictures`) stay too: they are removed only ``pictures.keep-days`` after they
+were made, checked here once an hour.
 
 The byte count of the spool is kept here, on the loop, so that reception (association
 threads) can check the ceiling without a query per image.
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import structlog
 
-from pxsgate.config import StorageConfig
+from pxsgate.config import PicturesConfig, StorageConfig
+from pxsgate.pictures import PRUNE_EVERY_S, PictureStore
 from pxsgate.records import now_iso
 from pxsgate.spool import Spool
 from pxsgate.store import Store
@@ -35,11 +39,18 @@ BATCH = 100  # studies looked at per query
 
 
 class Retention:
-    def __init__(self, storage: StorageConfig, store: Store, spool: Spool) -> None:
+    def __init__(self, storage: StorageConfig, store: Store, spool: Spool, *,
+                 pictures: PictureStore | None = None,
+                 pictures_config: PicturesConfig | None = None,
+                 busy: Callable[[str], bool] = lambda study_uid: False) -> None:
         self._retention_s = storage.retention_hours * 3600.0
         self.ceiling = int(storage.max_spool_gb * 2**30)  # 0: none
         self._store = store
         self._spool = spool
+        self._pictures = pictures
+        self._pictures_keep_days = pictures_config.keep_days if pictures_config else None
+        self._pictures_pruned = float("-inf")  # time.monotonic() of the last prune
+        self._busy = busy  # the study's files are still needed (its thumbnails)
         self.spool_bytes = 0  # written on the loop; read by association threads
         self._lock = asyncio.Lock()
 
@@ -59,16 +70,36 @@ class Retention:
             # Re-counted each pass, so small drifts of the running count do not last.
             self.spool_bytes = await self._store.spool_bytes()
             now = time.time() if now is None else now
-            purged = await self._purge(now - self._retention_s, lambda: True)
+            purged = await self._purge(now - self._retention_s, lambda: True, wait=True)
             if self.over_ceiling(incoming):
-                purged += await self._purge(None, lambda: self.over_ceiling(incoming))
+                # Above the ceiling a study's thumbnails do not hold its files: reception
+                # comes first (the thumbnails not yet made are not made).
+                purged += await self._purge(None, lambda: self.over_ceiling(incoming),
+                                            wait=False)
                 if self.over_ceiling(incoming):
                     log.warning("spool.ceiling", spool_mb=self.spool_bytes // 2**20,
                                 ceiling_mb=self.ceiling // 2**20,
                                 note="only unfinished studies left: reception refuses")
+            await self.prune_pictures(now)
             return purged
 
-    async def _purge(self, finished_before: float | None, wanted: Callable[[], bool]) -> int:
+    async def prune_pictures(self, now: float, force: bool = False) -> int:
+        """Remove the pictures older than ``pictures.keep-days`` (none when it is null), at
+        most once an hour unless ``force``; return how many went."""
+        if self._pictures is None or self._pictures_keep_days is None:
+            return 0
+        if not force and time.monotonic() - self._pictures_pruned < PRUNE_EVERY_S:
+            return 0
+        self._pictures_pruned = time.monotonic()
+        removed = await asyncio.to_thread(
+            self._pictures.prune, now - self._pictures_keep_days * 86400.0)
+        if removed:
+            log.info("pictures.pruned", pictures=removed, keep_days=self._pictures_keep_days)
+        return removed
+
+    async def _purge(self, finished_before: float | None, wanted: Callable[[], bool], *,
+                     wait: bool) -> int:
+        """``wait``: a study whose thumbnails are being made keeps its files for now."""
         purged = 0
         while wanted():
             batch = await self._store.purgeable_studies(finished_before, BATCH)
@@ -78,6 +109,8 @@ class Retention:
             for study_uid, paths, size in batch:
                 if not wanted():
                     break
+                if wait and self._busy(study_uid):
+                    continue  # its thumbnails are being made from these files
                 if not self._spool.begin_purge(study_uid):
                     continue  # an instance of it is arriving: it is being re-opened
                 try:

@@ -7,6 +7,10 @@ processes, inference on the worker thread; the loop only coordinates.
 
 Every study that is processed ends with one stored result: SKIPPED (not a candidate),
 FAILED (its images or the model failed, try after try) or SUCCEEDED (scored).
+
+Pictures for the pages (:mod:`pxsgate.pictures`): each scored image's model input is saved
+while the model scores it; once the result is stored, every instance's thumbnail is made in
+the background (:class:`~pxsgate.pictures.Thumbnailer`), never delaying a result.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pxsgate.decode import DecodePool
 from pxsgate.document import PriorLookup
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
+from pxsgate.pictures import PictureStore, Thumbnailer
+from pxsgate.preprocess import U8Array
 from pxsgate.priors.finder import LookupRequest
 from pxsgate.records import (
     UNFINISHED_STATES,
@@ -186,7 +192,8 @@ class StudyProcessor:
                  decoder: DecodePool, gate: ModelGate,
                  decoded_slot: Callable[[str], AbstractAsyncContextManager[None]],
                  on_deliveries: Callable[[], None], metrics: Metrics,
-                 priors: PriorLookups | None = None) -> None:
+                 priors: PriorLookups | None = None, pictures: PictureStore | None = None,
+                 thumbnails: Thumbnailer | None = None) -> None:
         self._config = config
         self._store = store
         self._worker = worker
@@ -198,6 +205,9 @@ class StudyProcessor:
         self._on_deliveries = on_deliveries  # wakes the outbox
         self._metrics = metrics
         self._priors = priors  # None: priors from PACS are off
+        self._pictures = pictures  # None: pictures.enabled is off
+        self._thumbnails = thumbnails
+        self._saving: set[asyncio.Future[object]] = set()  # model inputs being written
         self.selection: SelectionConfig = config.selection  # replaced on reload (SIGHUP)
 
     async def process(self, study_uid: str) -> None:
@@ -212,6 +222,7 @@ class StudyProcessor:
         if not decision.candidate:
             await self._skip(Outcome(Status.SKIPPED, identity, decision, stages, ready_at,
                                      row.senders, error=decision.reason))
+            self._make_thumbnails(study_uid, instances)
             return
         await self._store.mark_study(study_uid, StudyState.SELECTED, now_iso(),
                                      only_from=(StudyState.READY,))
@@ -223,6 +234,7 @@ class StudyProcessor:
             await self._fail(Outcome(Status.FAILED, identity, decision, stages, created_at,
                                      row.senders, error=str(scored), exit_code=code,
                                      attempts=attempts))
+            self._make_thumbnails(study_uid, instances)
             return
         stages = dataclasses.replace(stages, inferred=now_iso())
         images, decision = await self._without_unscorable(study_uid, scored, decision)
@@ -234,6 +246,13 @@ class StudyProcessor:
             scores=images, flags=flags, attempts=attempts))
         log.info("result.stored", study=self._store.study_label(study_uid), images=len(images),
                  flags=list(flags), attempts=attempts, **stages.durations())
+        self._make_thumbnails(study_uid, instances)
+
+    def _make_thumbnails(self, study_uid: str, instances: Sequence[StoredInstance]) -> None:
+        """Every instance's thumbnail, used or not, in the background: the result is
+        stored already."""
+        if self._thumbnails is not None:
+            self._thumbnails.submit(study_uid, instances)
 
     async def fail_internally(self, study_uid: str, error: str) -> None:
         """FAILED with exitCode 3, from what the store alone knows of the study (pxsgate's
@@ -343,6 +362,7 @@ class StudyProcessor:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self._score_image(study_uid, tag,
+                                                             d.sop_instance_uid,
                                                              paths[d.sop_instance_uid]))
                          for d in chosen]
         except* PxsgateError as failed:
@@ -358,10 +378,11 @@ class StudyProcessor:
              for d, a in zip(chosen, answers, strict=True) if not isinstance(a, PxsgateError)],
             [(d, str(error)) for d, error in unscorable])
 
-    async def _score_image(self, study_uid: str, tag: str, path: Path
+    async def _score_image(self, study_uid: str, tag: str, sop_uid: str, path: Path
                            ) -> ImageResult | PreprocessError:
         """One image decoded (holding one of the decoded-image slots) and scored; the
-        image's own failure is returned, for the others to be scored still."""
+        image's own failure is returned, for the others to be scored still. Its model
+        input is saved as a picture while the model scores it."""
         async with self._decoded_slot(study_uid):
             try:
                 image = await self._decoder.preprocess(path)
@@ -369,7 +390,24 @@ class StudyProcessor:
                 if isinstance(exc, DecodeFailed):
                     raise  # the decoder's failure, not the image's: the try again
                 return exc  # this image's own bytes: the others are still scored
-            return await self._worker.score_image(image, tag)
+            saving = self._save_model_input(sop_uid, image)
+            try:
+                result = await self._worker.score_image(image, tag)
+            except BaseException:
+                if saving is not None:  # written all the same, awaited by no one
+                    self._saving.add(saving)
+                    saving.add_done_callback(self._saving.discard)
+                raise
+            if saving is not None:
+                await saving  # mostly done: it was written while the model scored
+            return result
+
+    def _save_model_input(self, sop_uid: str, image: U8Array) -> asyncio.Future[object] | None:
+        """The exact model input written as a picture, on a thread (it never raises)."""
+        if self._pictures is None:
+            return None
+        return asyncio.ensure_future(
+            asyncio.to_thread(self._pictures.save_model_input, sop_uid, image))
 
     async def _without_unscorable(self, study_uid: str, scored: Scored,
                                   decision: StudyDecision

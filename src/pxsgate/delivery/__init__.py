@@ -22,25 +22,29 @@ from pxsgate.delivery.fhir import FhirExporter
 from pxsgate.delivery.hl7v2 import Hl7Exporter
 from pxsgate.delivery.http import HttpExporter
 from pxsgate.delivery.outbox import Exporter
+from pxsgate.pictures import PictureStore
 from pxsgate.store import Store
 
 
 def build_exporters(configs: Sequence[ExporterConfig], store: Store, *,
-                    jpeg_roundtrip: bool = False) -> dict[str, Exporter]:
+                    jpeg_roundtrip: bool = False,
+                    pictures: PictureStore | None = None) -> dict[str, Exporter]:
     """The configured exporters by name; ``jpeg_roundtrip``: the service's preprocessing
-    (a secondary capture shows the model input it makes)."""
+    (a secondary capture shows the model input it makes), ``pictures``: where the model
+    inputs are kept (read instead of decoding the image again)."""
     exporters: dict[str, Exporter] = {}
     for i, config in enumerate(configs):
         key = f"exporters[{i}]"
         if config.type == "http":
             exporters[config.name] = HttpExporter(config, key)
         elif config.type == "dicomweb":
-            exporters[config.name] = StowSrExporter(config, store, key)
+            exporters[config.name] = StowSrExporter(config, store, key, pictures=pictures)
         elif config.type == "fhir":
             exporters[config.name] = FhirExporter(config, key)
         elif config.type == "hl7":
             exporters[config.name] = Hl7Exporter(config, store, key)
         else:
             exporters[config.name] = DicomSrExporter(config, store,
-                                                     jpeg_roundtrip=jpeg_roundtrip)
+                                                     jpeg_roundtrip=jpeg_roundtrip,
+                                                     pictures=pictures)
     return exporters

@@ -20,6 +20,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from pxsgate.config import ExporterConfig
 from pxsgate.document import ResultDocument
 from pxsgate.errors import ConfigError, ExportError, PermanentExportError
+from pxsgate.pictures import PictureStore
 from pxsgate.records import now_iso
 from pxsgate.store import MadeInstance, Store
 
@@ -49,11 +50,12 @@ class SrExporter:
     which never re-opens the study."""
 
     def __init__(self, config: ExporterConfig, store: Store, *,
-                 jpeg_roundtrip: bool = False) -> None:
+                 jpeg_roundtrip: bool = False, pictures: PictureStore | None = None) -> None:
         self.name = config.name
         self._config = config
         self._store = store
         self._jpeg_roundtrip = jpeg_roundtrip  # the service's preprocessing, for the SC
+        self._pictures = pictures  # the model inputs saved when the study was scored
 
     async def start(self) -> None:
         return None
@@ -139,7 +141,7 @@ class SrExporter:
         try:
             path = paths[headline]
             (source,) = await asyncio.to_thread(_read_headers, [path])
-            model_input = await asyncio.to_thread(self._model_input, path)
+            model_input = await asyncio.to_thread(self._model_input, headline, path)
             return sc.build_pxs_sc(json_doc, source, model_input,
                                    sop_instance_uid=made.sop_instance_uid,
                                    series_instance_uid=made.series_instance_uid,
@@ -147,10 +149,15 @@ class SrExporter:
         except Exception as exc:
             await self._forget(made, exc, "secondary capture")
 
-    def _model_input(self, path: Path) -> Any:
-        """What the model saw: the same preprocessing of the same file (deterministic)."""
-        from pxsgate.preprocess import preprocess_file
+    def _model_input(self, sop_uid: str, path: Path) -> Any:
+        """What the model saw: the picture saved when it was scored; without one (pictures
+        off, or not written) the same preprocessing of the same file (deterministic)."""
+        from pxsgate.preprocess import CROP_TO, preprocess_file
 
+        if self._pictures is not None:
+            saved = self._pictures.load_model_input(sop_uid)
+            if saved is not None and saved.shape == (CROP_TO, CROP_TO):
+                return saved
         return preprocess_file(path, jpeg_roundtrip=self._jpeg_roundtrip)
 
     async def _forget(self, made: MadeInstance, exc: Exception, what: str) -> NoReturn:
@@ -169,10 +176,10 @@ class DicomSrExporter(SrExporter):
     """The SR by C-STORE, one association per delivery."""
 
     def __init__(self, config: ExporterConfig, store: Store, *,
-                 jpeg_roundtrip: bool = False) -> None:
+                 jpeg_roundtrip: bool = False, pictures: PictureStore | None = None) -> None:
         if config.host is None or config.port is None or config.ae_title is None:
             raise ConfigError(config.name, "a dicom exporter needs host, port and ae-title")
-        super().__init__(config, store, jpeg_roundtrip=jpeg_roundtrip)
+        super().__init__(config, store, jpeg_roundtrip=jpeg_roundtrip, pictures=pictures)
         self._host, self._port, self._called = config.host, config.port, config.ae_title
 
     async def _send(self, dataset: Dataset) -> None:

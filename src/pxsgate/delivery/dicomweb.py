@@ -25,6 +25,7 @@ from pxsgate.config import ExporterConfig
 from pxsgate.delivery.dicom import SrExporter
 from pxsgate.delivery.http import HttpClient, refusal
 from pxsgate.errors import ExportError, PermanentExportError
+from pxsgate.pictures import PictureStore
 from pxsgate.store import Store
 
 # Store Instances Response attributes (PS3.18 Table 10.5.3-1), as DICOM JSON keys.
@@ -101,8 +102,9 @@ def stored(answer: bytes, sop_instance_uid: str) -> bool:
 class StowSrExporter(SrExporter):
     """The SR by STOW-RS to ``{url}/studies``."""
 
-    def __init__(self, config: ExporterConfig, store: Store, key: str) -> None:
-        super().__init__(config, store)
+    def __init__(self, config: ExporterConfig, store: Store, key: str, *,
+                 pictures: PictureStore | None = None) -> None:
+        super().__init__(config, store, pictures=pictures)
         self._client = HttpClient(config, key)
         self._url = self._client.url.rstrip("/") + "/studies"
 

@@ -39,7 +39,9 @@ from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
 from pxsgate.intake import Intake
+from pxsgate.pictures import FilePictures, Thumbnailer
 from pxsgate.pipeline import Pipeline
+from pxsgate.preprocess import U8Array
 from pxsgate.priors.inbox import MoveInbox
 from pxsgate.priors.source import PriorSource, make_source
 from pxsgate.receive import Receiver
@@ -109,7 +111,14 @@ class Gateway:
         self.store = Store(config.db_path, self.failpoints)
         self.store.reveal_uids = config.logging.include_phi
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
-        self.retention = Retention(config.storage, self.store, self.spool)
+        # Thumbnails and model inputs for the pages (None: pictures.enabled is off).
+        self.pictures = FilePictures(config.pictures_dir) if config.pictures.enabled else None
+        self.thumbnails = None if self.pictures is None else Thumbnailer(
+            self.pictures, self._thumbnail, label=self.store.study_label)
+        self.retention = Retention(
+            config.storage, self.store, self.spool, pictures=self.pictures,
+            pictures_config=config.pictures,
+            busy=self.thumbnails.pending if self.thumbnails else lambda uid: False)
         self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
             config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
         self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
@@ -130,7 +139,8 @@ class Gateway:
         self._receiver: Receiver | None = None
         self._move_inbox: MoveInbox | None = None  # priors retrieved by C-MOVE
         self.outbox = Outbox(self.store, build_exporters(
-            config.exporters, self.store, jpeg_roundtrip=config.preprocess.jpeg_roundtrip),
+            config.exporters, self.store, jpeg_roundtrip=config.preprocess.jpeg_roundtrip,
+            pictures=self.pictures),
                              {e.name: e for e in config.exporters}, metrics=self.metrics)
         self._outbox_started = False
         self._api: Api | None = None
@@ -219,7 +229,8 @@ class Gateway:
         assert self._decoder is not None
         pipeline = self._pipeline = Pipeline(
             self.config, self.store, self.worker, model, self._executor, self._decoder,
-            self.outbox.wake, metrics=self.metrics, prior_source=self._prior_source())
+            self.outbox.wake, metrics=self.metrics, prior_source=self._prior_source(),
+            pictures=self.pictures, thumbnails=self.thumbnails)
         self._watch_metrics(model)
         assembler = self._assembler = Assembler(loop, self._study_ready)
         return pipeline, assembler
@@ -348,6 +359,8 @@ class Gateway:
                 await self._pipeline.cancel()
             if self._pipeline.priors is not None:
                 await self._pipeline.priors.close()
+        if self.thumbnails is not None:
+            await self.thumbnails.close()  # what is waiting is not made
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -356,6 +369,11 @@ class Gateway:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._decoder is not None:
             await asyncio.to_thread(self._decoder.shutdown)
+
+    async def _thumbnail(self, path: Path) -> U8Array:
+        """A thumbnail made in the decode pool's idle process."""
+        assert self._decoder is not None
+        return await self._decoder.thumbnail(path)
 
     # --- while running --------------------------------------------------------------------
 

@@ -81,6 +81,10 @@ def _check_positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _check_fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be greater than 0 and at most 1"
+
+
 def _check_non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must not be negative"
 
@@ -468,6 +472,14 @@ class UiConfig:
     # from these addresses or networks, and only for a user that `pxsgate users` added.
     trusted_proxies: tuple[str, ...] = field(default=(), metadata=_check(_check_networks))
     user_header: str | None = field(default=None, metadata=_check(_check_header))
+    # The drift alarm (ui/trends, pxsgate_score_drift_*): the two-sample Kolmogorov-Smirnov
+    # D of the headline scores of the latest ``drift-window-days`` against the
+    # ``drift-reference-days`` before them; an alarm when D >= ``drift-threshold`` with at
+    # least ``drift-min-studies`` scored studies in each.
+    drift_window_days: int = field(default=7, metadata=_check(_check_positive))
+    drift_reference_days: int = field(default=90, metadata=_check(_check_positive))
+    drift_threshold: float = field(default=0.2, metadata=_check(_check_fraction))
+    drift_min_studies: int = field(default=30, metadata=_check(_check_positive))
 
 
 RESULT_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED)

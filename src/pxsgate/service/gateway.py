@@ -58,6 +58,7 @@ from pxsgate.service.supervisor import Supervisor
 from pxsgate.spool import Spool
 from pxsgate.store import Store
 from pxsgate.stow import Stow, is_loopback
+from pxsgate.trends import DriftMonitor
 from pxsgate.ui.app import build_app
 
 log = structlog.get_logger("pxsgate.server")
@@ -145,8 +146,11 @@ class Gateway:
         self._outbox_started = False
         self._api: Api | None = None
         self._shared_intake: Intake | None = None
+        # The drift alarm's gauges (pxsgate.trends), refreshed by the supervisor.
+        self.drift = DriftMonitor(self.store, config.ui, self.metrics.set_drift)
         self._supervisor = Supervisor(self.notifier, self.worker, self.store, self.retention,
-                                      self.metrics, self.status_line, self._unhealthy)
+                                      self.metrics, self.status_line, self._unhealthy,
+                                      drift=self.drift)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
         self.port = 0

@@ -9,12 +9,17 @@ exporter names.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from pxsgate.trends import Drift
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds, from last instance received to result stored: the paper's deployment took ~20 s.
@@ -94,6 +99,18 @@ class Metrics:
             "pxsgate_gpu_memory_allocated_bytes", "GPU memory held by tensors (CUDA only)",
             registry=r)
         self.up = Gauge("pxsgate_healthy", "1 while the model worker is healthy", registry=r)
+        # The drift alarm (pxsgate.trends), refreshed by the supervisor every few minutes.
+        self.score_drift_ks = Gauge(
+            "pxsgate_score_drift_ks", "two-sample Kolmogorov-Smirnov D of the latest window's "
+            "headline scores against the reference period's (NaN: a window has none)",
+            registry=r)
+        self.score_drift_alarm = Gauge(
+            "pxsgate_score_drift_alarm", "1 when D >= ui.drift-threshold with at least "
+            "ui.drift-min-studies scored studies in each window", registry=r)
+        self.score_drift_studies = Gauge(
+            "pxsgate_score_drift_studies", "scored studies in each window of the drift alarm",
+            ["window"], registry=r)
+        self.score_drift_ks.set(math.nan)
 
     def watch(self, *, associations: Callable[[], int], in_progress: Callable[[], int],
               waiting: Callable[[], int], inference_queue: Callable[[], int],
@@ -109,6 +126,12 @@ class Metrics:
         self.up.set_function(lambda: float(healthy()))
         if gpu_memory is not None:
             self.gpu_memory_bytes.set_function(lambda: float(gpu_memory()))
+
+    def set_drift(self, drift: Drift) -> None:
+        self.score_drift_ks.set(math.nan if drift.statistic is None else drift.statistic)
+        self.score_drift_alarm.set(1.0 if drift.alarm else 0.0)
+        self.score_drift_studies.labels("latest").set(drift.latest_n)
+        self.score_drift_studies.labels("reference").set(drift.reference_n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,9 +2,10 @@
 
 Every second it enforces the batch time limit and feeds systemd's watchdog; every 10 s it
 sends a ``STATUS=`` line and refreshes the pending-deliveries gauge; every minute it runs
-retention. The watchdog is fed only while the model worker is alive and not stuck, and only
-from here: a blocked loop stops feeding it too, and systemd restarts the service. A worker
-found stuck or dead is reported once, through ``on_unhealthy``.
+retention; every five minutes it refreshes the drift gauges (pxsgate.trends). The watchdog
+is fed only while the model worker is alive and not stuck, and only from here: a blocked
+loop stops feeding it too, and systemd restarts the service. A worker found stuck or dead
+is reported once, through ``on_unhealthy``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pxsgate.retention import Retention
 from pxsgate.service.metrics import Metrics
 from pxsgate.service.sdnotify import Notifier
 from pxsgate.store import Store
+from pxsgate.trends import DriftMonitor
 
 log = structlog.get_logger("pxsgate.server")
 
@@ -34,7 +36,8 @@ class Supervisor:
 
     def __init__(self, notifier: Notifier, worker: InferenceWorker, store: Store,
                  retention: Retention, metrics: Metrics, status_line: Callable[[], str],
-                 on_unhealthy: Callable[[str], None]) -> None:
+                 on_unhealthy: Callable[[str], None],
+                 drift: DriftMonitor | None = None) -> None:
         self._notifier = notifier
         self._worker = worker
         self._store = store
@@ -42,6 +45,7 @@ class Supervisor:
         self._metrics = metrics
         self._status_line = status_line
         self._on_unhealthy = on_unhealthy
+        self._drift = drift
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -73,6 +77,7 @@ class Supervisor:
             if now - last_retention >= RETENTION_EVERY_S:
                 last_retention = now
                 await self._run_retention()
+            await self._refresh_drift()
             await asyncio.sleep(tick)
 
     def _check_worker(self) -> None:
@@ -89,6 +94,14 @@ class Supervisor:
             self._metrics.deliveries_pending.set(counts.get(DeliveryState.PENDING, 0))
         except Exception as exc:  # the store is busy or failing: next time
             log.warning("metrics.deliveries_failed", error=repr(exc))
+
+    async def _refresh_drift(self) -> None:
+        if self._drift is None:
+            return
+        try:
+            await self._drift.refresh_if_stale()
+        except Exception as exc:  # the store is busy or failing: the gauges wait
+            log.warning("metrics.drift_failed", error=repr(exc))
 
     async def _run_retention(self) -> None:
         try:

@@ -21,6 +21,7 @@ from pxsgate.store.jsonpaths import (
     STUDY_DATETIME,
     WEIGHTS_SHA256,
     doc,
+    stage,
 )
 from pxsgate.store.results import UTC_FORMAT
 
@@ -90,6 +91,34 @@ class QueriesMixin(StoreBase):
             found = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
         return {str(state): found.get(state, 0) for state in UNFINISHED_STATES}
 
+    async def trend_rows(self, since_utc: str) -> list[Row]:
+        """Each study's current result created at or after ``since_utc``, oldest first:
+        (created_utc, status, headline score or None, seconds from its last instance
+        received to its result stored or None). Aggregates only: no identifiers."""
+        async with self.db.execute(_TREND_SQL, (since_utc,)) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def headline_scores(self, since_utc: str) -> list[tuple[str, float]]:
+        """The headline scores of the current SUCCEEDED results created at or after
+        ``since_utc``: (created_utc, score), oldest first (the drift alarm's samples)."""
+        async with self.db.execute(_SCORES_SQL, (since_utc,)) as cur:
+            return [(str(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+
+# The Trends page's one read (results_created_utc: a range scan of the window).
+_TREND_SQL = f"""
+    SELECT r.created_utc, r.status, {PXS_SCORE},
+           (julianday({doc(stage('stored'))}) - julianday({doc(stage('received'))})) * 86400
+    FROM results r
+    WHERE r.created_utc >= ? AND r.current = 1
+    ORDER BY r.created_utc"""
+
+_SCORES_SQL = f"""
+    SELECT r.created_utc, {PXS_SCORE}
+    FROM results r
+    WHERE r.created_utc >= ? AND r.current = 1 AND r.status = '{Status.SUCCEEDED}'
+      AND {doc(HEADLINE_VALUE)} IS NOT NULL
+    ORDER BY r.created_utc"""
 
 # Each study's current SUCCEEDED result with a score: (study UID, accession number, score,
 # studyDateTime, model id, weights SHA-256, anchors SHA-256), oldest first.

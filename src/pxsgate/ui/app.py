@@ -6,7 +6,7 @@ from aiohttp import web
 
 from pxsgate.config import UiConfig
 from pxsgate.store import Store
-from pxsgate.ui import login, pages
+from pxsgate.ui import login, pages, trends
 from pxsgate.ui.auth import AUTH_KEY, UiAuth, ui_middleware
 
 
@@ -18,6 +18,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/login", login.login),
         web.post("/logout", login.logout),
         web.post("/studies/{uid}/review", pages.review),
+        web.get("/trends", trends.trends),
         web.get("/static/pxsgate.css", pages.stylesheet),
     ]
 

@@ -31,7 +31,8 @@ from pxsgate.ui.html import Markup, render
 WORKLIST_SIZE = 50
 MAX_COMMENT = 2000
 
-NAV = Markup('<a href="/ui/">Worklist</a>')
+NAV = Markup('<a href="/ui/">Worklist</a>'
+             '<a href="/ui/trends">Trends</a>')
 
 
 def page(user: CurrentUser | None, title: str, body: Markup, message: str = "") -> Markup:

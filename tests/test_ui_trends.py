@@ -53,7 +53,7 @@ def test_ks_statistic_known_values() -> None:
         a = list(rng.integers(0, 6, size=int(rng.integers(1, 12))).astype(float))
         b = list(rng.integers(0, 6, size=int(rng.integers(1, 12))).astype(float))
         assert ks_statistic(a, b) == pytest.approx(brute_ks(a, b))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-empty"):
         ks_statistic([], [1.0])
 
 
@@ -67,8 +67,11 @@ def test_the_svg_is_well_formed_and_its_text_escaped() -> None:
     assert root.tag == f"{SVG}svg"
     assert root.find(f"{SVG}title").text == "Volume <script>"  # type: ignore[union-attr]
     texts = [t.text for t in root.iter(f"{SVG}text")]
-    assert "<b>&'\"" in texts and "ok & fine" in texts and "<FAILED>" in texts
-    assert "<script>" not in bars and "<b>" not in bars
+    assert "<b>&'\"" in texts
+    assert "ok & fine" in texts
+    assert "<FAILED>" in texts
+    assert "<script>" not in bars
+    assert "<b>" not in bars
     # Three segments drawn: 3 and 1 on the first day, 2 on the third; the axis goes to 5.
     assert len([r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]) == 3
     assert "5" in texts
@@ -100,7 +103,8 @@ def test_periods_per_day_and_week() -> None:
     assert monday.score_p50 == pytest.approx(2.0)
     assert monday.score_p10 == pytest.approx(1.2)
     assert monday.latency_p50 == pytest.approx(20.0)
-    assert days[0].total == 0 and days[0].selection_yield is None
+    assert days[0].total == 0
+    assert days[0].selection_yield is None
     assert days[0].score_p50 is None
     weeks = periods(rows, "week", date(2026, 3, 1), date(2026, 3, 9))
     # 2026-03-01 is a Sunday: its week began on 23 February.
@@ -178,7 +182,9 @@ async def test_drift_alarm_on_shifted_scores(tmp_path: Path, shift: float, alarm
     rows = [(utc_text(NOW - timedelta(days=1)), 10.0)] * 29 + \
         [(utc_text(NOW - timedelta(days=30)), 0.0)] * 100
     few = drift_of(rows, NOW, UiConfig())
-    assert few.statistic == 1.0 and not few.enough and not few.alarm
+    assert few.statistic == 1.0
+    assert not few.enough
+    assert not few.alarm
 
 
 # --- the page and the gauges, on a real gateway -------------------------------------------
@@ -230,14 +236,19 @@ async def test_trends_page_and_drift_gauges(tmp_path: Path) -> None:
             assert row, when
             assert [int(g) for g in row.groups()] == [ok, failed, skipped], when
         assert f"<td>{day}</td>" in page
-        assert page.count("<svg") == 4 and '<a href="/ui/trends">Trends</a>' in page
-        assert "Drift alarm: ALARM" in page and "Alarm: yes" in page
-        assert "Week of" in weekly and "Drift alarm: ALARM" in weekly
+        assert page.count("<svg") == 4
+        assert '<a href="/ui/trends">Trends</a>' in page
+        assert "Drift alarm: ALARM" in page
+        assert "Alarm: yes" in page
+        assert "Week of" in weekly
+        assert "Drift alarm: ALARM" in weekly
         # A viewer sees aggregates only.
         for d in docs:
             for identifier in (d.patient_id, d.accession_number, d.study_instance_uid):
-                assert identifier not in page and identifier not in weekly
-        assert "MRN-TRENDS" not in page and "ACC-TRENDS" not in page
+                assert identifier not in page
+                assert identifier not in weekly
+        assert "MRN-TRENDS" not in page
+        assert "ACC-TRENDS" not in page
 
         values = gauges(metrics)
         assert values["pxsgate_score_drift_alarm"] == 1.0

@@ -22,6 +22,7 @@ Aggregates only: nothing here carries an identifier.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -161,11 +162,13 @@ def drift_of(rows: Sequence[tuple[str, float]], now: datetime, config: UiConfig)
 
 
 async def compute_drift(store: Store, config: UiConfig, now: datetime | None = None) -> Drift:
-    """The drift now (or at ``now``), read from the store: one query."""
+    """The drift now (or at ``now``), read from the store: one query (in aiosqlite's
+    thread), the statistic in another thread: the loop is never held."""
     moment = now or datetime.now(UTC)
     since = utc_text(moment - timedelta(
         days=config.drift_window_days + config.drift_reference_days))
-    return drift_of(await store.headline_scores(since), moment, config)
+    rows = await store.headline_scores(since)
+    return await asyncio.to_thread(drift_of, rows, moment, config)
 
 
 class DriftMonitor:

@@ -11,13 +11,17 @@ presentation attributes: the Content-Security-Policy allows no inline style or s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
-from pxsgate.trends import By, Drift, Period, compute_drift, periods, utc_text
+from pxsgate.config import UiConfig
+from pxsgate.records import Status
+from pxsgate.trends import By, Drift, Period, drift_of, periods, utc_text
 from pxsgate.ui import html
 from pxsgate.ui.auth import auth_of, current_user, page_response, require
 from pxsgate.ui.html import Markup, render
@@ -251,6 +255,13 @@ def parse_query(request: web.Request) -> tuple[By, int] | str:
     return ("week" if by == "week" else "day"), int(raw)
 
 
+def _aggregate(rows: list[tuple[Any, ...]], by: By, first: date, now: datetime, since: str,
+               config: UiConfig) -> tuple[list[Period], Drift]:
+    drift = drift_of([(str(t), float(score)) for t, status, score, _ in rows
+                      if status == Status.SUCCEEDED and score is not None], now, config)
+    return periods([r for r in rows if str(r[0]) >= since], by, first, now.date()), drift
+
+
 @require("viewer", "view-trends")
 async def trends(request: web.Request) -> web.StreamResponse:
     user = current_user(request)
@@ -264,8 +275,12 @@ async def trends(request: web.Request) -> web.StreamResponse:
     now = datetime.now(UTC)
     first: date = (now - timedelta(days=days - 1)).date()
     since = utc_text(datetime(first.year, first.month, first.day, tzinfo=UTC))
-    rows = periods(await auth.store.trend_rows(since), by, first, now.date())
-    drift = await compute_drift(auth.store, auth.config, now)
-    body = trends_body(rows, by, days, drift, auth.config.drift_window_days,
-                       auth.config.drift_reference_days)
+    # One read for both: the window shown and the drift alarm's two periods.
+    config = auth.config
+    rows = await auth.store.trend_rows(min(since, utc_text(now - timedelta(
+        days=config.drift_window_days + config.drift_reference_days))))
+    # Off the loop: some 0.15 s of Python at 100,000 results.
+    shown, drift = await asyncio.to_thread(_aggregate, rows, by, first, now, since, config)
+    body = trends_body(shown, by, days, drift, config.drift_window_days,
+                       config.drift_reference_days)
     return page_response(page(user, "Trends", body))

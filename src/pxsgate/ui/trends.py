@@ -235,8 +235,13 @@ def trends_body(rows: list[Period], by: By, days: int, drift: Drift, window_days
                        p50=_fmt(p.score_p50), p90=_fmt(p.score_p90),
                        l50=_fmt(p.latency_p50, ".1f"), l95=_fmt(p.latency_p95, ".1f"))
                        for p in reversed(rows)))
-    figures = html.join(render("<figure>$svg</figure>", svg=svg)
-                        for svg in (volume, rates, scores, latency))
+    figures = html.join(
+        render("<figure>$svg<figcaption>$title</figcaption></figure>", svg=svg, title=title)
+        for title, svg in ((f"Results per {by} by status", volume),
+                           (f"Selection yield and failure rate per {by}", rates),
+                           (f"Headline PXS score per {by}: p10, p50, p90", scores),
+                           (f"Last image received to result stored per {by}: p50, p95",
+                            latency)))
     note = render("<p>Each study's current result, by the UTC $per it was stored; the latest "
                   "$days days.</p>", per=per.split()[0], days=days)
     return html.join([render(_FORM, options=options, max=MAX_DAYS, days=days),

@@ -90,6 +90,16 @@ class QueriesMixin(StoreBase):
             found = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
         return {str(state): found.get(state, 0) for state in UNFINISHED_STATES}
 
+    async def unfinished_studies(self, limit: int = 100) -> list[Row]:
+        """Studies with unfinished jobs, the latest received first: (study UID, state,
+        first_received_at, last_received_at, released_at, ready_at)."""
+        async with self.db.execute(
+                f"""SELECT study_instance_uid, state, first_received_at, last_received_at,
+                           released_at, ready_at FROM studies
+                    WHERE state IN ({sql_in(UNFINISHED_STATES)})
+                    ORDER BY last_received_at DESC LIMIT ?""", (limit,)) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
 
 # Each study's current SUCCEEDED result with a score: (study UID, accession number, score,
 # studyDateTime, model id, weights SHA-256, anchors SHA-256), oldest first.

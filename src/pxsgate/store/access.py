@@ -22,6 +22,15 @@ from pxsgate.store.jsonpaths import (
 ROLES = ("viewer", "reviewer", "operator")  # each may do what the ones before it may
 VERDICTS = ("confirmed", "wrong-image-used", "wrong-patient", "not-a-valid-exam")
 AUDIT_OUTCOMES = (0, 4, 8, 12)  # PS3.15 EventOutcomeIndicator
+# Verdicts that reject a result: `evaluate` and `export-dataset --exclude-rejected` leave
+# out the studies whose latest review says one of them.
+REJECTING_VERDICTS = ("wrong-image-used", "wrong-patient", "not-a-valid-exam")
+# The StudyInstanceUIDs whose latest review (of any of their results) rejects them.
+REJECTED_STUDIES_SQL = f"""
+    SELECT v.study_instance_uid FROM reviews v
+    WHERE v.id = (SELECT max(w.id) FROM reviews w
+                  WHERE w.study_instance_uid = v.study_instance_uid)
+      AND v.verdict IN ({", ".join(f"'{v}'" for v in REJECTING_VERDICTS)})"""
 
 
 def audit_time(moment: datetime | None = None) -> str:

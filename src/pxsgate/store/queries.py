@@ -10,6 +10,7 @@ from typing import Any
 
 from pxsgate.errors import PxsgateError
 from pxsgate.records import UNFINISHED_STATES, DeliveryState, Status
+from pxsgate.store.access import REJECTED_STUDIES_SQL
 from pxsgate.store.connection import StoreBase, sql_in
 from pxsgate.store.jsonpaths import (
     ANCHORS_SHA256,
@@ -113,7 +114,7 @@ _SCORED_STUDIES_SQL = f"""
     ORDER BY r.created_utc, r.rowid"""
 
 
-def read_scored_studies(db: Path) -> list[Row]:
+def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[Row]:
     """Each study's current SUCCEEDED result (rows of :data:`_SCORED_STUDIES_SQL`), read
     from the store's file without writing: no migration, and ``query_only`` refuses any
     change (WAL readers never block the running service).
@@ -122,7 +123,10 @@ def read_scored_studies(db: Path) -> list[Row]:
     creates the -wal and -shm files and cannot remove them, so run as root it would leave
     files that the service's user cannot open at its next start. This connection, like the
     other one-shot commands', removes them when it closes; ``mode=rw`` never creates the
-    store, and falls back to reading only where the file is not writable."""
+    store, and falls back to reading only where the file is not writable.
+
+    ``exclude_rejected``: without the studies whose latest review rejects them
+    (access.REJECTED_STUDIES_SQL)."""
     uri = f"{db.resolve().as_uri()}?mode=rw"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=5)
@@ -130,7 +134,11 @@ def read_scored_studies(db: Path) -> list[Row]:
         raise PxsgateError(f"cannot open the store {db}: {exc}") from exc
     try:
         conn.execute("PRAGMA query_only = ON")
-        return [tuple(r) for r in conn.execute(_SCORED_STUDIES_SQL).fetchall()]
+        sql = _SCORED_STUDIES_SQL
+        if exclude_rejected:
+            sql = sql.replace("ORDER BY", f"AND r.study_instance_uid NOT IN "
+                              f"({REJECTED_STUDIES_SQL})\n    ORDER BY")
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
     except sqlite3.Error as exc:
         raise PxsgateError(f"cannot read results from the store {db}: {exc}") from exc
     finally:

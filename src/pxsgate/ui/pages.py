@@ -32,6 +32,7 @@ from pxsgate.ui import html
 from pxsgate.ui.audit import Action, Outcome
 from pxsgate.ui.auth import CurrentUser, auth_of, current_user, page_response, require
 from pxsgate.ui.html import Markup, render
+from pxsgate.ui.services import services_of
 
 WORKLIST_SIZE = 50
 MAX_COMMENT = 2000
@@ -223,9 +224,14 @@ async def worklist(request: web.Request) -> web.StreamResponse:
                          detail=f"{len(rows)} results")
     else:
         label = auth.store.study_label_hashed  # never the UID, whatever include-phi says
+        keys = services_of(request).study_keys
+        shown = []
+        for r in rows:
+            key = label(r.study_instance_uid)
+            keys.add(key, r.study_instance_uid)  # for the study page the row links to
+            shown.append(deidentified_row(key, r))
         table = render("<table>$head$rows</table>", head=_DEIDENTIFIED_HEAD,
-                       rows=html.join(deidentified_row(label(r.study_instance_uid), r)
-                                      for r in rows))
+                       rows=html.join(shown))
     pager = render(_PAGER, page=page_no,
                    prev=_page_link(request.query, page_no - 1, "newer")
                    if page_no > 1 else Markup(""),

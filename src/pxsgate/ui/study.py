@@ -287,7 +287,9 @@ async def study_by_key(request: web.Request) -> web.StreamResponse:
     assert user is not None  # require
     auth = auth_of(request)
     key = request.match_info["key"]
-    uid = await auth.store.find_study(key) if _STUDY_KEY_RE.match(key) else None
+    uid = None
+    if _STUDY_KEY_RE.match(key):
+        uid = services_of(request).study_keys.get(key) or await auth.store.find_study(key)
     detail = None
     if uid is not None and auth.store.study_label_hashed(uid) == key:
         detail = await auth.store.study_detail(uid)

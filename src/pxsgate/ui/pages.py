@@ -1,5 +1,6 @@
-"""The pages: the layout every page shares, the landing page (a placeholder worklist), and
-the review action. A page is a handler under :func:`pxsgate.ui.auth.require`:
+"""The pages: the layout every page shares, the worklist, and the review action (the study
+page is study.py, Operations operations.py). A page is a handler under
+:func:`pxsgate.ui.auth.require`:
 
     @require("reviewer", "view-study")           # the role, and what the audit calls it
     async def study(request):

@@ -5,7 +5,7 @@
     python -m benchmarks.run --summary        # only rebuild the table from saved figures
     python -m benchmarks.run --list
 
-NAME is any of: ingest, inference, e2e, soak, store_json (default: all of them, in that
+NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages (default: all of them, in that
 order). Each benchmark repeats its measurement and saves its figures, with the machine,
 commit, date and device, as ``<results>/<name>-<machine>-<date>.json`` (the machine label is
 ``cpu`` or the GPU's model, e.g. ``h100``). Then ``<results>/SUMMARY.md`` is rebuilt from the
@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
     "soak": ([], ["--duration", "16", "--rate", "1", "--interval", "2", "--drain", "30",
                   "--quiet"], True),
     "store_json": ([], ["--rows", "300", "--repeats", "2"], False),
+    "ui_pages": ([], ["--results", "500", "--repeats", "2"], False),
 }
 
 

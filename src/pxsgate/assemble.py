@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from pxsgate.clock import Clock, SystemClock, Timer
 
-ReadyHandler = Callable[[str, str], None]  # (study uid, why: "settled" | "quiet-timeout")
+ReadyHandler = Callable[[str, str], None]  # (study uid, why: "settled" | "quiet-timeout"
+#                                            | "forced")
 
 
 @dataclass
@@ -85,6 +86,23 @@ class Assembler:
         state = _Pending(now + delay - settle, settle, quiet)
         self._pending[study_uid] = state
         self._schedule(study_uid, state)
+
+    def receiving(self, study_uid: str) -> bool:
+        """Whether the study is still being received (its timer is armed)."""
+        return study_uid in self._pending
+
+    def force(self, study_uid: str) -> bool:
+        """Make a study still being received ready now (an operator's force completion,
+        the web UI's Operations page); False when it is not being received."""
+        state = self._pending.pop(study_uid, None)
+        if state is None:
+            return False
+        if state.timer is not None:
+            state.timer.cancel()
+        for assoc_id in state.open_associations:
+            self._by_association.get(assoc_id, set()).discard(study_uid)
+        self._on_ready(study_uid, "forced")
+        return True
 
     def close(self) -> None:
         for state in self._pending.values():

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results created at or after this ISO "
                    "8601 date or date-time (as for results --since)")
     p.add_argument("--model", metavar="ID", help="model id, e.g. PxsScore-0.1")
+    p.add_argument("--exclude-rejected", action="store_true",
+                   help="leave out studies whose latest review (web UI) is wrong-image-used, "
+                   "wrong-patient or not-a-valid-exam")
 
     p = sub.add_parser("outbox", help="deliveries of results to the exporters")
     outbox_sub = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
@@ -197,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score thresholds for sensitivity/specificity, e.g. 4,6")
     p.add_argument("--rounds", type=int, default=2000, help="bootstrap rounds (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--exclude-rejected", action="store_true",
+                   help="leave out studies whose latest review (web UI) is wrong-image-used, "
+                   "wrong-patient or not-a-valid-exam")
     p.add_argument("--data-dir", type=Path, help="override storage.data-dir")
     return parser
 
@@ -395,7 +401,7 @@ def cmd_export_dataset(args: argparse.Namespace, config: Config) -> int:
     the prior image, model, timings). Prints nothing else but a row count on stderr."""
     db = _store_path(args, config)
     names, rows = _run(_with_store(db, lambda store: store.researcher_rows(
-        since=args.since, model=args.model)))
+        since=args.since, model=args.model, exclude_rejected=args.exclude_rejected)))
     if args.out is None:
         _write_dataset(sys.stdout, names, rows)
         return EXIT_OK
@@ -590,7 +596,8 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
         thresholds = evaluate.parse_thresholds(args.thresholds)
         db = _store_path(args, config)
         report = evaluate.evaluate(db, args.outcomes, args.out, window_days=args.window_days,
-                                   thresholds=thresholds, rounds=args.rounds, seed=args.seed)
+                                   thresholds=thresholds, rounds=args.rounds, seed=args.seed,
+                                   exclude_rejected=args.exclude_rejected)
     except evaluate.EvaluationInputError as exc:
         print(f"pxsgate evaluate: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -60,6 +60,7 @@ from pxsgate.store import Store
 from pxsgate.stow import Stow, is_loopback
 from pxsgate.trends import DriftMonitor
 from pxsgate.ui.app import build_app
+from pxsgate.ui.services import UiServices
 
 log = structlog.get_logger("pxsgate.server")
 
@@ -277,8 +278,12 @@ class Gateway:
         """The web UI under /ui/ (ui.enabled; by default on with the HTTP port)."""
         if not self.config.ui_enabled:
             return None
+        services = UiServices(
+            pictures=self.pictures, force_study=self.force_study, wake_outbox=self.outbox.wake,
+            health=self.health, model=lambda: self.model.to_json() if self.model else None,
+            data_dir=self.config.storage.data_dir)
         return build_app(self.config.ui, self.store,
-                         secure_cookies=self.config.http.tls.enabled)
+                         secure_cookies=self.config.http.tls.enabled, services=services)
 
     def _intake(self) -> Intake:
         """The one Intake of every way in (C-STORE, STOW-RS): same checks, same admission
@@ -537,6 +542,14 @@ class Gateway:
             now = time.time()
             deadlines = [(uid, now + delay) for uid, delay in delays.items()]
             self._spawn(self.store.set_released(deadlines, now_iso()))
+
+    async def force_study(self, study_uid: str) -> bool:
+        """Make a study still being received ready now (the web UI's force completion):
+        False when it is not being received."""
+        if self._assembler is None or not self._assembler.receiving(study_uid):
+            return False
+        await self.store.set_released([(study_uid, time.time())], now_iso())
+        return self._assembler.force(study_uid)
 
     def _study_ready(self, study_uid: str, why: str) -> None:
         log.info("study.ready", study=self.store.study_label(study_uid), why=why)

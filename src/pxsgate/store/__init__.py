@@ -32,6 +32,7 @@ from pxsgate.store.access import (
     Review,
     Session,
     User,
+    WorklistFilter,
     WorklistRow,
     audit_time,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "StudyEmbeddings",
     "StudyRow",
     "User",
+    "WorklistFilter",
     "WorklistRow",
     "audit_time",
     "delivery_id",

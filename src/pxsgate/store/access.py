@@ -10,11 +10,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pxsgate.store.connection import StoreBase, transaction
-from pxsgate.store.jsonpaths import PXS_SCORE, STUDY_DATETIME, doc
+from pxsgate.store.jsonpaths import (
+    ENTRY_CODE,
+    ENTRY_VALUE,
+    PXS_SCORE,
+    RESULTS,
+    STUDY_DATETIME,
+    doc,
+)
 
 ROLES = ("viewer", "reviewer", "operator")  # each may do what the ones before it may
 VERDICTS = ("confirmed", "wrong-image-used", "wrong-patient", "not-a-valid-exam")
 AUDIT_OUTCOMES = (0, 4, 8, 12)  # PS3.15 EventOutcomeIndicator
+# Verdicts that reject a result: `evaluate` and `export-dataset --exclude-rejected` leave
+# out the studies whose latest review says one of them.
+REJECTING_VERDICTS = ("wrong-image-used", "wrong-patient", "not-a-valid-exam")
+# The StudyInstanceUIDs whose latest review (of any of their results) rejects them.
+REJECTED_STUDIES_SQL = f"""
+    SELECT v.study_instance_uid FROM reviews v
+    WHERE v.id = (SELECT max(w.id) FROM reviews w
+                  WHERE w.study_instance_uid = v.study_instance_uid)
+      AND v.verdict IN ({", ".join(f"'{v}'" for v in REJECTING_VERDICTS)})"""
 
 
 def audit_time(moment: datetime | None = None) -> str:
@@ -85,6 +101,72 @@ class WorklistRow:
     flags: str
     created_at: str
     verdict: str | None  # the latest review's
+    change: float | None = None  # the pxs.change entry's value: the distance to the prior
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """The worklist's filters (pxsgate.ui.pages validates the query string into one).
+    Dates compare with created_utc (``YYYY-MM-DD`` prefixes: ``until`` is inclusive)."""
+
+    status: str | None = None
+    flagged: bool = False
+    since: str | None = None  # a UTC date, YYYY-MM-DD
+    until: str | None = None
+    score_min: float | None = None
+    score_max: float | None = None
+    accession: str | None = None
+    pinned: bool = True  # flagged studies first
+
+
+_CHANGE_VALUE = (f"(SELECT CAST(json_extract(e.value, '{ENTRY_VALUE}') AS REAL)"
+                 f" FROM json_each(r.document, '{RESULTS}') e"
+                 f" WHERE json_extract(e.value, '{ENTRY_CODE}') = 'pxs.change')")
+_WORKLIST_COLUMNS = f"""r.id, r.study_instance_uid, r.patient_id, r.accession_number,
+                        {doc(STUDY_DATETIME)}, r.status, {PXS_SCORE}, r.flags,
+                        r.created_at,
+                        (SELECT v.verdict FROM reviews v WHERE v.result_id = r.id
+                         ORDER BY v.id DESC LIMIT 1),
+                        {_CHANGE_VALUE}"""
+
+
+def _worklist_row(r: Sequence[Any]) -> WorklistRow:
+    return WorklistRow(r[0], r[1], r[2], r[3], r[4], r[5],
+                       None if r[6] is None else float(r[6]), r[7], r[8], r[9],
+                       None if r[10] is None else float(r[10]))
+
+
+def worklist_sql(flt: WorklistFilter) -> tuple[str, list[Any]]:
+    """The worklist's query (``LIMIT ? OFFSET ?`` left to bind): served by results_worklist
+    (migration 9) when pinned, by results_created_utc when not; the status is filtered on
+    that scan (``+``: its index would be a sort of nearly every row)."""
+    clauses = ["r.current = 1"]
+    params: list[Any] = []
+    if flt.status is not None:
+        clauses.append("+r.status = ?")
+        params.append(flt.status)
+    if flt.flagged:
+        clauses.append("r.flags != ''")
+    if flt.since is not None:
+        clauses.append("r.created_utc >= ?")
+        params.append(flt.since)
+    if flt.until is not None:
+        clauses.append("r.created_utc < ?")
+        params.append(flt.until + "~")  # after every time of that day
+    if flt.score_min is not None:
+        clauses.append(f"{PXS_SCORE} >= ?")
+        params.append(flt.score_min)
+    if flt.score_max is not None:
+        clauses.append(f"{PXS_SCORE} <= ?")
+        params.append(flt.score_max)
+    if flt.accession is not None:
+        clauses.append("r.accession_number = ?")
+        params.append(flt.accession)
+    order = "r.created_utc DESC, r.rowid DESC"
+    if flt.pinned:
+        order = "r.flags != '' DESC, " + order
+    return (f"SELECT {_WORKLIST_COLUMNS} FROM results r WHERE {' AND '.join(clauses)} "
+            f"ORDER BY {order} LIMIT ? OFFSET ?"), params
 
 
 _AUDIT_COLUMNS = ("event_time, user_name, role, action, outcome, study_key, peer_address, "
@@ -251,16 +333,21 @@ class AccessMixin(StoreBase):
 
     async def worklist(self, limit: int = 50) -> list[WorklistRow]:
         """The newest current results, newest first, with each one's latest verdict."""
-        rows: Sequence[Any]
-        async with self.db.execute(
-                f"""SELECT r.id, r.study_instance_uid, r.patient_id, r.accession_number,
-                           {doc(STUDY_DATETIME)}, r.status, {PXS_SCORE}, r.flags,
-                           r.created_at,
-                           (SELECT v.verdict FROM reviews v WHERE v.result_id = r.id
-                            ORDER BY v.id DESC LIMIT 1)
-                    FROM results r WHERE r.current = 1
-                    ORDER BY r.created_utc DESC, r.rowid DESC LIMIT ?""", (limit,)) as cur:
+        rows, _ = await self.worklist_page(WorklistFilter(pinned=False), limit)
+        return rows
+
+    async def worklist_page(self, flt: WorklistFilter, limit: int = 50, offset: int = 0
+                            ) -> tuple[list[WorklistRow], bool]:
+        """One page of current results as ``flt`` orders them, and whether more follow."""
+        sql, params = worklist_sql(flt)
+        async with self.db.execute(sql, (*params, limit + 1, offset)) as cur:
             rows = list(await cur.fetchall())
-        return [WorklistRow(r[0], r[1], r[2], r[3], r[4], r[5],
-                            None if r[6] is None else float(r[6]), r[7], r[8], r[9])
-                for r in rows]
+        return [_worklist_row(r) for r in rows[:limit]], len(rows) > limit
+
+    async def latest_verdicts(self, study_uids: Sequence[str] = ()) -> dict[str, str]:
+        """Each study's latest review verdict (of any of its results)."""
+        async with self.db.execute(
+                "SELECT study_instance_uid, verdict FROM reviews ORDER BY id") as cur:
+            rows = await cur.fetchall()
+        wanted = set(study_uids)
+        return {str(r[0]): str(r[1]) for r in rows if not wanted or r[0] in wanted}

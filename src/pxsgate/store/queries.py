@@ -10,6 +10,7 @@ from typing import Any
 
 from pxsgate.errors import PxsgateError
 from pxsgate.records import UNFINISHED_STATES, DeliveryState, Status
+from pxsgate.store.access import REJECTED_STUDIES_SQL
 from pxsgate.store.connection import StoreBase, sql_in
 from pxsgate.store.jsonpaths import (
     ANCHORS_SHA256,
@@ -91,6 +92,16 @@ class QueriesMixin(StoreBase):
             found = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
         return {str(state): found.get(state, 0) for state in UNFINISHED_STATES}
 
+    async def unfinished_studies(self, limit: int = 100) -> list[Row]:
+        """Studies with unfinished jobs, the latest received first: (study UID, state,
+        first_received_at, last_received_at, released_at, ready_at)."""
+        async with self.db.execute(
+                f"""SELECT study_instance_uid, state, first_received_at, last_received_at,
+                           released_at, ready_at FROM studies
+                    WHERE state IN ({sql_in(UNFINISHED_STATES)})
+                    ORDER BY last_received_at DESC LIMIT ?""", (limit,)) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
     async def trend_rows(self, since_utc: str) -> list[Row]:
         """Each study's current result created at or after ``since_utc``, oldest first:
         (created_utc, status, headline score or None, seconds from its last instance
@@ -132,7 +143,7 @@ _SCORED_STUDIES_SQL = f"""
     ORDER BY r.created_utc, r.rowid"""
 
 
-def read_scored_studies(db: Path) -> list[Row]:
+def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[Row]:
     """Each study's current SUCCEEDED result (rows of :data:`_SCORED_STUDIES_SQL`), read
     from the store's file without writing: no migration, and ``query_only`` refuses any
     change (WAL readers never block the running service).
@@ -141,7 +152,10 @@ def read_scored_studies(db: Path) -> list[Row]:
     creates the -wal and -shm files and cannot remove them, so run as root it would leave
     files that the service's user cannot open at its next start. This connection, like the
     other one-shot commands', removes them when it closes; ``mode=rw`` never creates the
-    store, and falls back to reading only where the file is not writable."""
+    store, and falls back to reading only where the file is not writable.
+
+    ``exclude_rejected``: without the studies whose latest review rejects them
+    (access.REJECTED_STUDIES_SQL)."""
     uri = f"{db.resolve().as_uri()}?mode=rw"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=5)
@@ -149,7 +163,11 @@ def read_scored_studies(db: Path) -> list[Row]:
         raise PxsgateError(f"cannot open the store {db}: {exc}") from exc
     try:
         conn.execute("PRAGMA query_only = ON")
-        return [tuple(r) for r in conn.execute(_SCORED_STUDIES_SQL).fetchall()]
+        sql = _SCORED_STUDIES_SQL
+        if exclude_rejected:
+            sql = sql.replace("ORDER BY", f"AND r.study_instance_uid NOT IN "
+                              f"({REJECTED_STUDIES_SQL})\n    ORDER BY")
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
     except sqlite3.Error as exc:
         raise PxsgateError(f"cannot read results from the store {db}: {exc}") from exc
     finally:

@@ -20,6 +20,7 @@ import aiosqlite
 
 from pxsgate.document import ResultDocument
 from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision, StudyState
+from pxsgate.store.access import REJECTED_STUDIES_SQL
 from pxsgate.store.connection import StoreBase
 from pxsgate.store.connection import transaction as writes
 from pxsgate.store.jobs import moves_to
@@ -236,11 +237,13 @@ class ResultsMixin(StoreBase):
             return None
         return max(found, key=lambda p: (p.study_time, p.source == "pxsgate"))
 
-    async def researcher_rows(self, since: str | None = None, model: str | None = None
+    async def researcher_rows(self, since: str | None = None, model: str | None = None,
+                              exclude_rejected: bool = False
                               ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """researcher_view (de-identified, each study's current result): its column names
         and rows, by patient hash then study date. ``since``: results created at or after
-        it (ISO 8601 with offset); ``model``: only this model id."""
+        it (ISO 8601 with offset); ``model``: only this model id; ``exclude_rejected``:
+        without the studies whose latest review rejects them (REJECTED_STUDIES_SQL)."""
         clauses: list[str] = []
         params: list[str] = []
         if since is not None:
@@ -249,6 +252,9 @@ class ResultsMixin(StoreBase):
         if model is not None:
             clauses.append("model_id = ?")
             params.append(model)
+        if exclude_rejected:
+            clauses.append(f"""result_id NOT IN (SELECT x.id FROM results x
+                WHERE x.study_instance_uid IN ({REJECTED_STUDIES_SQL}))""")
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         async with self.db.execute(
                 f"""SELECT * FROM researcher_view {where}

@@ -464,6 +464,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX reviews_study ON reviews (study_instance_uid);
     CREATE INDEX reviews_result ON reviews (result_id);
     """,
+    # 9: the worklist's order (issue 22): current results, flagged first, newest first
+    """
+    CREATE INDEX results_worklist ON results (flags != '', created_utc) WHERE current = 1;
+    """,
 )
 
 

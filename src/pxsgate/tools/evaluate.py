@@ -215,10 +215,11 @@ class ScoredStudy:
     anchors_sha256: str
 
 
-def read_scored_studies(db: Path) -> list[ScoredStudy]:
+def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[ScoredStudy]:
     """Each study's current SUCCEEDED result, read from the store's file without writing
-    (pxsgate.store.queries.read_scored_studies)."""
-    rows = queries.read_scored_studies(db)
+    (pxsgate.store.queries.read_scored_studies); ``exclude_rejected``: without the studies
+    whose latest review rejects them (wrong-image-used, wrong-patient, not-a-valid-exam)."""
+    rows = queries.read_scored_studies(db, exclude_rejected)
     studies = []
     for uid, accession, score, when, model_id, weights, anchors in rows:
         try:
@@ -487,7 +488,8 @@ def label_rule(window_days: float | None) -> str:
 
 def evaluate(db: Path, outcomes_path: Path, out_dir: Path, *,
              window_days: float | None = None, thresholds: Sequence[float] = (),
-             rounds: int = 2000, seed: int = 0) -> dict[str, Any]:
+             rounds: int = 2000, seed: int = 0, exclude_rejected: bool = False
+             ) -> dict[str, Any]:
     """Join, compute, write ``evaluation.json`` and ``roc.png`` into ``out_dir``; return
     what was written to the JSON."""
     if window_days is not None and (not math.isfinite(window_days) or window_days < 0):
@@ -500,7 +502,7 @@ def evaluate(db: Path, outcomes_path: Path, out_dir: Path, *,
         raise EvaluationInputError(
             f"--window-days needs a 'time' column in {outcomes.name} (the outcome event's "
             "ISO 8601 date or date-time)")
-    scored = read_scored_studies(db)
+    scored = read_scored_studies(db, exclude_rejected)
     joined = join(outcomes, scored, window_days)
     labels = joined.labels
     scores = [s.score for s in joined.studies]
@@ -532,6 +534,7 @@ def evaluate(db: Path, outcomes_path: Path, out_dir: Path, *,
             "results": "each study's current SUCCEEDED result; score = its headline PXS "
                        "score (radiologist_view.pxs_score)",
             "models": _models(joined.studies),
+            "exclude_rejected": exclude_rejected,
         },
         "n": len(labels),
         "positives": positives,

@@ -7,7 +7,8 @@ pxsgate, with users and roles of their own and an audit trail.
 - passwords.py: the scrypt password hashes;
 - html.py: escaping string templates, the layout and the stylesheet;
 - login.py: the login form and logout;
-- pages.py: the pages (the worklist placeholder, the review action);
+- pages.py: the worklist and the review action; study.py: the study page, pictures by key;
+  operations.py: queues, retry, force; services.py: what the pages get from the gateway;
 - app.py: the routes, and the sub-application service/api.py mounts under /ui/.
 
 Not behind the API's bearer token: /ui/ has its own login (service/api.py skips it).

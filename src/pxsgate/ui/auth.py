@@ -277,7 +277,10 @@ async def ui_middleware(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def _finish(response: web.StreamResponse, auth: UiAuth, token: str) -> None:
+    cache = response.headers.get("Cache-Control", "")
     response.headers.update(SECURITY_HEADERS)
+    if cache.startswith("private"):  # a picture (ui/study.py): cached by this browser only
+        response.headers["Cache-Control"] = cache
     if token:
         auth.set_session_cookie(response, token)
 

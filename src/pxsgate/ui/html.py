@@ -87,4 +87,27 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 form.login { display: grid; gap: .5rem; max-width: 20rem; }
 form.review { display: flex; gap: .25rem; }
 .flag { color: #9a3412; }
+tr.flagged { background: #fff7ed; }
+form.filters { display: flex; flex-wrap: wrap; gap: .75rem; align-items: end;
+               margin-bottom: 1rem; }
+form.filters input[type=number] { width: 6rem; }
+form.inline { display: inline; }
+.pager { display: flex; gap: 1rem; }
+dl.study { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; }
+dl.study dt { font-weight: bold; }
+ol.timeline { display: flex; gap: 1rem; list-style: none; padding: 0; flex-wrap: wrap; }
+ol.timeline li { border: 1px solid #d0d7de; padding: .25rem .5rem; border-radius: 4px; }
+ol.timeline li.missing { color: #8c959f; }
+ol.timeline .stage { font-weight: bold; }
+ol.timeline .took { color: #1b3a57; }
+.instances, .inputs { display: flex; flex-wrap: wrap; gap: 1rem; }
+figure { margin: 0; max-width: 260px; }
+figure.used { outline: 3px solid #1a7f37; }
+figure.unused { outline: 3px solid #bf8700; opacity: .85; }
+figcaption { font-size: .85rem; overflow-wrap: anywhere; }
+img.thumb { max-width: 256px; max-height: 256px; display: block; background: #000; }
+img.input { width: 320px; height: 320px; display: block; }
+.nopic { display: block; padding: 2rem; background: #eee; }
+.uid { color: #57606a; font-size: .75rem; }
+pre.document { background: #f6f8fa; padding: .5rem; overflow: auto; max-height: 30rem; }
 """

@@ -140,7 +140,8 @@ class PriorFinder:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if not task.cancelled() and task.exception() is not None:
-            log.error("prior.lookup_crashed", error=repr(task.exception()))
+            # The type only: a message may quote a value of the PACS's answer (PHI).
+            log.error("prior.lookup_crashed", error=type(task.exception()).__name__)
 
     async def close(self) -> None:
         """Stop: cancel the lookups under way and abort their associations."""
@@ -165,7 +166,8 @@ class PriorFinder:
             log.warning("prior.refused", source=self._source.label, reason=str(exc))
             return Found("refused", str(exc))
         except Exception as exc:
-            log.error("prior.failed", source=self._source.label, error=repr(exc))
+            # The type only: a message may quote a value of the PACS's answer (PHI).
+            log.error("prior.failed", source=self._source.label, error=type(exc).__name__)
             return Found("failed", type(exc).__name__)
 
     async def _lookup(self, request: LookupRequest) -> Found:

@@ -12,7 +12,6 @@ score needs (no patient name).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import highdicom as hd
@@ -23,7 +22,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pxsgate import __version__
-from pxsgate.delivery.sr import MODEL_NAME, SrError, is_demo
+from pxsgate.delivery.sr import MODEL_NAME, SrError, document_time, is_demo
 from pxsgate.document import CHANGE_CODE, PXS_CODE
 from pxsgate.records import Status
 
@@ -102,7 +101,7 @@ def build_pxs_sc(document: Mapping[str, Any], source: Dataset,
     sc.SoftwareVersions = __version__
     sc.ImageComments = ("Not for clinical use: demonstration weights. " if demo else "") + \
         "PXS score " + str((document.get("pxsgate") or {}).get("headline", {}).get("value"))
-    moment = _time(document)
+    moment = document_time(document)
     if moment is not None:
         for prefix in ("Content", "Series", "InstanceCreation"):
             setattr(sc, f"{prefix}Date", moment.strftime("%Y%m%d"))
@@ -128,15 +127,6 @@ def orientation(source: Dataset) -> tuple[str, str]:
             len(str(v)) == 1 and str(v) in letters for v in value):
         return str(value[0]), str(value[1])
     return "L", "F"
-
-
-def _time(document: Mapping[str, Any]) -> datetime | None:
-    for key in ("updatedAt", "createdAt"):
-        try:
-            return datetime.fromisoformat(str(document[key])).astimezone()
-        except (KeyError, ValueError):
-            continue
-    return None
 
 
 def headline_uid(document: Mapping[str, Any]) -> str:

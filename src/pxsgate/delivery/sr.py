@@ -103,7 +103,7 @@ def is_demo(model: Mapping[str, Any]) -> bool:
     return DEMO_MARKER in str(model.get("description", "")).lower()
 
 
-def _document_time(document: Mapping[str, Any]) -> datetime | None:
+def document_time(document: Mapping[str, Any]) -> datetime | None:
     """When the score was final (``updatedAt``, else ``createdAt``), in local time like the
     rest of a DICOM header; None when the document has no usable timestamp."""
     for key in ("updatedAt", "createdAt"):
@@ -188,7 +188,7 @@ def build_pxs_sr(
         _measurement_groups(scored, _algorithm(model), result_id), manufacturer, device_serial)
     demo = is_demo(model)
     _add_comments(report, _comments(document, demo))
-    moment = _document_time(document)
+    moment = document_time(document)
     when: dict[str, Any] = {}
     if moment is not None:
         when = {"content_date": moment.date(), "content_time": moment.time(),

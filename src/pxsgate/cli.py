@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="normal radiographs: DICOM, 8-bit PNG or JPEG")
     p.add_argument("-o", "--output", type=Path, required=True, help="the anchors file to write")
 
+    p = sub.add_parser("model", help="the model itself")
+    model_sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    p = model_sub.add_parser(
+        "export", help="write a Triton Inference Server model repository entry for the "
+        "configured weights (model file and config.pbtxt with a dynamic batcher)")
+    _add_config(p)
+    p.add_argument("--out", type=Path, required=True,
+                   help="the model repository (the entry is OUT/<model.triton.model-name>)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "python"), default="onnx",
+                   help="onnx: Triton's onnxruntime backend (default); torchscript: its "
+                   "pytorch backend; python: its python backend (torch in the stub's Python)")
+
     p = sub.add_parser("status", help="one screen for a sysadmin: the running service's "
                        "health (GET /healthz) and figures from the store (no PHI)")
     _add_config(p)
@@ -423,12 +435,12 @@ def _write_dataset(out: Any, names: Sequence[str], rows: Sequence[Sequence[Any]]
 def cmd_score(args: argparse.Namespace, config: Config) -> int:
     import numpy as np
 
-    from pxsgate.infer import PxsScorer
+    from pxsgate.infer import load_scorer
     from pxsgate.preprocess import load_model_image
 
     configure_logging(config.logging.format, "warning")
     jpeg = config.preprocess.jpeg_roundtrip
-    scorer = PxsScorer.load(config.model, jpeg_roundtrip=jpeg)
+    scorer = load_scorer(config.model, jpeg_roundtrip=jpeg)
     out: list[dict[str, Any]] = []
     ready: list[tuple[dict[str, Any], Any]] = []
     for path in args.files:
@@ -471,6 +483,16 @@ def cmd_anchors(args: argparse.Namespace, config: Config) -> int:
     print(f"wrote {args.output}: {len(scorer.anchors)} anchors from {args.folder}, "
           f"weights sha256 {scorer.info.weights_sha256}, "
           f"anchors sha256 {scorer.anchors.sha256}")
+    return EXIT_OK
+
+
+def cmd_model(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.triton.export import export_model
+
+    configure_logging(config.logging.format, "warning")
+    exported = export_model(config.model, args.out, args.format)
+    print(f"wrote {exported.entry} ({args.format}: {exported.model_file.name}, "
+          f"config.pbtxt), weights sha256 {exported.weights_sha256}")
     return EXIT_OK
 
 
@@ -722,6 +744,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
 _COMMANDS = {
     "rules": cmd_rules,
+    "model": cmd_model,
     "priors": cmd_priors,
     "serve": cmd_serve,
     "demo": cmd_demo,

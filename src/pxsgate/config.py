@@ -334,8 +334,37 @@ class BatchConfig:
     max_delay_ms: float = field(default=5.0, metadata=_check(_check_non_negative))
 
 
+def _check_triton_url(value: Any) -> str | None:
+    # tritonclient takes host:port, without a scheme.
+    text = str(value)
+    if "://" in text or "/" in text:
+        return "must be host:port (no scheme or path), e.g. localhost:8001"
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        return "must be host:port, e.g. localhost:8001 (grpc) or localhost:8000 (http)"
+    return None
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """model.backend triton: the embedding network runs on a Triton Inference Server (an
+    entry written by ``pxsgate model export``); anchors, score and change stay here."""
+
+    # host:port of Triton's gRPC (default 8001) or HTTP (8000) endpoint, per protocol.
+    url: str = field(default="localhost:8001", metadata=_check(_check_triton_url))
+    model_name: str = "pxs_embedding"
+    model_version: str = ""  # "" = the version Triton's version policy serves
+    protocol: Literal["grpc", "http"] = "grpc"
+    # One request (one image) at most; past it the image fails and its study retries.
+    timeout_seconds: float = field(default=30.0, metadata=_check(_check_positive))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    # local: the model runs in this process (torch); triton: its embedding network runs on
+    # the Triton Inference Server of model.triton.
+    backend: Literal["local", "triton"] = "local"
+    triton: TritonConfig = TritonConfig()
     weights: str = "demo"
     # The weights file's sha256 (of the file; for "demo", of its state_dict). When set, other
     # weights refuse to load: the service does not start and says which hash it found.

@@ -94,6 +94,29 @@ class EmbeddingScorer(Scorer, Protocol):
         ...
 
 
+@runtime_checkable
+class RemoteScorer(Scorer, Protocol):
+    """A Scorer whose model runs elsewhere (model.backend triton): it can be down while
+    this process is fine, which /healthz reports, and it holds a connection to close."""
+
+    def problem(self) -> str | None:
+        """Why the model cannot score now (unreachable, not ready), or None. Called from
+        any thread, not only the worker's."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def load_scorer(config: ModelConfig, *, jpeg_roundtrip: bool = False) -> Scorer:
+    """The scorer of ``model.backend``: torch in this process, or the Triton client."""
+    if config.backend == "triton":
+        # tritonclient is imported only by a service that uses it.
+        from pxsgate.triton.scorer import TritonScorer
+
+        return TritonScorer.load(config, jpeg_roundtrip=jpeg_roundtrip)
+    return PxsScorer.load(config, jpeg_roundtrip=jpeg_roundtrip)
+
+
 @dataclass(frozen=True)
 class ImageResult:
     """What the worker answers for one image."""
@@ -131,11 +154,25 @@ def batch_tensor(images: U8Array, device: torch.device, *, channels_last: bool =
     host = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
     if device.type == "cuda":
         host = host.pin_memory()
-    levels = host.to(device, non_blocking=True).to(torch.int64)
-    x = _TO_TENSOR.to(device, non_blocking=True)[levels]
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+    x = levels_to_input(host.to(device, non_blocking=True),
+                        _TO_TENSOR.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last if channels_last
                         else torch.contiguous_format)
+
+
+def to_tensor_table() -> Tensor:
+    """A copy of ToTensor's value of each grey level (float32 [256]), for a module that
+    carries it as a buffer (the Triton export, pxsgate.triton.export)."""
+    return _TO_TENSOR.clone()
+
+
+def levels_to_input(levels: Tensor, table: Tensor) -> Tensor:
+    """8-bit images [N, H, W] (uint8, on the table's device) -> the float32 [N, 3, H, W]
+    ToTensor input, by looking each grey level up in ``table`` (:func:`to_tensor_table`).
+    The one definition of the model input: :func:`batch_tensor` uses it here, and the
+    exported Triton model runs it on the server (it traces to a gather and an expand)."""
+    x = table[levels.to(torch.int64)]
+    return x.unsqueeze(1).expand(-1, 3, -1, -1)
 
 
 def batch_buckets(max_size: int) -> tuple[int, ...]:
@@ -405,6 +442,7 @@ class InferenceWorker:
         # thread is made and started as one step, so stop() never joins an unstarted one.
         self._starting = threading.Lock()
         self._ready: concurrent.futures.Future[ModelInfo] = concurrent.futures.Future()
+        self._scorer: Scorer | None = None  # once loaded
 
     def start(self, timeout: float = 1800.0) -> ModelInfo:
         with self._starting:
@@ -446,6 +484,14 @@ class InferenceWorker:
             self._queue.put(_STOP)
             thread.join(timeout=30)
 
+    def backend_problem(self) -> str | None:
+        """Why a remote model (Triton) cannot score now, or None (also for a local one).
+        Blocks for a network round trip: call it off the event loop."""
+        scorer = self._scorer
+        if isinstance(scorer, RemoteScorer):
+            return scorer.problem()
+        return None
+
     @property
     def queued(self) -> int:
         """Images waiting for the model (approximate: the queue is shared with its thread)."""
@@ -479,17 +525,22 @@ class InferenceWorker:
             self._ready.set_exception(exc if isinstance(exc, PxsgateError)
                                       else ModelError(f"cannot load the model: {exc}"))
             return
+        self._scorer = scorer
         self._ready.set_result(scorer.info)
-        while True:
-            batch, stop = self._gather()
-            if batch:
-                try:
-                    self._run_batch(scorer, batch)
-                except Exception as exc:  # never let the worker die with images waiting
-                    for job in batch:
-                        _settle(job.future, ModelError(f"inference failed: {exc}"))
-            if stop:
-                return
+        try:
+            while True:
+                batch, stop = self._gather()
+                if batch:
+                    try:
+                        self._run_batch(scorer, batch)
+                    except Exception as exc:  # never let the worker die with images waiting
+                        for job in batch:
+                            _settle(job.future, ModelError(f"inference failed: {exc}"))
+                if stop:
+                    return
+        finally:
+            if isinstance(scorer, RemoteScorer):
+                scorer.close()
 
     def _gather(self) -> tuple[list[_Job], bool]:
         first = self._queue.get()

@@ -37,7 +37,7 @@ from pxsgate.delivery import build_exporters
 from pxsgate.delivery.http import read_secret
 from pxsgate.delivery.outbox import Outbox
 from pxsgate.errors import ConfigError, StoreError
-from pxsgate.infer import InferenceWorker, PxsScorer, Scorer, runs_on_cpu
+from pxsgate.infer import InferenceWorker, Scorer, load_scorer, runs_on_cpu
 from pxsgate.intake import Intake
 from pxsgate.pictures import FilePictures, Thumbnailer
 from pxsgate.pipeline import Pipeline
@@ -121,10 +121,14 @@ class Gateway:
             config.storage, self.store, self.spool, pictures=self.pictures,
             pictures_config=config.pictures,
             busy=self.thumbnails.pending if self.thumbnails else lambda uid: False)
-        self._scorer_factory = scorer_factory or (lambda: PxsScorer.load(
+        self._scorer_factory = scorer_factory or (lambda: load_scorer(
             config.model, jpeg_roundtrip=config.preprocess.jpeg_roundtrip))
-        self.worker = InferenceWorker(self._scorer_factory, config.model.batch,
-                                      nice=runs_on_cpu(config.model.device),
+        local = config.model.backend == "local"
+        # With Triton, its dynamic batcher gathers the images: each goes as soon as it is
+        # here, without the local micro-batcher's wait for company.
+        batch = config.model.batch if local else replace(config.model.batch, max_delay_ms=0.0)
+        self.worker = InferenceWorker(self._scorer_factory, batch,
+                                      nice=local and runs_on_cpu(config.model.device),
                                       time_limit=config.jobs.batch_time_limit_seconds,
                                       failpoints=self.failpoints, metrics=self.metrics)
         # Set when the service cannot go on (the model worker is stuck): serve() stops it
@@ -421,11 +425,17 @@ class Gateway:
             log.error("health.store_failed", error=store_error)
         store_ok = not store_error
         worker_ok = self.worker.alive
+        # A remote model (model.backend triton) can be down while this process is fine:
+        # studies then retry, and monitors are told here.
+        backend_error = await asyncio.to_thread(self.worker.backend_problem)
+        model_ok = worker_ok and backend_error is None
         return {
-            "ok": store_ok and worker_ok,
+            "ok": store_ok and model_ok,
             "store": store_ok,
             **({"storeError": store_error} if store_error else {}),
-            "model": {"ok": worker_ok, "id": self.model.id if self.model else None},
+            "model": {"ok": model_ok, "id": self.model.id if self.model else None,
+                      "backend": self.config.model.backend,
+                      **({"error": backend_error} if backend_error else {})},
             "dicomPort": self.port,
             "uptimeSeconds": round(time.time() - self._started_at, 1),
             "studiesInProgress": self._pipeline.busy if self._pipeline else 0,

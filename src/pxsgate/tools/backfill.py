@@ -25,7 +25,7 @@ from pxsgate import change
 from pxsgate.config import Config
 from pxsgate.document import ResultDocument
 from pxsgate.errors import ConfigError
-from pxsgate.infer import ImageResult, InferenceWorker, PxsScorer, Scorer
+from pxsgate.infer import ImageResult, InferenceWorker, Scorer, load_scorer
 from pxsgate.priors.finder import LookupRequest, PriorFinder
 from pxsgate.priors.source import make_source
 from pxsgate.records import PriorImage, ScoredImage, now_iso
@@ -94,7 +94,7 @@ async def backfill(config: Config, *, since: str | None = None, deliver: bool = 
     store = Store(config.db_path)
     await store.open()
     jpeg = config.preprocess.jpeg_roundtrip
-    worker = InferenceWorker(scorer_factory or (lambda: PxsScorer.load(
+    worker = InferenceWorker(scorer_factory or (lambda: load_scorer(
         config.model, jpeg_roundtrip=jpeg)), config.model.batch)
     source = make_source(priors.source, None, "")
     try:

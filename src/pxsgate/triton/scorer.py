@@ -43,6 +43,14 @@ log = structlog.get_logger("pxsgate.triton")
 
 PROBE_TIMEOUT_S = 2.0  # /healthz's question to Triton
 EXPORT_HINT = "write the entry with: pxsgate model export --out DIR"
+_MAX_MESSAGE = 2**31 - 1  # tritonclient's own default message limits, kept
+# gRPC waits before reconnecting to a server it lost, up to 120 s by default: a Triton
+# back from a restart is found again within 2 s.
+GRPC_CHANNEL_ARGS = [("grpc.max_send_message_length", _MAX_MESSAGE),
+                     ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                     ("grpc.initial_reconnect_backoff_ms", 500),
+                     ("grpc.min_reconnect_backoff_ms", 500),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class Transport(Protocol):
@@ -89,7 +97,8 @@ class _Client:
                 import tritonclient.grpc as grpcclient
 
                 self._module: Any = grpcclient
-                self._client: Any = grpcclient.InferenceServerClient(config.url)
+                self._client: Any = grpcclient.InferenceServerClient(
+                    config.url, channel_args=GRPC_CHANNEL_ARGS)
             else:
                 import tritonclient.http as httpclient
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
+from torch.utils.dlpack import from_dlpack
 
 
 class TritonPythonModel:
@@ -33,8 +34,8 @@ class TritonPythonModel:
         self.module = torch.jit.load(path, map_location="cpu").eval()  # type: ignore[no-untyped-call]
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        batches = [torch.from_dlpack(pb_utils.get_input_tensor_by_name(r, self.input_name)
-                                     .to_dlpack()) for r in requests]
+        batches = [from_dlpack(pb_utils.get_input_tensor_by_name(r, self.input_name)
+                               .to_dlpack()) for r in requests]
         with torch.inference_mode():
             out = self.module(torch.cat(batches)).contiguous()
         responses = []

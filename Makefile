@@ -10,7 +10,10 @@ $(BIN)/pxsgate: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,evaluate]'
+	$(BIN)/pip install --quiet -e '.[test,evaluate,triton]'
+	# The tests' Triton Inference Server: the CPU tritonserver binary (Python backend) that
+	# this wheel ships. --no-deps: its numpy<2 pin is for PyTriton's Python code, not used.
+	$(BIN)/pip install --quiet --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 install: $(BIN)/pxsgate

@@ -13,7 +13,7 @@ Per batch size: milliseconds per call (the latency of each image of that batch) 
 per second over all the images; and the largest relative difference between the two
 backends' scores (fp32 both: within 1e-5).
 
-    python -m benchmarks.triton [--sizes 1,4,8] [--images 16] [--protocol grpc|http]
+    python -m benchmarks.triton [--sizes 1,4,8] [--images 8] [--protocol grpc|http]
 
 On the CPU the two backends share the cores (Triton runs on the same machine), so the
 figures show the cost of the protocol and the copies, not a GPU server's speed.
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.triton",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,4,8")
-    parser.add_argument("--images", type=int, default=16, help="images per batch size")
+    parser.add_argument("--images", type=int, default=8, help="images per batch size")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--device", default="cpu", help="the local backend's device")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")

@@ -44,7 +44,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
                   "--quiet"], True),
     "store_json": ([], ["--rows", "300", "--repeats", "2"], False),
     "ui_pages": ([], ["--results", "500", "--repeats", "2"], False),
-    "triton": ([], ["--sizes", "1,2", "--images", "2"], True),
+    "triton": ([], ["--sizes", "1", "--images", "1"], True),
 }
 
 

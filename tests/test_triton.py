@@ -257,8 +257,10 @@ def test_startup_says_when_triton_is_unreachable(
 
 
 async def test_triton_killed_mid_stream_studies_retry_and_finish_when_it_is_back(
-        triton: tritonserver.Triton, tmp_path: Path, anchors_dir: Path) -> None:
-    """A study scored; Triton killed (SIGKILL, server and stubs); /healthz 503 naming it;
+        triton: tritonserver.Triton, tmp_path: Path, anchors_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A study scored; Triton killed (SIGKILL, server and stubs); /healthz 503 naming it
+    (and `pxsgate status`);
     the next studies fail their tries and retry; Triton restarted on the same ports; they
     finish, and /healthz is 200 again."""
     http_port = free_port()
@@ -288,6 +290,9 @@ async def test_triton_killed_mid_stream_studies_retry_and_finish_when_it_is_back
         status, body = await healthz()
         assert (status, body["ok"], body["model"]["ok"]) == (503, False, False)
         assert f"Triton at grpc://{triton.grpc_url}" in body["model"]["error"]
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["status", "--config", str(path)]) == 1
+        assert f"failing: model (Triton at grpc://{triton.grpc_url}" in capsys.readouterr().out
 
         later = [ap_study(602, "TRTB"), ap_study(603, "TRTC")]
         for study in later:

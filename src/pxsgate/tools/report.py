@@ -463,8 +463,10 @@ def status_text(health: Mapping[str, Any] | None, summary: Mapping[str, Any]) ->
         since = (now - timedelta(seconds=uptime)).isoformat(timespec="seconds")
         model = health.get("model") or {}
         verdict = "ok" if health.get("ok") else "NOT OK"
+        # A remote model (model.backend triton) says why it is down; else it is the worker.
+        model_part = f"model ({model['error']})" if model.get("error") else "model worker"
         problems = [part for part, good in (("store", health.get("store")),
-                                            ("model worker", model.get("ok"))) if not good]
+                                            (model_part, model.get("ok"))) if not good]
         add(f"service    {verdict}: up since {short_time(since)} ({human_duration(uptime)}),"
             f" DICOM port {health.get('dicomPort')}, model {model.get('id') or '-'}"
             + (f"; failing: {', '.join(problems)}" if problems else ""))

@@ -26,7 +26,8 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .harness import free_port
@@ -83,6 +84,9 @@ class Triton:
     http_port: int
     grpc_port: int
     process: subprocess.Popen[bytes] | None = None
+    # The Python backend's shared memory regions (/dev/shm/<prefix>*) are named by this, so
+    # that those a killed server leaves behind can be removed.
+    shm_prefix: str = field(default_factory=lambda: f"pxsgate_tests_{uuid.uuid4().hex[:12]}_")
 
     @property
     def grpc_url(self) -> str:
@@ -107,7 +111,8 @@ class Triton:
                    "--backend-directory", str(backends),
                    "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                    "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-                   "--allow-metrics", "false", "--exit-timeout-secs", "5"]
+                   "--allow-metrics", "false", "--exit-timeout-secs", "5",
+                   f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=environment(),
@@ -142,6 +147,7 @@ class Triton:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self._remove_shared_memory()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -150,6 +156,11 @@ class Triton:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._remove_shared_memory()
+
+    def _remove_shared_memory(self) -> None:
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
 
 def start(repository: Path, workdir: Path, timeout: float = 120.0) -> Triton:

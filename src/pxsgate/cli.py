@@ -297,12 +297,17 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
 
 
-def _store_path(args: argparse.Namespace, config: Config) -> Path:
-    data_dir = args.data_dir or config.storage.data_dir
-    db = data_dir / "pxsgate.sqlite3"
-    if not db.exists():
-        raise PxsgateError(f"no store at {db} (is storage.data-dir right?)")
-    return db
+def _store_path(args: argparse.Namespace, config: Config) -> Store:
+    """The store the one-shot commands read: storage.database's PostgreSQL database, or
+    SQLite's file under the data-dir (which must exist: they never create one)."""
+    from pxsgate.store import store_for
+
+    if args.data_dir is not None:
+        config = dataclasses.replace(config, storage=dataclasses.replace(
+            config.storage, data_dir=args.data_dir))
+    if config.database_url is None and not config.db_path.exists():
+        raise PxsgateError(f"no store at {config.db_path} (is storage.data-dir right?)")
+    return store_for(config)
 
 
 def _since(value: str) -> str:
@@ -333,9 +338,8 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _with_store(db: Path, use: Callable[[Store], Awaitable[R]]) -> R:
+async def _with_store(store: Store, use: Callable[[Store], Awaitable[R]]) -> R:
     """Open the store, ``use`` it, close it: the one-shot commands' access."""
-    store = Store(db)
     await store.open()
     try:
         return await use(store)
@@ -594,7 +598,8 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     try:
         evaluate.require_extras()  # scikit-learn, matplotlib: the optional extra
         thresholds = evaluate.parse_thresholds(args.thresholds)
-        db = _store_path(args, config)
+        store = _store_path(args, config)
+        db = store if store.shared else store.path
         report = evaluate.evaluate(db, args.outcomes, args.out, window_days=args.window_days,
                                    thresholds=thresholds, rounds=args.rounds, seed=args.seed,
                                    exclude_rejected=args.exclude_rejected)

@@ -41,9 +41,11 @@ MIGRATION_DIGESTS = (
 )
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "pxsgate.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The store on each backend: SQLite's file, and a fresh PostgreSQL database."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    s = Store(tmp_path / "pxsgate.sqlite3", url=url, node="node-a")
     await s.open()
     try:
         yield s

@@ -63,11 +63,12 @@ CREATE OR REPLACE FUNCTION pxs_concat(acc text, v text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT pxs_concat(acc, v, ',') $$;
 CREATE OR REPLACE AGGREGATE group_concat(text) (SFUNC = pxs_concat, STYPE = text);
 CREATE OR REPLACE AGGREGATE group_concat(text, text) (SFUNC = pxs_concat, STYPE = text);
-CREATE OR REPLACE FUNCTION pxs_json_array(a anyarray) RETURNS text
+CREATE OR REPLACE FUNCTION pxs_json_array(a anycompatiblearray) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$ SELECT coalesce(array_to_json(a)::text, '[]') $$;
-CREATE OR REPLACE AGGREGATE json_group_array(anyelement)
-    (SFUNC = array_append, STYPE = anyarray, FINALFUNC = pxs_json_array, INITCOND = '{}');
+CREATE OR REPLACE AGGREGATE json_group_array(anycompatible)
+    (SFUNC = array_append, STYPE = anycompatiblearray, FINALFUNC = pxs_json_array,
+     INITCOND = '{}');
 CREATE OR REPLACE FUNCTION pxs_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the audit trail is append-only';

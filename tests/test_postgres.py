@@ -49,6 +49,7 @@ def ap_study(index: int, seed: int, date: str, prefix: str = "PG") -> list[Any]:
 def node(tmp: Path, name: str, url: str, receiver: Receiver, **storage: Any) -> Service:
     lines = [f"  database: {url}", f"  node-name: {name}", *(
         f"  {k.replace('_', '-')}: {v}" for k, v in storage.items())]
+    (tmp / name).mkdir(exist_ok=True)
     return start_service(tmp / name, storage="\n".join(lines) + "\n",
                          extra=http_exporter(receiver.url))
 
@@ -150,6 +151,7 @@ def _result_of(request: Any) -> str:
 
 def test_store_copy_moves_a_sqlite_site_to_postgresql(tmp_path: Path, pg_url: str,
                                                       receiver: Receiver) -> None:
+    (tmp_path / "site").mkdir()
     svc = start_service(tmp_path / "site", extra=http_exporter(receiver.url))
     try:
         studies = [ap_study(i, seed=i, date="20240110", prefix="CP") for i in (1, 2)]
@@ -171,7 +173,8 @@ def test_store_copy_moves_a_sqlite_site_to_postgresql(tmp_path: Path, pg_url: st
         assert after == before  # the same documents, byte for byte as JSON
         again = pxsgate("store", "copy", "--from", f"sqlite:{db}", "--to", pg_url,
                         check=False)
-        assert again.returncode != 0 and "not empty" in again.stderr
+        assert again.returncode != 0
+        assert "not empty" in again.stderr
     finally:
         assert stop_service(moved) == 0
 
@@ -230,13 +233,16 @@ async def test_the_store_answers_the_same_on_both_backends(
         assert list(docs[0]) == list((await store.result(docs[0]["id"])) or {})
         prior = await store.prior_image(store.patient_key("PAT-1"), "ab" * 32,
                                         before="2024-03-01T08:00:00")
-        assert prior is not None and prior.study_instance_uid == uids[0]
+        assert prior is not None
+        assert prior.study_instance_uid == uids[0]
         assert prior.vector == np.arange(4, dtype="<f2").tobytes()
         rows, more = await store.worklist_page(WorklistFilter(), 10)
-        assert not more and [r.study_instance_uid for r in rows] == list(reversed(uids))
+        assert not more
+        assert [r.study_instance_uid for r in rows] == list(reversed(uids))
         assert [r.score for r in rows] == [None, 2.5, 1.25]
         names, research = await store.researcher_rows()
-        assert "pxs_score" in names and len(research) == 3
+        assert "pxs_score" in names
+        assert len(research) == 3
         column = names.index("pxs_score")
         assert sorted(r[column] for r in research if r[column] is not None) == [1.25, 2.5]
         last = await store.last_results(3)
@@ -271,7 +277,8 @@ async def test_a_lease_passes_to_another_node_only_when_it_runs_out(pg_url: str,
         now = time.time() + 1
         mine = await a.due_deliveries(now, ["x"], 2)
         theirs = await b.due_deliveries(now, ["x"], 10)
-        assert len(mine) == 2 and len(theirs) == 1
+        assert len(mine) == 2
+        assert len(theirs) == 1
         assert {d.id for d in mine}.isdisjoint(d.id for d in theirs)
         assert await b.due_deliveries(now + 30, ["x"], 10) == []  # A's lease holds
         taken = await b.due_deliveries(now + 61, ["x"], 10)  # A died: its lease ran out

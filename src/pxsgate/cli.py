@@ -152,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deliver", action="store_true",
                    help="queue the updated results for the exporters (default: store only)")
 
+    p = sub.add_parser("store", help="the store itself: copy a SQLite store to PostgreSQL")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = store_sub.add_parser(
+        "copy", help="copy a SQLite store (the service stopped) into an empty PostgreSQL "
+        "database, then point storage.database at it")
+    _add_config(q)
+    q.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                   help="the SQLite store, e.g. sqlite:/var/lib/pxsgate/pxsgate.sqlite3")
+    q.add_argument("--to", dest="target", required=True, metavar="URL",
+                   help="postgresql://user@host:5432/pxsgate (the password from "
+                   "--password-file, or PGPASSWORD / PGPASSFILE / ~/.pgpass)")
+    q.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="a file holding the PostgreSQL user's password")
+
     p = sub.add_parser("users", help="the web UI's users (/ui/ on the HTTP port)")
     users_sub = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     q = users_sub.add_parser(
@@ -622,6 +636,28 @@ def cmd_priors(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_store(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.config import _check_database, redact_url
+    from pxsgate.tools.storecopy import copy_store
+
+    if not args.source.startswith("sqlite:"):
+        print("pxsgate: --from must be sqlite:PATH", file=sys.stderr)
+        return EXIT_USAGE
+    if (problem := _check_database(args.target)) is not None or args.target == "sqlite":
+        print(f"pxsgate: --to {problem or 'must be a PostgreSQL URL'}", file=sys.stderr)
+        return EXIT_USAGE
+    password = None
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
+    copied = _run(copy_store(Path(args.source.removeprefix("sqlite:")), args.target,
+                             password=password, node=config.node_name,
+                             progress=lambda t, n: print(f"  {t}: {n}", file=sys.stderr)))
+    print(f"copied {copied.total} rows ({copied.rows.get('results', 0)} results) into "
+          f"{redact_url(args.target)}; set storage.database to it and keep "
+          f"storage.node-name: {config.node_name}")
+    return EXIT_OK
+
+
 USER_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
 
 
@@ -728,6 +764,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 _COMMANDS = {
     "rules": cmd_rules,
     "priors": cmd_priors,
+    "store": cmd_store,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "check-config": cmd_check_config,

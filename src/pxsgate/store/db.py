@@ -231,8 +231,12 @@ class PostgresDatabase:
         return db
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        import psycopg
-        from psycopg.types.string import TextLoader
+        try:
+            import psycopg
+            from psycopg.types.string import TextLoader
+        except ImportError as exc:
+            raise DatabaseError("storage.database is PostgreSQL, and psycopg is not "
+                                "installed: pip install 'pxsgate[postgresql]'") from exc
 
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return self._conn

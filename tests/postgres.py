@@ -71,8 +71,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster() -> Iterator[Cluster]:
-    """Start a private cluster; stop and remove it at the end."""
+def cluster(*, durable: bool = False) -> Iterator[Cluster]:
+    """Start a private cluster; stop and remove it at the end. ``durable``: fsync and
+    synchronous commits on, as in production (the benchmark); off for the tests' speed."""
     binaries = bindir()
     if binaries is None:
         raise FileNotFoundError("PostgreSQL's initdb (Debian: apt-get install postgresql)")
@@ -92,8 +93,9 @@ def cluster() -> Iterator[Cluster]:
         subprocess.run(
             [*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-w", "-t", "60",
              "-l", str(root / "server.log"),
-             "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off", "start"],
+             "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1" + (
+                 "" if durable else " -c fsync=off -c synchronous_commit=off "
+                 "-c full_page_writes=off"), "start"],
             capture_output=True, text=True, timeout=90, check=True)
         deadline = time.monotonic() + 30
         while True:

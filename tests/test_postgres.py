@@ -155,6 +155,16 @@ def test_store_copy_moves_a_sqlite_site_to_postgresql(tmp_path: Path, pg_url: st
         after = json.loads(pxsgate("results", "--config", moved.config, "--json",
                                    "--history").stdout)
         assert after == before  # the same documents, byte for byte as JSON
+        # The one-shot commands read the shared store as they read SQLite's.
+        uid = studies[0][0].StudyInstanceUID
+        cfg = str(moved.config)
+        assert "SUCCEEDED" in pxsgate("trace", uid, "--config", cfg).stdout
+        assert "results" in pxsgate("status", "--config", cfg).stdout.lower()
+        csv = pxsgate("export-dataset", "--config", cfg).stdout.splitlines()
+        assert len(csv) == 3
+        assert "pxs_score" in csv[0]
+        listed = json.loads(pxsgate("outbox", "list", "--config", cfg, "--json").stdout)
+        assert {r["state"] for r in listed} == {"delivered"}
         again = pxsgate("store", "copy", "--from", f"sqlite:{db}", "--to", pg_url,
                         check=False)
         assert again.returncode != 0

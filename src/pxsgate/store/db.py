@@ -17,11 +17,21 @@ for its cursor, or used as ``async with``), ``executemany``, ``begin``, ``commit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pxsgate.errors import StoreError
 from pxsgate.store.jsonpaths import INTEGER_PATHS, NUMBER_PATHS
@@ -31,6 +41,10 @@ if TYPE_CHECKING:
     import psycopg
 
 Params = Sequence[Any] | Mapping[str, Any]
+T = TypeVar("T")
+# The longest a PostgreSQL statement may take, on the server (statement_timeout) and as
+# the client waits for its answer.
+STATEMENT_TIMEOUT_S = 30.0
 
 
 class DatabaseError(StoreError):
@@ -161,7 +175,7 @@ _UNARY_PLUS = re.compile(r"(?<=[\s(])\+(?=[a-z_]+\.)")
 def translate(sql: str, *, placeholders: bool = True) -> str:
     """The store's SQLite statement as PostgreSQL runs it, with psycopg's placeholders:
     ``?`` becomes ``%s``, ``:name`` becomes ``%(name)s``, a literal ``%`` is doubled
-    (outside string literals only, for the placeholders); ``CAST(x AS REAL)`` (float4 on
+    (psycopg reads ``%`` everywhere, string literals too); ``CAST(x AS REAL)`` (float4 on
     PostgreSQL) becomes DOUBLE PRECISION; ``json_extract`` of a path that holds a number
     becomes ``json_number`` (``json_integer``), typed, where SQLite's returns the JSON
     value's own type; and SQLite's index-hiding unary ``+`` is dropped. Without
@@ -242,8 +256,12 @@ class PostgresDatabase:
             return self._conn
         if self._in_transaction:
             raise DatabaseError("the connection to PostgreSQL was lost in a transaction")
-        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 10,
-                                  "application_name": "pxsgate"}
+        kwargs: dict[str, Any] = {
+            "autocommit": True, "connect_timeout": 10, "application_name": "pxsgate",
+            "options": f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}",
+            # A peer gone without a reset is noticed by TCP too, between statements.
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+            "keepalives_count": 3}
         if self._password is not None:
             kwargs["password"] = self._password
         try:
@@ -263,63 +281,72 @@ class PostgresDatabase:
             found = self._translated[sql] = translate(sql)
         return found
 
-    def execute(self, sql: str, params: Params = ()) -> Statement:
-        async def run() -> Cursor:
-            import psycopg
-
-            conn = await self._connection()
-            try:
-                cur = await conn.execute(self._sql(sql), _params(params))
-                rows = await cur.fetchall() if cur.description is not None else []
-            except psycopg.Error as exc:
-                raise DatabaseError(_reason(exc)) from exc
-            return _PgCursor(cur.description, cur.rowcount, list(rows))
-
-        return Statement(run)
-
-    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+    async def _call(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """``work`` on the connection, within STATEMENT_TIMEOUT_S: a server that stops
+        answering (hung, or cut off without a reset) is a DatabaseError, not a wait for
+        ever; the connection is then dropped, and opened again at the next statement."""
         import psycopg
 
         conn = await self._connection()
+        try:
+            async with asyncio.timeout(STATEMENT_TIMEOUT_S):
+                return await work(conn)
+        except TimeoutError as exc:
+            self._in_transaction = False
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise DatabaseError(f"PostgreSQL did not answer in {STATEMENT_TIMEOUT_S:g} s"
+                                ) from exc
+        except psycopg.Error as exc:
+            raise DatabaseError(_reason(exc)) from exc
+
+    def execute(self, sql: str, params: Params = ()) -> Statement:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Cursor:
+            cur = await conn.execute(self._sql(sql), _params(params))
+            rows = await cur.fetchall() if cur.description is not None else []
+            return _PgCursor(cur.description, cur.rowcount, list(rows))
+
+        return Statement(lambda: self._call(work))
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
         batch = [_params(r) for r in rows]
         if not batch:
             return
-        try:
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
             async with conn.cursor() as cur:
                 await cur.executemany(self._sql(sql), batch)
-        except psycopg.Error as exc:
-            raise DatabaseError(_reason(exc)) from exc
+
+        await self._call(work)
 
     async def executescript(self, script: str) -> None:
-        import psycopg
-
-        conn = await self._connection()
-        try:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(script.encode())  # no placeholders: run as written
-        except psycopg.Error as exc:
-            raise DatabaseError(_reason(exc)) from exc
+
+        await self._call(work)
+
+    async def _simple(self, statement: str) -> None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(statement.encode())
+
+        await self._call(work)
 
     async def begin(self) -> None:
         if not self._in_transaction:
-            conn = await self._connection()
-            await conn.execute("BEGIN")
+            await self._simple("BEGIN")
             self._in_transaction = True
 
     async def commit(self) -> None:
         if self._in_transaction:
-            import psycopg
-
             self._in_transaction = False
-            try:
-                await (await self._connection()).execute("COMMIT")
-            except psycopg.Error as exc:
-                raise DatabaseError(_reason(exc)) from exc
+            await self._simple("COMMIT")
 
     async def rollback(self) -> None:
         if self._in_transaction:
             self._in_transaction = False
             if self._conn is not None and not self._conn.closed and not self._conn.broken:
-                await self._conn.execute("ROLLBACK")
+                await self._simple("ROLLBACK")
 
     async def close(self) -> None:
         if self._conn is not None:

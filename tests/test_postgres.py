@@ -234,6 +234,13 @@ async def test_the_store_answers_the_same_on_both_backends(
         assert not more
         assert [r.study_instance_uid for r in rows] == list(reversed(uids))
         assert [r.score for r in rows] == [None, 2.5, 1.25]
+        failed, _ = await store.worklist_page(WorklistFilter(status="FAILED"), 10)
+        assert [r.study_instance_uid for r in failed] == [uids[2]]
+        high, _ = await store.worklist_page(WorklistFilter(score_min=2.0), 10)
+        assert [r.study_instance_uid for r in high] == [uids[1]]
+        assert await store.find_study(store.study_label_hashed(uids[1])) == uids[1]
+        assert await store.scored_before(uids[0])
+        assert await store.delivery_counts() == {"pending": 3}
         names, research = await store.researcher_rows()
         assert "pxs_score" in names
         assert len(research) == 3

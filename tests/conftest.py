@@ -123,5 +123,15 @@ def pg_url(postgres_cluster: postgres.Cluster) -> str:
     return postgres_cluster.new_database()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest) -> str:
+    """The storage section's lines for a test run on each store backend: none (SQLite's
+    file, the default), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return ""
+    url = request.getfixturevalue("pg_url")
+    return f"  database: {url}\n  node-name: test-node\n"
+
+
 def has_tool(name: str) -> bool:
     return shutil.which(name) is not None

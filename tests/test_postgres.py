@@ -290,3 +290,35 @@ async def test_a_lease_passes_to_another_node_only_when_it_runs_out(pg_url: str,
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_hung_server_is_an_error_then_the_store_reconnects(pg_url: str,
+                                                                  tmp_path: Path) -> None:
+    """The server process serving the store stops answering (SIGSTOP): the next statement
+    is a StoreError after the client's deadline, not a wait for ever; once the server
+    answers again, the store opens a new connection and goes on."""
+    from pxsgate.errors import StoreError
+    from pxsgate.store.db import PostgresDatabase
+
+    store = Store(tmp_path / "unused", url=pg_url, node="n1")
+    await store.open()
+    try:
+        db = store.db
+        assert isinstance(db, PostgresDatabase)
+        db.timeout_s = 1.0
+        async with db.execute("SELECT pg_backend_pid()") as cur:
+            pid = int((await cur.fetchone())[0])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="did not answer in 1 s"):
+                await store.results(ResultFilter())
+            # The deadline, then psycopg's own wait for the server to take the cancel (5 s).
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await store.results(ResultFilter()) == []  # a new connection
+        async with db.execute("SELECT pg_backend_pid()") as cur:
+            assert int((await cur.fetchone())[0]) != pid
+    finally:
+        await store.close()

@@ -237,6 +237,7 @@ class PostgresDatabase:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._in_transaction = False
         self._translated: dict[str, str] = {}
+        self.timeout_s = STATEMENT_TIMEOUT_S  # the client's deadline for each statement
 
     @classmethod
     async def open(cls, url: str, password: str | None = None) -> PostgresDatabase:
@@ -282,21 +283,21 @@ class PostgresDatabase:
         return found
 
     async def _call(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """``work`` on the connection, within STATEMENT_TIMEOUT_S: a server that stops
+        """``work`` on the connection, within ``timeout_s``: a server that stops
         answering (hung, or cut off without a reset) is a DatabaseError, not a wait for
         ever; the connection is then dropped, and opened again at the next statement."""
         import psycopg
 
         conn = await self._connection()
         try:
-            async with asyncio.timeout(STATEMENT_TIMEOUT_S):
+            async with asyncio.timeout(self.timeout_s):
                 return await work(conn)
         except TimeoutError as exc:
             self._in_transaction = False
             self._conn = None
             with contextlib.suppress(Exception):
                 await conn.close()
-            raise DatabaseError(f"PostgreSQL did not answer in {STATEMENT_TIMEOUT_S:g} s"
+            raise DatabaseError(f"PostgreSQL did not answer in {self.timeout_s:g} s"
                                 ) from exc
         except psycopg.Error as exc:
             raise DatabaseError(_reason(exc)) from exc

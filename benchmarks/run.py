@@ -5,13 +5,14 @@
     python -m benchmarks.run --summary        # only rebuild the table from saved figures
     python -m benchmarks.run --list
 
-NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages, triton (default: all of
-them, in that order). Each benchmark repeats its measurement and saves its figures, with the
-machine, commit, date and device, as ``<results>/<name>-<machine>-<date>.json`` (the machine
-label is ``cpu`` or the GPU's model, e.g. ``h100``). Then ``<results>/SUMMARY.md`` is rebuilt
-from the latest figures of every benchmark on every machine found there, one table: each
-headline metric with its median (or percentile), spread, the reference it was run beside in
-the same run and the speed-up over it, and the goal with whether it was met.
+NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages, store_backends, triton
+(default: all of them, in that order). Each benchmark repeats its measurement and saves its
+figures, with the machine, commit, date and device, as
+``<results>/<name>-<machine>-<date>.json`` (the machine label is ``cpu`` or the GPU's
+model, e.g. ``h100``). Then ``<results>/SUMMARY.md`` is rebuilt from the latest figures of
+every benchmark on every machine found there, one table: each headline metric with its
+median (or percentile), spread, the reference it was run beside in the same run and the
+speed-up over it, and the goal with whether it was met.
 
 ``--quick`` runs every benchmark at a toy size (a smoke test of the scripts, a minute or
 two; its figures mean nothing and go to a temporary directory unless --results is given).
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
                   "--quiet"], True),
     "store_json": ([], ["--rows", "300", "--repeats", "2"], False),
     "ui_pages": ([], ["--results", "500", "--repeats", "2"], False),
+    "store_backends": ([], ["--results", "100", "--repeats", "1"], False),
     "triton": ([], ["--sizes", "1", "--images", "1"], True),
 }
 

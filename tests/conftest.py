@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from . import harness
+from . import harness, postgres
 from .harness import free_port as free_port  # re-exported: tests import them from here
 from .harness import stop as stop_service
 from .harness import write_config as write_config
@@ -104,6 +104,33 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 @pytest.fixture
 def storescu() -> str:
     return dcmtk("storescu")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.Cluster]:
+    """A private PostgreSQL cluster on a loopback port, for the whole session."""
+    if postgres.bindir() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing: .ci/run must install postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with postgres.cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: postgres.Cluster) -> str:
+    """A fresh, empty PostgreSQL database: its URL (no password: trust on loopback)."""
+    return postgres_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest) -> str:
+    """The storage section's lines for a test run on each store backend: none (SQLite's
+    file, the default), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return ""
+    url = request.getfixturevalue("pg_url")
+    return f"  database: {url}\n  node-name: test-node\n"
 
 
 def has_tool(name: str) -> bool:

@@ -29,9 +29,11 @@ def free_port() -> int:
 def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float | None = 0.3,
                  extra_scp: str = "", min_free_mb: float = 16, level: str = "info",
                  ae_titles: tuple[str, ...] = ("PxsScore",), http_port: int = 0,
-                 http_token_file: Path | None = None, extra: str = "") -> Path:
+                 http_token_file: Path | None = None, extra: str = "",
+                 storage: str = "") -> Path:
     """A serve config: loopback DICOM on ``port`` (0: any free one), the data directory,
-    JSON logs, ``extra`` YAML at the end. ``settle`` None: the service's default."""
+    JSON logs, ``extra`` YAML at the end. ``settle`` None: the service's default;
+    ``storage``: more lines of the storage section (indented two spaces)."""
     titles = "\n".join(f"      - ae-title: {t}" for t in ae_titles)
     assembly = f"assembly:\n  settle-seconds: {settle}\n" if settle is not None else ""
     path.write_text(
@@ -45,7 +47,7 @@ def write_config(path: Path, data_dir: Path, *, port: int = 0, settle: float | N
 storage:
   data-dir: {data_dir}
   min-free-mb: {min_free_mb}
-{assembly}http:
+{storage}{assembly}http:
   port: {http_port}
   bearer-token-file: {http_token_file or "null"}
 logging:

@@ -57,12 +57,13 @@ def stand_in_embedding(image: np.ndarray) -> np.ndarray:
 @asynccontextmanager
 async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
                   http_token_file: Path | None = None, *, extra_scp: str = "",
-                  http_extra: str = "", min_free_mb: float = 16
+                  http_extra: str = "", min_free_mb: float = 16, storage: str = ""
                   ) -> AsyncIterator[tuple[Gateway, FastModel]]:
-    """``http_extra``: more keys of the http section (indented two spaces)."""
+    """``http_extra``: more keys of the http section (indented two spaces); ``storage``:
+    more of the storage section (the ``storage`` fixture: SQLite, or PostgreSQL)."""
     path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=0.2, http_port=http_port,
                         http_token_file=http_token_file, extra=extra, extra_scp=extra_scp,
-                        min_free_mb=min_free_mb)
+                        min_free_mb=min_free_mb, storage=storage)
     text = path.read_text().replace("\nhttp:\n", "\nhttp:\n" + http_extra, 1)
     text += "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n"
     if "\njobs:" not in text:  # a failing model's retries, quickly

@@ -172,6 +172,17 @@ def test_listing_1_loads_unchanged() -> None:
         ({"exporters": [{"name": "a", "type": "http", "url": "https://a/api",
                          "when": {"score-at-least": "high"}}]},
          "exporters[0].when.score-at-least", "number"),
+        ({"storage": {"database": "postgresql://pxsgate:secret@db:5432/pxsgate"}},
+         "storage.database", "must not carry a password"),
+        ({"storage": {"database": "postgresql://db/pxsgate?password=secret"}},
+         "storage.database", "must not carry a password"),
+        ({"storage": {"database": "mysql://db/pxsgate"}}, "storage.database",
+         "sqlite or a PostgreSQL URL"),
+        ({"storage": {"database": "postgresql://db:5432"}}, "storage.database",
+         "with a database name"),
+        ({"storage": {"node-name": "gw 1"}}, "storage.node-name", "letters, digits"),
+        ({"storage": {"delivery-lease-seconds": 0}}, "storage.delivery-lease-seconds",
+         "greater"),
     ],
 )
 def test_errors_name_the_key_path(patch: dict[str, object], path: str, words: str) -> None:

@@ -59,10 +59,11 @@ async def settled(gw: Any, count: int = 1) -> list[Delivery]:
 
 
 async def test_retried_with_backoff_until_delivered_once_under_a_stable_id(
-        tmp_path: Path) -> None:
+        tmp_path: Path, storage: str) -> None:
     with http_receiver() as receiver:
         receiver.answers = [503, 502]  # down for two tries, then back
-        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
+        async with gateway(tmp_path, http_exporter(receiver.url),
+                           storage=storage) as (gw, _):
             study = ap_study(61, "OUTBOX")
             await send(gw, study)
             doc = await result_of(gw, str(study[0].StudyInstanceUID))
@@ -98,10 +99,11 @@ async def test_every_status_goes_to_http_but_only_selected_statuses_are_queued(
 
 
 async def test_dead_letter_after_max_attempts_then_outbox_retry_revives(
-        tmp_path: Path) -> None:
+        tmp_path: Path, storage: str) -> None:
     with http_receiver() as receiver:
         receiver.answers = [500] * 3
-        async with gateway(tmp_path, http_exporter(receiver.url, max_attempts=3)) as (gw, _):
+        async with gateway(tmp_path, http_exporter(receiver.url, max_attempts=3),
+                           storage=storage) as (gw, _):
             study = ap_study(63, "DEAD")
             await send(gw, study)
             [row] = await settled(gw)
@@ -173,18 +175,19 @@ async def test_without_the_ca_the_server_is_not_trusted(tmp_path: Path) -> None:
     assert receiver.requests == []
 
 
-async def test_pending_deliveries_survive_a_stop(tmp_path: Path) -> None:
+async def test_pending_deliveries_survive_a_stop(tmp_path: Path, storage: str) -> None:
     with http_receiver() as receiver:
         receiver.answers = [503] * 1000
         extra = http_exporter(receiver.url, backoff_initial_seconds=30, backoff_max_seconds=60)
-        async with gateway(tmp_path, extra) as (gw, _):
+        async with gateway(tmp_path, extra, storage=storage) as (gw, _):
             await send(gw, ap_study(67, "STOPPED"))
 
             async def tried() -> bool:
                 return any(d.attempts for d in await deliveries(gw))
             await eventually(tried, 30, "a first try")
         receiver.answers.clear()
-        async with gateway(tmp_path, http_exporter(receiver.url)) as (gw, _):
+        async with gateway(tmp_path, http_exporter(receiver.url),
+                           storage=storage) as (gw, _):
             # Due in 30 s by the old backoff; a retry makes it due now.
             await gw.store.retry_deliveries("2026-01-01T00:00:00+00:00", time.time(),
                                             state="pending")

@@ -37,12 +37,15 @@ MIGRATION_DIGESTS = (
     "13497e9259550a73e820119fee7528bb684e29f1435216b841dcdb604ec31fce",  # 7
     "cd6519059d98776916709e5d4e613bbde1e00ea7e98db93e689b898b25e9508c",  # 8
     "48b16cbb8d4d2ab7fac48e3a2e79edd6db54e22ce27d1923788139e5c6206e15",  # 9
+    "a9cf5a81c935ec791128c883b524814aec4378ff716869fc623088963883ee7d",  # 10
 )
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "pxsgate.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The store on each backend: SQLite's file, and a fresh PostgreSQL database."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    s = Store(tmp_path / "pxsgate.sqlite3", url=url, node="node-a")
     await s.open()
     try:
         yield s

@@ -164,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deliver", action="store_true",
                    help="queue the updated results for the exporters (default: store only)")
 
+    p = sub.add_parser("store", help="the store itself: copy a SQLite store to PostgreSQL")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = store_sub.add_parser(
+        "copy", help="copy a SQLite store (the service stopped) into an empty PostgreSQL "
+        "database, then point storage.database at it")
+    _add_config(q)
+    q.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                   help="the SQLite store, e.g. sqlite:/var/lib/pxsgate/pxsgate.sqlite3")
+    q.add_argument("--to", dest="target", required=True, metavar="URL",
+                   help="postgresql://user@host:5432/pxsgate (the password from "
+                   "--password-file, or PGPASSWORD / PGPASSFILE / ~/.pgpass)")
+    q.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="a file holding the PostgreSQL user's password")
+
     p = sub.add_parser("users", help="the web UI's users (/ui/ on the HTTP port)")
     users_sub = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     q = users_sub.add_parser(
@@ -309,12 +323,17 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     return int(_run(run_demo(config, sys.stdout, data_dir=args.data_dir)))
 
 
-def _store_path(args: argparse.Namespace, config: Config) -> Path:
-    data_dir = args.data_dir or config.storage.data_dir
-    db = data_dir / "pxsgate.sqlite3"
-    if not db.exists():
-        raise PxsgateError(f"no store at {db} (is storage.data-dir right?)")
-    return db
+def _store_path(args: argparse.Namespace, config: Config) -> Store:
+    """The store the one-shot commands read: storage.database's PostgreSQL database, or
+    SQLite's file under the data-dir (which must exist: they never create one)."""
+    from pxsgate.store import store_for
+
+    if args.data_dir is not None:
+        config = dataclasses.replace(config, storage=dataclasses.replace(
+            config.storage, data_dir=args.data_dir))
+    if config.database_url is None and not config.db_path.exists():
+        raise PxsgateError(f"no store at {config.db_path} (is storage.data-dir right?)")
+    return store_for(config)
 
 
 def _since(value: str) -> str:
@@ -345,9 +364,8 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _with_store(db: Path, use: Callable[[Store], Awaitable[R]]) -> R:
+async def _with_store(store: Store, use: Callable[[Store], Awaitable[R]]) -> R:
     """Open the store, ``use`` it, close it: the one-shot commands' access."""
-    store = Store(db)
     await store.open()
     try:
         return await use(store)
@@ -616,7 +634,8 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
     try:
         evaluate.require_extras()  # scikit-learn, matplotlib: the optional extra
         thresholds = evaluate.parse_thresholds(args.thresholds)
-        db = _store_path(args, config)
+        store = _store_path(args, config)
+        db = store if store.shared else store.path
         report = evaluate.evaluate(db, args.outcomes, args.out, window_days=args.window_days,
                                    thresholds=thresholds, rounds=args.rounds, seed=args.seed,
                                    exclude_rejected=args.exclude_rejected)
@@ -636,6 +655,28 @@ def cmd_priors(args: argparse.Namespace, config: Config) -> int:
     print(f"{tally.results} results without a change: {tally.changed} stored again with "
           f"it ({tally.fetched} priors fetched from the PACS), {tally.no_prior} without a "
           f"prior, {tally.superseded} rescored meanwhile")
+    return EXIT_OK
+
+
+def cmd_store(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.config import _check_database, redact_url
+    from pxsgate.tools.storecopy import copy_store
+
+    if not args.source.startswith("sqlite:"):
+        print("pxsgate: --from must be sqlite:PATH", file=sys.stderr)
+        return EXIT_USAGE
+    if (problem := _check_database(args.target)) is not None or args.target == "sqlite":
+        print(f"pxsgate: --to {problem or 'must be a PostgreSQL URL'}", file=sys.stderr)
+        return EXIT_USAGE
+    password = None
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
+    copied = _run(copy_store(Path(args.source.removeprefix("sqlite:")), args.target,
+                             password=password, node=config.node_name,
+                             progress=lambda t, n: print(f"  {t}: {n}", file=sys.stderr)))
+    print(f"copied {copied.total} rows ({copied.rows.get('results', 0)} results) into "
+          f"{redact_url(args.target)}; set storage.database to it and keep "
+          f"storage.node-name: {config.node_name}")
     return EXIT_OK
 
 
@@ -746,6 +787,7 @@ _COMMANDS = {
     "rules": cmd_rules,
     "model": cmd_model,
     "priors": cmd_priors,
+    "store": cmd_store,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "check-config": cmd_check_config,

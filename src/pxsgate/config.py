@@ -115,6 +115,37 @@ def _check_decodable(value: Any) -> str | None:
     return None
 
 
+def _check_database(value: Any) -> str | None:
+    if value == "sqlite":
+        return None
+    parsed = urllib.parse.urlsplit(str(value))
+    if parsed.scheme not in ("postgresql", "postgres") or not parsed.path.strip("/"):
+        return ("must be sqlite or a PostgreSQL URL with a database name, "
+                "postgresql://user@host:5432/pxsgate")
+    if parsed.password is not None or "password=" in parsed.query:
+        # Messages and logs quote the URL: a password in it would spread.
+        return ("must not carry a password: use storage.database-password-file, or "
+                "PGPASSWORD / PGPASSFILE / ~/.pgpass")
+    return None
+
+
+def _check_node_name(value: Any) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", str(value)):
+        return None
+    return "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def redact_url(url: str) -> str:
+    """A URL as messages show it: without a user's password or query."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parsed.username}@" if parsed.username else "") + host + (
+        f":{parsed.port}" if parsed.port else "")
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
+
+
 def _check_sha256(value: Any) -> str | None:
     if re.fullmatch(r"[0-9a-f]{64}", str(value)):
         return None
@@ -234,6 +265,18 @@ class StorageConfig:
     # before their retention is up, oldest first; when only studies still being worked on
     # are left, C-STORE answers 0xA700 until there is room again.
     max_spool_gb: float = field(default=0.0, metadata=_check(_check_non_negative))
+    # The store: "sqlite" (one file, storage.data-dir/pxsgate.sqlite3) or a PostgreSQL
+    # URL, postgresql://user@host:5432/pxsgate, shared by several gateways. Never with a
+    # password: database-password-file, or libpq's PGPASSWORD / PGPASSFILE / ~/.pgpass.
+    database: str = field(default="sqlite", metadata=_check(_check_database))
+    database_password_file: Path | None = None
+    # This gateway's name among those sharing a PostgreSQL store (default: the host name).
+    # Its instances, study jobs and spool files are its own: only it resumes or purges
+    # them. Keep it when moving a data-dir to another host.
+    node_name: str | None = field(default=None, metadata=_check(_check_node_name))
+    # A delivery being sent is leased to its node this long; a node that dies mid-delivery
+    # loses it to another node after that (at least once, across nodes).
+    delivery_lease_seconds: float = field(default=120.0, metadata=_check(_check_positive))
 
 
 @dataclass(frozen=True)
@@ -702,6 +745,18 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.storage.data_dir / "pxsgate.sqlite3"
+
+    @property
+    def database_url(self) -> str | None:
+        """The PostgreSQL store's URL, or None for SQLite's file (db_path)."""
+        return None if self.storage.database == "sqlite" else self.storage.database
+
+    @property
+    def node_name(self) -> str:
+        """This gateway's node name: storage.node-name, by default the host name."""
+        import socket
+
+        return self.storage.node_name or socket.gethostname().split(".")[0] or "pxsgate"
 
 
 def _key(f: dataclasses.Field[Any]) -> str:

@@ -101,6 +101,7 @@ class Outbox:
                 await exporter.close()
             raise
         if self._names:
+            await self._store.release_leases()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
             log.info("outbox.started", exporters=self._names)
 

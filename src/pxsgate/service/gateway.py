@@ -56,7 +56,7 @@ from pxsgate.service.recovery import file_patient_id, recover_spool, resume
 from pxsgate.service.sdnotify import Notifier
 from pxsgate.service.supervisor import Supervisor
 from pxsgate.spool import Spool
-from pxsgate.store import Store
+from pxsgate.store import store_for
 from pxsgate.stow import Stow, is_loopback
 from pxsgate.trends import DriftMonitor
 from pxsgate.ui.app import build_app
@@ -110,7 +110,7 @@ class Gateway:
         self.failpoints = failpoints or Failpoints()
         self.notifier = notifier or Notifier({})  # systemd: serve() passes the real one
         self.metrics = Metrics()
-        self.store = Store(config.db_path, self.failpoints)
+        self.store = store_for(config, self.failpoints)
         self.store.reveal_uids = config.logging.include_phi
         self.spool = Spool(config.spool_dir, int(config.storage.min_free_mb * 2**20))
         # Thumbnails and model inputs for the pages (None: pictures.enabled is off).

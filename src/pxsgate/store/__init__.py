@@ -1,15 +1,17 @@
-"""The SQLite store: instances with their senders, studies, selection decisions, results.
+"""The store: instances with their senders, studies, selection decisions, results.
 
-One file under ``storage.data-dir``, in WAL mode so readers (``pxsgate results``, other
-processes) never block the service's writer. The schema is versioned with
-``PRAGMA user_version``; :data:`MIGRATIONS` are applied in order at open and never edited
-once released (add a new one instead).
+By default one SQLite file under ``storage.data-dir``, in WAL mode so readers (``pxsgate
+results``, other processes) never block the service's writer; or a PostgreSQL database
+(``storage.database``) that several gateways share. The schema is versioned
+(SQLite's ``PRAGMA user_version``); :data:`MIGRATIONS` are applied in order at open and
+never edited once released (add a new one instead, with its PostgreSQL twin).
 
 :class:`Store` is one connection (connection.py: opening, migrating, the ``transaction``
 guard of every write, keys made with the store's secret) with one part per concern, in
 data-flow order:
 
 - schema.py: the migrations, and the views per audience they create;
+- schema_pg.py: the same schema on PostgreSQL;
 - jsonpaths.py: where the result document's fields are, for the SQL that reads them;
 - instances.py: indexing each received instance, its receptions and moves (receive);
 - jobs.py: each study's job and its state machine (records.TRANSITIONS), retention;
@@ -22,6 +24,9 @@ data-flow order:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from pxsgate.errors import StoreError
 from pxsgate.records import DONE_STATES, UNFINISHED_STATES, DeliveryState
 from pxsgate.store.access import (
     AUDIT_OUTCOMES,
@@ -53,6 +58,10 @@ from pxsgate.store.results import (
 )
 from pxsgate.store.schema import MIGRATIONS
 
+if TYPE_CHECKING:
+    from pxsgate.config import Config
+    from pxsgate.service.failpoints import Failpoints
+
 __all__ = [
     "AUDIT_OUTCOMES",
     "DONE_STATES",
@@ -82,9 +91,26 @@ __all__ = [
     "WorklistRow",
     "audit_time",
     "delivery_id",
+    "store_for",
 ]
 
 
 class Store(InstancesMixin, JobsMixin, ResultsMixin, PriorsMixin, OutboxMixin, QueriesMixin,
             AccessMixin, StoreBase):
     """Async access to the SQLite file. One connection; aiosqlite serialises its use."""
+
+
+def store_for(config: Config, failpoints: Failpoints | None = None) -> Store:
+    """The store ``config`` names (not opened): SQLite's file under storage.data-dir, or
+    the PostgreSQL database of storage.database, as this node (storage.node-name)."""
+    password = None
+    if (f := config.storage.database_password_file) is not None:
+        try:
+            password = f.read_text().strip()
+        except OSError as exc:
+            raise StoreError(f"cannot read storage.database-password-file {f}: "
+                             f"{exc.strerror or exc}") from exc
+    store = Store(config.db_path, failpoints, url=config.database_url, password=password,
+                  node=config.node_name)
+    store.delivery_lease_seconds = config.storage.delivery_lease_seconds
+    return store

@@ -185,8 +185,9 @@ class AccessMixin(StoreBase):
     async def add_user(self, name: str, role: str, password_hash: str, at: str) -> bool:
         """Add a user; False when the name is taken."""
         cur = await self.db.execute(
-            "INSERT OR IGNORE INTO users (name, role, password_hash, created_at) "
-            "VALUES (?, ?, ?, ?)", (name, role, password_hash, at))
+            "INSERT INTO users (name, role, password_hash, created_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, role, password_hash, at))
         await self.db.commit()
         return cur.rowcount == 1
 
@@ -264,12 +265,14 @@ class AccessMixin(StoreBase):
     @transaction
     async def record_audit(self, entry: AuditEntry) -> int:
         """Append one entry; its id."""
-        cur = await self.db.execute(
-            f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.event_time, entry.user_name, entry.role, entry.action, entry.outcome,
-             entry.study_key, entry.peer_address, entry.detail))
+        async with self.db.execute(
+                f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
+                (entry.event_time, entry.user_name, entry.role, entry.action, entry.outcome,
+                 entry.study_key, entry.peer_address, entry.detail)) as cur:
+            row = await cur.fetchone()
         await self.db.commit()
-        return int(cur.lastrowid or 0)
+        return int(row[0])
 
     async def audit_entries(self, since_utc: str | None = None, user: str | None = None,
                             limit: int | None = None) -> list[AuditEntry]:
@@ -314,12 +317,13 @@ class AccessMixin(StoreBase):
     @transaction
     async def add_review(self, result_id: str, study_uid: str, reviewer: str, verdict: str,
                          comment: str, at: str) -> int:
-        cur = await self.db.execute(
-            "INSERT INTO reviews (result_id, study_instance_uid, reviewer, verdict, comment, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (result_id, study_uid, reviewer, verdict, comment, at))
+        async with self.db.execute(
+                "INSERT INTO reviews (result_id, study_instance_uid, reviewer, verdict, "
+                "comment, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (result_id, study_uid, reviewer, verdict, comment, at)) as cur:
+            row = await cur.fetchone()
         await self.db.commit()
-        return int(cur.lastrowid or 0)
+        return int(row[0])
 
     async def reviews(self, study_uid: str) -> list[Review]:
         """A study's reviews (of any of its results), oldest first."""

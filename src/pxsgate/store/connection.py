@@ -1,6 +1,7 @@
-"""The store's one connection: opening it (WAL, migrations, the store's secret), the
-``transaction`` guard every write method runs under, and the keys made with the store's
-secret (patient hashes, study labels)."""
+"""The store's one connection: opening it (SQLite's file or a PostgreSQL database, the
+migrations, the store's secret), the ``transaction`` guard every write method runs under,
+the node this gateway is (which instances and study jobs are its own), and the keys made
+with the store's secret (patient hashes, study labels)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,25 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import json
 import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import aiosqlite
-
 from pxsgate.errors import StoreError
 from pxsgate.service.failpoints import Failpoints
+from pxsgate.store.db import (
+    Database,
+    DatabaseError,
+    PostgresDatabase,
+    SqliteDatabase,
+    is_postgres_url,
+)
 from pxsgate.store.schema import MIGRATIONS
+
+# Serialises the migrations of nodes starting together on one PostgreSQL database.
+_MIGRATION_LOCK = 0x70787367  # "pxsg"
 
 F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 
@@ -45,78 +54,193 @@ def transaction(method: F) -> F:
 
 
 class StoreBase:
-    """Async access to the SQLite file. One connection; aiosqlite serialises its use. The
-    per-concern parts of :class:`pxsgate.store.Store` build on it."""
+    """Async access to the store: SQLite's file at ``path`` (the default), or the
+    PostgreSQL database at ``url`` (``postgresql://user@host:5432/db``: the password from
+    ``password``, or libpq's environment and ``.pgpass``). One connection; writers take
+    turns on it. ``node``: this gateway's name (storage.node-name): on PostgreSQL, where
+    several gateways share the store, it resumes and purges only its own studies and files.
+    The per-concern parts of :class:`pxsgate.store.Store` build on it."""
 
-    def __init__(self, path: Path, failpoints: Failpoints | None = None) -> None:
+    def __init__(self, path: Path, failpoints: Failpoints | None = None, *,
+                 url: str | None = None, password: str | None = None,
+                 node: str = "") -> None:
+        if url is not None and not is_postgres_url(url):
+            raise StoreError("the store's database URL must start with postgresql://")
         self.path = path
+        self.url = url
+        self._password = password
+        self.node = node
+        self.delivery_lease_seconds = 120.0  # storage.delivery-lease-seconds
         self._failpoints = failpoints or Failpoints()
         self._write_lock = asyncio.Lock()
         self.reveal_uids = False  # study_label: the UID itself (logging.include-phi)
-        self._db: aiosqlite.Connection | None = None
+        self._db: Database | None = None
         self._patient_secret = b""
+
+    @property
+    def where(self) -> str:
+        """The store, as messages name it (never with a password)."""
+        if self.url is None:
+            return str(self.path)
+        from pxsgate.config import redact_url
+
+        return redact_url(self.url)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other gateways may use this store too (PostgreSQL)."""
+        return self.url is not None
+
+    def mine(self, column: str) -> str:
+        """The SQL condition that a row of ``column`` (a node column) is this node's: always
+        true on SQLite, which one gateway has to itself."""
+        if not self.shared:
+            return "1 = 1"
+        return f"{column} = '{self.node.replace(chr(39), chr(39) * 2)}'"
 
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
         """The write turn of one transaction (see :func:`transaction`): what fails inside is
-        rolled back, leaving no transaction open behind it."""
+        rolled back, leaving no transaction open behind it; what it leaves uncommitted is
+        committed at its end."""
         async with self._write_lock:
             try:
+                await self.db.begin()
                 yield
+                await self.db.commit()
             except BaseException:
                 # Always: after a cancellation the interrupted statement may still be
                 # queued on aiosqlite's thread; the rollback runs after it (and is a no-op
                 # when no transaction is open).
                 if self._db is not None:
-                    with contextlib.suppress(sqlite3.Error, ValueError):
+                    with contextlib.suppress(Exception):
                         await asyncio.shield(self._db.rollback())
                 raise
 
+    def document(self, text: str) -> dict[str, Any]:
+        """A stored result document, as its JSON object with its fields in the document's
+        own order. PostgreSQL's JSONB keeps an order of its own: the document is read back
+        through its model (which writes the fields in order, as stored on SQLite)."""
+        data: dict[str, Any] = json.loads(text)
+        if self.shared:
+            from pxsgate.document import ResultDocument
+
+            data = ResultDocument.from_json(data).to_json()
+        return data
+
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> Database:
         if self._db is None:
             raise StoreError("the store is not open")
         return self._db
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await aiosqlite.connect(self.path)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed row survives power loss, which is what Success promised.
-            await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
+            if self.url is None:
+                self._db = await SqliteDatabase.open(self.path)
+            else:
+                self._db = await PostgresDatabase.open(self.url, self._password)
             await self._migrate()
             self._patient_secret = await self._secret()
             await self._backfill_patient_keys()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+            await self._adopt_rows()
+        except (OSError, DatabaseError) as exc:
+            await self.close()
+            raise StoreError(f"cannot open the store {self.where}: {exc}") from exc
 
     async def close(self) -> None:
         if self._db is not None:
-            await self._db.close()
+            with contextlib.suppress(Exception):
+                await self._db.close()
             self._db = None
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
+        db = self.db
+        if isinstance(db, PostgresDatabase):
+            await self._migrate_postgres(db)
+            return
+        assert isinstance(db, SqliteDatabase)
+        async with db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this pxsgate "
-                f"({len(MIGRATIONS)}): upgrade pxsgate"
-            )
+        self._check_version(version)
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self.db.executescript(
+            await db.executescript(
                 f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;"
             )
+
+    def _check_version(self, version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.where} has schema version {version}, newer than this pxsgate "
+                f"({len(MIGRATIONS)}): upgrade pxsgate"
+            )
+
+    async def _migrate_postgres(self, db: PostgresDatabase) -> None:
+        """The same numbered steps as SQLite's, from the baseline (schema_pg.py), in one
+        transaction under an advisory lock: nodes starting together take turns."""
+        from pxsgate.store.schema_pg import (
+            PG_BASELINE,
+            PG_BASELINE_VERSION,
+            PG_FUNCTIONS,
+            PG_MIGRATIONS,
+        )
+
+        await db.begin()
+        try:
+            await db.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            async with db.execute("SELECT to_regclass('meta') IS NOT NULL") as cur:
+                row = await cur.fetchone()
+            version = 0
+            if row is not None and row[0]:
+                async with db.execute(
+                        "SELECT value FROM meta WHERE key = 'schema-version'") as cur:
+                    found = await cur.fetchone()
+                version = int(found[0]) if found else 0
+            self._check_version(version)
+            if version < len(MIGRATIONS):
+                await db.executescript(PG_FUNCTIONS)
+            if version == 0:
+                await db.executescript(PG_BASELINE)
+                version = PG_BASELINE_VERSION
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                await db.executescript(PG_MIGRATIONS[number])
+                version = number
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema-version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+
+    async def schema_version(self) -> int:
+        """The store's schema version (as SQLite's ``PRAGMA user_version`` counts it)."""
+        if self.db.dialect == "sqlite":
+            sql = "PRAGMA user_version"
+        else:
+            sql = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema-version'"
+        async with self.db.execute(sql) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _adopt_rows(self) -> None:
+        """Instances and studies from before nodes were named (or copied without one)
+        become this node's."""
+        if not self.node:
+            return
+        for table in ("instances", "studies"):
+            await self.db.execute(f"UPDATE {table} SET node = ? WHERE node = ''",
+                                  (self.node,))
+        await self.db.commit()
 
     @transaction
     async def probe_write(self, at: str) -> None:
         """Write and commit one small row: raises what any write would (a full disk, a
         database locked by another process past the busy timeout, a read-only file)."""
-        await self.db.execute("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)",
-                              (at,))
+        await self.db.execute(
+            "INSERT INTO health_probe (id, at) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET at = excluded.at", (at,))
         await self.db.commit()
 
     async def _dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -134,7 +258,8 @@ class StoreBase:
     async def _secret(self) -> bytes:
         """The store's key for patient hashes, made once at its creation."""
         await self.db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('patient-key-secret', ?)",
+            "INSERT INTO meta (key, value) VALUES ('patient-key-secret', ?) "
+            "ON CONFLICT (key) DO NOTHING",
             (secrets.token_hex(32),))
         await self.db.commit()
         async with self.db.execute(

@@ -86,8 +86,8 @@ class InstancesMixin(StoreBase):
             """
             INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid,
                 sop_class_uid, transfer_syntax_uid, path, size, sha256, calling_ae,
-                called_ae, peer_address, association_id, received_at, kind)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                called_ae, peer_address, association_id, received_at, kind, node)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (sop_instance_uid) DO UPDATE SET
                 study_instance_uid = excluded.study_instance_uid,
                 series_instance_uid = excluded.series_instance_uid,
@@ -97,13 +97,14 @@ class InstancesMixin(StoreBase):
                 calling_ae = excluded.calling_ae, called_ae = excluded.called_ae,
                 peer_address = excluded.peer_address,
                 association_id = excluded.association_id, received_at = excluded.received_at,
-                receive_count = receive_count + 1, removed_at = NULL, kind = excluded.kind
+                receive_count = instances.receive_count + 1, removed_at = NULL,
+                kind = excluded.kind, node = excluded.node
             """,
             (
                 inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
                 inst.sop_class_uid, inst.transfer_syntax_uid, str(inst.path), inst.size,
                 inst.sha256, inst.calling_ae, inst.called_ae, inst.peer_address,
-                inst.association_id, inst.received_at, kind,
+                inst.association_id, inst.received_at, kind, self.node,
             ),
         )
 
@@ -163,16 +164,17 @@ class InstancesMixin(StoreBase):
                 state = '{StudyState.RECEIVING}', reason = '',
                 last_received_at = excluded.last_received_at,
                 updated_at = excluded.updated_at, deadline = excluded.deadline,
-                settle_seconds = excluded.settle_seconds, attempts = 0, purged_at = NULL"""
+                settle_seconds = excluded.settle_seconds, attempts = 0, purged_at = NULL,
+                node = excluded.node"""
         cursor = await self.db.execute(
             f"""
             INSERT INTO studies (study_instance_uid, state, first_received_at,
-                last_received_at, updated_at, deadline, settle_seconds)
-            VALUES (?, '{StudyState.RECEIVING}', ?, ?, ?, ?, ?)
+                last_received_at, updated_at, deadline, settle_seconds, node)
+            VALUES (?, '{StudyState.RECEIVING}', ?, ?, ?, ?, ?, ?)
             ON CONFLICT (study_instance_uid) {conflict if reopen else "DO NOTHING"}
             """,
             (inst.study_instance_uid, inst.received_at, inst.received_at, inst.received_at,
-             deadline, settle_seconds),
+             deadline, settle_seconds, self.node),
         )
         if reopen or cursor.rowcount == 1:
             return True
@@ -201,7 +203,7 @@ class InstancesMixin(StoreBase):
         async with self.db.execute(
             """SELECT sop_instance_uid, series_instance_uid, sop_class_uid, path
                FROM instances WHERE study_instance_uid = ? AND removed_at IS NULL
-                 AND kind != 'own'
+                 AND kind != 'own' AND """ + self.mine("node") + """
                ORDER BY received_at""",
             (study_uid,),
         ) as cur:
@@ -216,7 +218,8 @@ class InstancesMixin(StoreBase):
         for i in range(0, len(found), 500):
             chunk = found[i : i + 500]
             async with self.db.execute(
-                    f"SELECT path FROM instances WHERE path IN ({','.join('?' * len(chunk))})",
+                    f"SELECT path FROM instances WHERE path IN ({','.join('?' * len(chunk))})"
+                    f" AND {self.mine('node')}",
                     chunk) as cur:
                 known.update(r[0] for r in await cur.fetchall())
         return [Path(p) for p in found if p not in known]

@@ -108,6 +108,7 @@ class JobsMixin(StoreBase):
         async with self.db.execute(
             f"""SELECT study_instance_uid, state, deadline, settle_seconds, attempts
                 FROM studies WHERE state IN ({sql_in(UNFINISHED_STATES)})
+                  AND {self.mine("node")}
                 ORDER BY last_received_at""",
         ) as cur:
             rows = await cur.fetchall()
@@ -147,7 +148,8 @@ class JobsMixin(StoreBase):
     async def spool_bytes(self) -> int:
         """Bytes of the instances still in the spool."""
         async with self.db.execute(
-                "SELECT coalesce(sum(size), 0) FROM instances WHERE removed_at IS NULL") as cur:
+                "SELECT coalesce(sum(size), 0) FROM instances WHERE removed_at IS NULL "
+                f"AND {self.mine('node')}") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -162,6 +164,7 @@ class JobsMixin(StoreBase):
             f"""SELECT s.study_instance_uid FROM studies s
                 WHERE s.purged_at IS NULL AND s.finished_at IS NOT NULL
                   AND s.state IN ({sql_in(DONE_STATES)}) {cutoff}
+                  AND {self.mine("s.node")}
                   AND NOT EXISTS (SELECT 1 FROM deliveries o JOIN results r
                                     ON r.id = o.result_id
                                   WHERE r.study_instance_uid = s.study_instance_uid
@@ -172,7 +175,8 @@ class JobsMixin(StoreBase):
         for uid in studies:
             async with self.db.execute(
                     """SELECT path, size FROM instances
-                       WHERE study_instance_uid = ? AND removed_at IS NULL""", (uid,)) as cur:
+                       WHERE study_instance_uid = ? AND removed_at IS NULL AND """
+                    + self.mine("node"), (uid,)) as cur:
                 rows = await cur.fetchall()
             out.append((uid, [Path(r[0]) for r in rows], sum(int(r[1]) for r in rows)))
         return out
@@ -187,7 +191,8 @@ class JobsMixin(StoreBase):
                 AND state IN ({sql_in(DONE_STATES)})""", (at, study_uid))
         if cur.rowcount:
             await self.db.executemany(
-                "UPDATE instances SET removed_at = ? WHERE path = ? AND removed_at IS NULL",
+                "UPDATE instances SET removed_at = ? WHERE path = ? AND removed_at IS NULL "
+                f"AND {self.mine('node')}",
                 [(at, str(p)) for p in paths])
         await self.db.commit()
         return bool(cur.rowcount)

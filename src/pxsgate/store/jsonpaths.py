@@ -40,5 +40,11 @@ def doc(path: str) -> str:
     return f"json_extract(r.document, '{path}')"
 
 
+# The paths that hold JSON numbers (typed on PostgreSQL, whose json_extract returns
+# text: db.translate reads them with json_number / json_integer instead). The scores'
+# values are strings (Listing 3), read as text on both and CAST where compared.
+NUMBER_PATHS = frozenset({CHANGE_DISTANCE, CHANGE_SCORE_DIFFERENCE, CHANGE_INTERVAL_DAYS})
+INTEGER_PATHS = frozenset({EXIT_CODE})
+
 # A result's PXS score: radiologist_view.pxs_score, researcher_view.pxs_score, evaluate's.
 PXS_SCORE = f"CAST({doc(HEADLINE_VALUE)} AS REAL)"

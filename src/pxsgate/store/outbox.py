@@ -11,10 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from pxsgate.records import DeliveryState, StudyState
 from pxsgate.store.connection import StoreBase, sql_in, transaction
+from pxsgate.store.db import Database
 from pxsgate.store.jobs import SETTLING_STATES, moves_to
 
 _PENDING = DeliveryState.PENDING
@@ -68,7 +67,7 @@ def delivery_id(result_id: str, exporter: str) -> str:
     return str(uuid.uuid5(uuid.UUID(result_id), exporter))
 
 
-async def queue_deliveries(db: aiosqlite.Connection, result_id: str,
+async def queue_deliveries(db: Database, result_id: str,
                            exporters: Sequence[str], due: float, at: str) -> list[str]:
     """Queue one pending delivery of the result per exporter, due at ``due`` (Unix time),
     in the caller's transaction (Store.store_result's); their ids."""
@@ -100,30 +99,54 @@ def _delivery_where(state: str | None, exporter: str | None, ids: Sequence[str]
 class OutboxMixin(StoreBase):
     """Deliveries, and the objects made for exporters."""
 
+    @transaction
     async def due_deliveries(self, now: float, exporters: Sequence[str], limit: int,
                              skip: Iterable[str] = ()) -> list[Delivery]:
-        """Pending deliveries for these exporters whose next attempt is due, oldest first."""
+        """Claim the pending deliveries for these exporters whose next attempt is due,
+        oldest first, and that no node holds a lease on: each is leased to this node for
+        ``delivery_lease_seconds``. On PostgreSQL the rows another node is claiming at
+        the same moment are skipped (``FOR UPDATE SKIP LOCKED``), so N nodes send each
+        delivery once; a node that dies mid-delivery loses it when its lease runs out."""
         if not exporters:
             return []
         skipped = list(skip)
         names = ",".join("?" * len(exporters))
         not_in = f"AND id NOT IN ({','.join('?' * len(skipped))})" if skipped else ""
+        lock = " FOR UPDATE SKIP LOCKED" if self.shared else ""
         async with self.db.execute(
-            f"""SELECT {_DELIVERY_COLUMNS} FROM deliveries
-                WHERE state = '{_PENDING}' AND next_attempt_at <= ?
-                  AND exporter IN ({names})
-                {not_in} ORDER BY next_attempt_at, created_at LIMIT ?""",
-            (now, *exporters, *skipped, limit),
+            f"""UPDATE deliveries SET lease_node = ?, lease_until = ?
+                WHERE id IN (SELECT id FROM deliveries
+                             WHERE state = '{_PENDING}' AND next_attempt_at <= ?
+                               AND lease_until <= ? AND exporter IN ({names})
+                             {not_in} ORDER BY next_attempt_at, created_at LIMIT ?{lock})
+                RETURNING {_DELIVERY_COLUMNS}""",
+            (self.node, now + self.delivery_lease_seconds, now, now, *exporters, *skipped,
+             limit),
         ) as cur:
-            rows = await cur.fetchall()
-        return [_delivery(r) for r in rows]
+            rows = list(await cur.fetchall())
+        await self.db.commit()
+        return sorted((_delivery(r) for r in rows),
+                      key=lambda d: (d.next_attempt_at, d.created_at))
+
+    @transaction
+    async def release_leases(self) -> int:
+        """Give up this node's delivery leases: at the outbox's start nothing is in flight,
+        so what a killed predecessor had leased is due again at once (not when its lease
+        runs out)."""
+        cur = await self.db.execute(
+            f"""UPDATE deliveries SET lease_until = 0
+                WHERE lease_node = ? AND lease_until > 0 AND state = '{_PENDING}'""",
+            (self.node,))
+        await self.db.commit()
+        return cur.rowcount
 
     async def next_delivery_time(self, exporters: Sequence[str]) -> float | None:
         if not exporters:
             return None
         names = ",".join("?" * len(exporters))
         async with self.db.execute(
-            f"""SELECT min(next_attempt_at) FROM deliveries
+            f"""SELECT min(CASE WHEN lease_until > next_attempt_at THEN lease_until
+                                ELSE next_attempt_at END) FROM deliveries
                 WHERE state = '{_PENDING}' AND exporter IN ({names})""", exporters) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
@@ -132,7 +155,7 @@ class OutboxMixin(StoreBase):
     async def delivery_done(self, delivery: str, at: str) -> None:
         await self.db.execute(
             f"""UPDATE deliveries SET state = '{_DELIVERED}', attempts = attempts + 1,
-                   last_error = '', updated_at = ?, delivered_at = ?
+                   last_error = '', updated_at = ?, delivered_at = ?, lease_until = 0
                WHERE id = ? AND state = '{_PENDING}'""", (at, at, delivery))
         await self._settle_study(delivery)
         await self.db.commit()
@@ -164,7 +187,8 @@ class OutboxMixin(StoreBase):
         state = DeliveryState.PENDING if next_attempt_at is not None else DeliveryState.DEAD
         await self.db.execute(
             f"""UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?,
-                   updated_at = ?, next_attempt_at = coalesce(?, next_attempt_at)
+                   updated_at = ?, next_attempt_at = coalesce(?, next_attempt_at),
+                   lease_until = 0
                WHERE id = ? AND state = '{_PENDING}'""",
             (state, error[:500], at, next_attempt_at, delivery))
         if next_attempt_at is None:
@@ -191,7 +215,7 @@ class OutboxMixin(StoreBase):
             clauses += (" AND " if clauses else "WHERE ") + f"state != '{_DELIVERED}'"
         cur = await self.db.execute(
             f"""UPDATE deliveries SET state = '{_PENDING}', attempts = 0, next_attempt_at = ?,
-                    updated_at = ? {clauses}""", (now, at, *params))
+                    updated_at = ?, lease_until = 0 {clauses}""", (now, at, *params))
         await self.db.commit()
         return int(cur.rowcount)
 

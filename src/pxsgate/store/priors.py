@@ -4,7 +4,6 @@ that ``pxsgate priors backfill`` can give a change they lack."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -66,8 +65,9 @@ class PriorsMixin(StoreBase):
                     (p.study_instance_uid, p.weights_sha256)) as cur:
                 if await cur.fetchone() is not None:
                     continue
-            vec = await self.db.execute(
-                "INSERT INTO embedding_vectors (vector) VALUES (?)", (p.vector,))
+            async with self.db.execute("INSERT INTO embedding_vectors (vector) VALUES (?) "
+                                       "RETURNING id", (p.vector,)) as cur:
+                vector_id = (await cur.fetchone())[0]
             await self.db.execute(
                 """INSERT INTO fetched_priors (study_instance_uid, weights_sha256,
                        sop_instance_uid, series_instance_uid, patient_key, study_time,
@@ -76,7 +76,7 @@ class PriorsMixin(StoreBase):
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (p.study_instance_uid, p.weights_sha256, p.sop_instance_uid,
                  p.series_instance_uid, patient_key, p.study_time, p.study_datetime, p.score,
-                 p.anchors_sha256, p.dim, vec.lastrowid, p.source, p.fetched_at))
+                 p.anchors_sha256, p.dim, vector_id, p.source, p.fetched_at))
             added += 1
         await self.db.commit()
         return added
@@ -118,7 +118,7 @@ class PriorsMixin(StoreBase):
             rows = await cur.fetchall()
         out = []
         for text, sop, series, score, dim, vector, study_time, anchors in rows:
-            data = json.loads(text)
+            data = self.document(text)
             if any(r.get("code") == CHANGE_CODE for r in data.get("results") or ()):
                 continue
             out.append(ResultWithoutChange(

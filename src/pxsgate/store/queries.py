@@ -4,6 +4,7 @@ tools that call them hold no SQL."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,24 @@ _SCORED_STUDIES_SQL = f"""
     ORDER BY r.created_utc, r.rowid"""
 
 
-def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[Row]:
+def _scored_sql(exclude_rejected: bool) -> str:
+    if not exclude_rejected:
+        return _SCORED_STUDIES_SQL
+    return _SCORED_STUDIES_SQL.replace("ORDER BY", f"AND r.study_instance_uid NOT IN "
+                                       f"({REJECTED_STUDIES_SQL})\n    ORDER BY")
+
+
+async def _read_shared(store: QueriesMixin, exclude_rejected: bool) -> list[Row]:
+    await store.open()
+    try:
+        async with store.db.execute(_scored_sql(exclude_rejected)) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+    finally:
+        await store.close()
+
+
+def read_scored_studies(db: Path | QueriesMixin, exclude_rejected: bool = False
+                        ) -> list[Row]:
     """Each study's current SUCCEEDED result (rows of :data:`_SCORED_STUDIES_SQL`), read
     from the store's file without writing: no migration, and ``query_only`` refuses any
     change (WAL readers never block the running service).
@@ -156,6 +174,8 @@ def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[Row]:
 
     ``exclude_rejected``: without the studies whose latest review rejects them
     (access.REJECTED_STUDIES_SQL)."""
+    if not isinstance(db, Path):  # a PostgreSQL store (not open): its own connection
+        return asyncio.run(_read_shared(db, exclude_rejected))
     uri = f"{db.resolve().as_uri()}?mode=rw"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=5)
@@ -163,11 +183,7 @@ def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[Row]:
         raise PxsgateError(f"cannot open the store {db}: {exc}") from exc
     try:
         conn.execute("PRAGMA query_only = ON")
-        sql = _SCORED_STUDIES_SQL
-        if exclude_rejected:
-            sql = sql.replace("ORDER BY", f"AND r.study_instance_uid NOT IN "
-                              f"({REJECTED_STUDIES_SQL})\n    ORDER BY")
-        return [tuple(r) for r in conn.execute(sql).fetchall()]
+        return [tuple(r) for r in conn.execute(_scored_sql(exclude_rejected)).fetchall()]
     except sqlite3.Error as exc:
         raise PxsgateError(f"cannot read results from the store {db}: {exc}") from exc
     finally:

@@ -16,13 +16,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from pxsgate.document import ResultDocument
 from pxsgate.records import ImageDecision, PriorImage, Status, StudyDecision, StudyState
 from pxsgate.store.access import REJECTED_STUDIES_SQL
 from pxsgate.store.connection import StoreBase
 from pxsgate.store.connection import transaction as writes
+from pxsgate.store.db import Database
 from pxsgate.store.jobs import moves_to
 from pxsgate.store.jsonpaths import STUDY_DATETIME, doc
 from pxsgate.store.outbox import queue_deliveries
@@ -96,7 +95,7 @@ class ResultFilter:
     limit: int | None = None
 
 
-async def insert_result(db: aiosqlite.Connection, document: ResultDocument,
+async def insert_result(db: Database, document: ResultDocument,
                         patient_key: str) -> None:
     """The document as its study's current result (the caller has made the one before it
     not current, in the same transaction)."""
@@ -145,8 +144,9 @@ class ResultTransaction:
         await insert_result(db, document, patient_key)
         for i, e in enumerate(embeddings.images if embeddings is not None else ()):
             assert embeddings is not None
-            cur = await db.execute(
-                "INSERT INTO embedding_vectors (vector) VALUES (?)", (e.vector,))
+            async with db.execute("INSERT INTO embedding_vectors (vector) VALUES (?) "
+                                  "RETURNING id", (e.vector,)) as cur:
+                vector_id = (await cur.fetchone())[0]
             await db.execute(
                 """INSERT INTO embeddings (result_id, sop_instance_uid, series_instance_uid,
                        study_instance_uid, patient_key, study_time, headline, score,
@@ -154,7 +154,7 @@ class ResultTransaction:
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (document.id, e.sop_instance_uid, e.series_instance_uid, study_uid,
                  patient_key, embeddings.study_time, int(i == 0), e.score,
-                 embeddings.weights_sha256, embeddings.anchors_sha256, e.dim, cur.lastrowid))
+                 embeddings.weights_sha256, embeddings.anchors_sha256, e.dim, vector_id))
         due = time.time() if now is None else now
         ids = await queue_deliveries(db, document.id, exporters, due, document.updated_at)
         await db.execute(
@@ -279,10 +279,10 @@ class ResultsMixin(StoreBase):
         if flt.limit is not None:  # the latest ``limit``, still oldest first
             sql = (f"SELECT document FROM (SELECT document, created_utc, rowid AS r "
                    f"FROM results {where} ORDER BY created_utc DESC, rowid DESC "
-                   f"LIMIT {int(flt.limit)}) ORDER BY created_utc, r")
+                   f"LIMIT {int(flt.limit)}) AS latest ORDER BY created_utc, r")
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [self.document(r[0]) for r in rows]
 
     async def is_current(self, result_id: str) -> bool:
         """Whether the result is its study's current one (not superseded by a rescore)."""
@@ -295,7 +295,7 @@ class ResultsMixin(StoreBase):
         async with self.db.execute("SELECT document FROM results WHERE id = ?",
                                    (result_id,)) as cur:
             row = await cur.fetchone()
-        return json.loads(row[0]) if row else None
+        return self.document(row[0]) if row else None
 
     async def study_detail(self, study_uid: str) -> dict[str, Any] | None:
         """Everything known about one study: its state, instances with their senders,

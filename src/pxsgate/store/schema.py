@@ -468,6 +468,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX results_worklist ON results (flags != '', created_utc) WHERE current = 1;
     """,
+    # 10: several gateways on one database (issue 23): who owns what, delivery leases
+    """
+    -- The node (storage.node-name) that received an instance and holds its file, and the
+    -- node whose job a study is: only that node resumes or purges it.
+    ALTER TABLE instances ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE studies ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    CREATE INDEX studies_node_state ON studies (node, state);
+    -- A delivery being sent: by which node, until when (Unix time). Past lease_until
+    -- another node may claim it (at least once, across nodes).
+    ALTER TABLE deliveries ADD COLUMN lease_node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deliveries ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 

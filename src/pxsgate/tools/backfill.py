@@ -30,7 +30,7 @@ from pxsgate.priors.finder import LookupRequest, PriorFinder
 from pxsgate.priors.source import make_source
 from pxsgate.records import PriorImage, ScoredImage, now_iso
 from pxsgate.results import exporters_for
-from pxsgate.store import Store, StudyEmbeddings
+from pxsgate.store import Store, StudyEmbeddings, store_for
 from pxsgate.store.priors import ResultWithoutChange
 
 
@@ -91,7 +91,7 @@ async def backfill(config: Config, *, since: str | None = None, deliver: bool = 
                           "would go to the running service (set retrieve: c-get for it)")
     if not config.change.enabled:
         raise ConfigError("change.enabled", "change over time is off: nothing to backfill")
-    store = Store(config.db_path)
+    store = store_for(config)
     await store.open()
     jpeg = config.preprocess.jpeg_roundtrip
     worker = InferenceWorker(scorer_factory or (lambda: load_scorer(

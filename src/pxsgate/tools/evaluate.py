@@ -215,7 +215,8 @@ class ScoredStudy:
     anchors_sha256: str
 
 
-def read_scored_studies(db: Path, exclude_rejected: bool = False) -> list[ScoredStudy]:
+def read_scored_studies(db: Path | queries.QueriesMixin, exclude_rejected: bool = False
+                        ) -> list[ScoredStudy]:
     """Each study's current SUCCEEDED result, read from the store's file without writing
     (pxsgate.store.queries.read_scored_studies); ``exclude_rejected``: without the studies
     whose latest review rejects them (wrong-image-used, wrong-patient, not-a-valid-exam)."""
@@ -486,7 +487,7 @@ def label_rule(window_days: float | None) -> str:
             "positive; several rows for one study: positive if any is")
 
 
-def evaluate(db: Path, outcomes_path: Path, out_dir: Path, *,
+def evaluate(db: Path | queries.QueriesMixin, outcomes_path: Path, out_dir: Path, *,
              window_days: float | None = None, thresholds: Sequence[float] = (),
              rounds: int = 2000, seed: int = 0, exclude_rejected: bool = False
              ) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pxsgate.anchors import AnchorSet, anchor_images
 from pxsgate.cli import main
 from pxsgate.config import ModelConfig, load_config
 from pxsgate.document import ModelInfo
+from pxsgate.errors import ModelError
 from pxsgate.infer import PxsScorer, Runtime, load_weights
 from pxsgate.log import configure_logging
 from pxsgate.preprocess import preprocess_pixels
@@ -32,6 +33,7 @@ from pxsgate.pxs import demo_embedding_net, pxs_scores
 from pxsgate.service.gateway import Gateway
 from pxsgate.tools import synth
 from pxsgate.triton.export import model_config
+from pxsgate.triton.scorer import check_signature
 
 from . import tritonserver
 from .conftest import free_port, write_config
@@ -251,6 +253,23 @@ def test_startup_says_when_triton_is_unreachable(
     code, _, err = score(config, radiographs[:1], capsys)
     assert code == 1
     assert f"Triton at grpc://127.0.0.1:{port}" in err
+
+
+def test_the_signature_check_takes_both_image_layouts_and_names_a_mismatch() -> None:
+    """What a served model must take and give, as Triton's metadata says it (gRPC's JSON
+    gives the dimensions as strings)."""
+    out = [{"name": "E", "datatype": "FP32", "shape": ["-1", "1000"]}]
+    for dims, request in (([-1, 320, 320], [1, 320, 320]),
+                          (["-1", "1", "320", "320"], [1, 1, 320, 320])):
+        meta = {"inputs": [{"name": "I", "datatype": "UINT8", "shape": dims}], "outputs": out}
+        assert check_signature(meta, "m") == ("I", request, "E")
+    for inputs, outputs in (
+            ([{"name": "I", "datatype": "UINT8", "shape": [320, 320]}], out),  # no batching
+            ([{"name": "I", "datatype": "UINT8", "shape": [-1, 224, 224]}], out),
+            ([{"name": "I", "datatype": "UINT8", "shape": [-1, 320, 320]}],
+             [{"name": "E", "datatype": "FP16", "shape": [-1, 1000]}])):
+        with pytest.raises(ModelError, match=r"m takes I UINT8 .* and gives E FP"):
+            check_signature({"inputs": inputs, "outputs": outputs}, "m")
 
 
 # --- Triton going away --------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 #
 #     bash benchmarks/gpu.sh [NAME ...] [--quick]      # arguments go to benchmarks.run
 #
+# Without a NAME: inference (throughput by batch, bf16/fp16 parity), e2e (ready -> stored),
+# soak and gpu_jpeg2000 (nvImageCodec against pylibjpeg, bit for bit).
+#
 # It uses a Python that already has a CUDA build of torch (PXSGATE_PYTHON, default python3;
 # GPU images ship one), makes .venv-gpu on top of it (--system-site-packages, so that torch
 # is reused, not downloaded), installs pxsgate there, installs DCMTK if it is missing, checks
@@ -43,9 +46,17 @@ if [ -n "${PXSGATE_WHEELS:-}" ]; then
   PIP+=(--no-index --find-links "$PXSGATE_WHEELS")
 fi
 "${PIP[@]}" -e .
+# benchmarks.gpu_jpeg2000: nvImageCodec's JPEG 2000 decoder against pylibjpeg's, bit for bit.
+# Optional: without it that benchmark says so and the others run.
+"${PIP[@]}" nvidia-nvimgcodec-cu12 \
+  || echo "gpu.sh: nvidia-nvimgcodec-cu12 not installed (put its wheel in PXSGATE_WHEELS)" >&2
 
 .venv-gpu/bin/python - <<'EOF'
 import torch
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
 EOF
+# Without names: the benchmarks a GPU changes (the store, ingest and UI ones are the CPU's).
+names=0
+for arg in "$@"; do case "$arg" in -*) ;; *) names=1 ;; esac; done
+if [ "$names" = 0 ]; then set -- inference e2e soak gpu_jpeg2000 "$@"; fi
 exec .venv-gpu/bin/python -m benchmarks.run --device cuda "$@"

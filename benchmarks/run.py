@@ -46,6 +46,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
     "store_json": ([], ["--rows", "300", "--repeats", "2"], False),
     "ui_pages": ([], ["--results", "500", "--repeats", "2"], False),
     "store_backends": ([], ["--results", "100", "--repeats", "1"], False),
+    "gpu_jpeg2000": ([], ["--images", "1", "--rows", "512", "--cols", "512", "--repeats", "1"],
+                     True),
     "triton": ([], ["--sizes", "1", "--images", "1"], True),
 }
 

@@ -5,8 +5,8 @@
     python -m benchmarks.run --summary        # only rebuild the table from saved figures
     python -m benchmarks.run --list
 
-NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages (default: all of them, in that
-order). Each benchmark repeats its measurement and saves its figures, with the machine,
+NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages, cli (default: all of them,
+in that order). Each benchmark repeats its measurement and saves its figures, with the machine,
 commit, date and device, as ``<results>/<name>-<machine>-<date>.json`` (the machine label is
 ``cpu`` or the GPU's model, e.g. ``h100``). Then ``<results>/SUMMARY.md`` is rebuilt from the
 latest figures of every benchmark on every machine found there, one table: each headline
@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
                   "--quiet"], True),
     "store_json": ([], ["--rows", "300", "--repeats", "2"], False),
     "ui_pages": ([], ["--results", "500", "--repeats", "2"], False),
+    "cli": ([], ["--results", "5", "--repeats", "2"], False),
 }
 
 

@@ -2,12 +2,15 @@
 
 Exit codes: 0 success, 1 a runtime failure (the demo's outcomes differ, a file could not be
 scored), 2 a usage or configuration error (the message names the key path).
+
+Each command imports what it needs when it runs: the commands that read the store
+(``results``, ``status``, ``trace``, ``outbox list``) answer in ~0.1 s, without pydicom,
+numpy, torch, aiohttp, structlog or the web UI (issue 24; tests/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import dataclasses
 import json
@@ -17,15 +20,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, Config, load_config, resolve_config_path
 from pxsgate.errors import ConfigError, PxsgateError
-from pxsgate.log import configure_logging
-from pxsgate.records import DeliveryState, Status, now_iso
-from pxsgate.store import ROLES, ResultFilter, Store
-from pxsgate.ui.passwords import MIN_PASSWORD_LENGTH
+from pxsgate.records import ROLES, DeliveryState, Status, now_iso, parse_since
+from pxsgate.ui.passwords import MIN_PASSWORD_LENGTH  # the standard library's only
+
+if TYPE_CHECKING:
+    from pxsgate.store import Store
 
 R = TypeVar("R")
 
@@ -207,11 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that only read (or, outbox retry, mark) the store: their config is loaded
+# without the checks that need pydicom (config.load_config), which they never use.
+_STORE_COMMANDS = frozenset({"results", "status", "trace", "outbox", "export-dataset",
+                             "users", "audit"})
+
+
 def _config(args: argparse.Namespace) -> Config:
     path = resolve_config_path(args.config)
     if args.config is None and not path.exists():
         return Config()  # no file anywhere: the built-in defaults, as documented
-    return load_config(path)
+    return load_config(path, skip_dicom_checks=args.command in _STORE_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coro: Any) -> Any:
+    import asyncio
+
     try:
         import uvloop  # optional: a faster event loop where it is installed
     except ImportError:
@@ -259,6 +271,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     130 at once, which loses nothing acknowledged: it is all on disk), or until the service
     finds itself unable to go on (exit 1, so that systemd restarts it). See
     pxsgate.service.serve."""
+    from pxsgate.log import configure_logging
+
     configure_logging(config.logging.format, config.logging.level,
                       include_phi=config.logging.include_phi)
     # multiprocessing's resource tracker (a process of its own, started with the decode
@@ -291,6 +305,7 @@ def _forced_exit() -> NoReturn:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.log import configure_logging
     from pxsgate.tools.demo import run_demo
 
     configure_logging("console", "warning", sys.stderr)  # stdout is the demo's report
@@ -308,8 +323,6 @@ def _store_path(args: argparse.Namespace, config: Config) -> Path:
 def _since(value: str) -> str:
     """``--since``: an ISO 8601 date or date-time, as the store compares it (a bad value is
     argparse's usage error, exit 2)."""
-    from pxsgate.service.api import parse_since  # aiohttp only for the commands that take --since
-
     try:
         return parse_since(value)
     except ValueError as exc:
@@ -317,12 +330,14 @@ def _since(value: str) -> str:
 
 
 def cmd_results(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.store import ResultFilter
+
     db = _store_path(args, config)
     flt = ResultFilter(study_uid=args.study_uid, patient_id=args.patient_id,
                        accession=args.accession, status=args.status, model=args.model,
                        since=args.since, flagged=args.flagged, history=args.history,
                        limit=args.limit)
-    docs = _run(_with_store(db, lambda store: store.results(flt)))
+    docs = _with_store(db, lambda store: store.results(flt))
     if args.json:
         json.dump(docs, sys.stdout, indent=2)
         print()
@@ -333,27 +348,36 @@ def cmd_results(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _with_store(db: Path, use: Callable[[Store], Awaitable[R]]) -> R:
-    """Open the store, ``use`` it, close it: the one-shot commands' access."""
-    store = Store(db)
-    await store.open()
-    try:
-        return await use(store)
-    finally:
-        await store.close()
+def _with_store(db: Path, use: Callable[[Store], Awaitable[R]]) -> R:
+    """Open the store, ``use`` it, close it: the one-shot commands' access. On asyncio's
+    own loop: uvloop (``_run``) is for the service; here its import would cost more than
+    it saves."""
+    import asyncio
+
+    from pxsgate.store import Store
+
+    async def run() -> R:
+        store = Store(db)
+        await store.open()
+        try:
+            return await use(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def cmd_outbox(args: argparse.Namespace, config: Config) -> int:
     db = _store_path(args, config)
     if args.outbox_command == "retry":
         state = None if args.ids else args.state
-        count = _run(_with_store(db, lambda store: store.retry_deliveries(
-            now_iso(), time.time(), state=state, exporter=args.exporter, ids=args.ids)))
+        count = _with_store(db, lambda store: store.retry_deliveries(
+            now_iso(), time.time(), state=state, exporter=args.exporter, ids=args.ids))
         print(f"{count} deliver{'y' if count == 1 else 'ies'} due now "
               "(the running service picks them up within seconds)")
         return EXIT_OK
-    rows = _run(_with_store(db, lambda store: store.deliveries(
-        state=args.state, exporter=args.exporter, limit=args.limit)))
+    rows = _with_store(db, lambda store: store.deliveries(
+        state=args.state, exporter=args.exporter, limit=args.limit))
     if args.json:
         json.dump([dataclasses.asdict(d) for d in rows], sys.stdout, indent=2)
         print()
@@ -400,8 +424,8 @@ def cmd_export_dataset(args: argparse.Namespace, config: Config) -> int:
     """researcher_view as CSV (de-identified: patient hash, study date, scores, change since
     the prior image, model, timings). Prints nothing else but a row count on stderr."""
     db = _store_path(args, config)
-    names, rows = _run(_with_store(db, lambda store: store.researcher_rows(
-        since=args.since, model=args.model, exclude_rejected=args.exclude_rejected)))
+    names, rows = _with_store(db, lambda store: store.researcher_rows(
+        since=args.since, model=args.model, exclude_rejected=args.exclude_rejected))
     if args.out is None:
         _write_dataset(sys.stdout, names, rows)
         return EXIT_OK
@@ -424,6 +448,7 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     import numpy as np
 
     from pxsgate.infer import PxsScorer
+    from pxsgate.log import configure_logging
     from pxsgate.preprocess import load_model_image
 
     configure_logging(config.logging.format, "warning")
@@ -460,6 +485,7 @@ def cmd_anchors(args: argparse.Namespace, config: Config) -> int:
 
     from pxsgate.anchors import save_anchor_file
     from pxsgate.infer import PxsScorer
+    from pxsgate.log import configure_logging
 
     configure_logging(config.logging.format, "warning")
     if not args.folder.is_dir():
@@ -520,11 +546,11 @@ def _dry_run_json(run: Any) -> dict[str, Any]:
 
 def _health(config: Config, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
     """The running service's /healthz, or None and why not."""
+    if config.http.port == 0:
+        return None, "http.port is 0"
     import urllib.error
     import urllib.request
 
-    if config.http.port == 0:
-        return None, "http.port is 0"
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
         config.http.host, config.http.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}/healthz"
@@ -551,9 +577,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     db = _store_path(args, config)
     data_dir = args.data_dir or config.storage.data_dir
     health, why = _health(config)
-    summary = _run(_with_store(db, lambda store: gather_summary(
+    summary = _with_store(db, lambda store: gather_summary(
         store, data_dir, min_free_mb=config.storage.min_free_mb,
-        max_spool_gb=config.storage.max_spool_gb)))
+        max_spool_gb=config.storage.max_spool_gb))
     if health is None:
         summary["unreachable"] = why
     if args.json:
@@ -576,7 +602,7 @@ def cmd_trace(args: argparse.Namespace, config: Config) -> int:
             detail["study"]["key"] = store.study_label_hashed(uid)
         return detail
 
-    detail = _run(_with_store(db, find))
+    detail = _with_store(db, find)
     if detail is None:
         print(f"pxsgate trace: no study {args.study_uid} in the store", file=sys.stderr)
         return EXIT_FAILURE
@@ -606,6 +632,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_priors(args: argparse.Namespace, config: Config) -> int:
+    from pxsgate.log import configure_logging
     from pxsgate.tools.backfill import backfill
 
     configure_logging(config.logging.format, "warning", sys.stderr,
@@ -646,7 +673,7 @@ def cmd_users(args: argparse.Namespace, config: Config) -> int:
     db = _store_path(args, config)
     command = args.users_command
     if command == "list":
-        users = _run(_with_store(db, lambda store: store.users()))
+        users = _with_store(db, lambda store: store.users())
         if args.json:
             json.dump([{"name": u.name, "role": u.role, "createdAt": u.created_at,
                         "disabled": u.disabled} for u in users], sys.stdout, indent=2)
@@ -691,7 +718,7 @@ def cmd_users(args: argparse.Namespace, config: Config) -> int:
                                         peer="local", detail=detail)
         return done
 
-    if not _run(_with_store(db, change)):
+    if not _with_store(db, change):
         why = "exists already" if command == "add" else "is no user"
         print(f"pxsgate users: {name!r} {why}", file=sys.stderr)
         return EXIT_FAILURE
@@ -707,8 +734,8 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
     db = _store_path(args, config)
     since = audit_time(datetime.fromisoformat(args.since)) if args.since else None
-    entries = _run(_with_store(db, lambda store: store.audit_entries(
-        since_utc=since, user=args.user, limit=args.limit)))
+    entries = _with_store(db, lambda store: store.audit_entries(
+        since_utc=since, user=args.user, limit=args.limit))
     if args.json:
         json.dump([ps315(e) for e in entries], sys.stdout, indent=2)
         print()

@@ -22,10 +22,9 @@ data-flow order:
 
 from __future__ import annotations
 
-from pxsgate.records import DONE_STATES, UNFINISHED_STATES, DeliveryState
+from pxsgate.records import DONE_STATES, ROLES, UNFINISHED_STATES, DeliveryState
 from pxsgate.store.access import (
     AUDIT_OUTCOMES,
-    ROLES,
     VERDICTS,
     AccessMixin,
     AuditEntry,

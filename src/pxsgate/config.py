@@ -305,9 +305,9 @@ class RuleList(Sequence["Rule"]):
     Compiling needs pydicom's data dictionary, and importing pydicom takes ~0.2 s: the
     commands that only read the store (``pxsgate results``, ``status``, ...) load their
     config with ``skip_dicom_checks`` and never pay it. Every other load compiles the rules
-    as it reads them, so a mistake is reported with its key path before anything starts.
-    A compile error raises :class:`ConfigError`, naming the key path, at whichever comes
-    first. Equal when the compiled rules are; the cache is this object's own (two threads
+    a file gives as it reads them, so a mistake is reported with its key path before
+    anything starts (the built-in defaults, which tests hold valid, compile on first use).
+    A compile error raises :class:`ConfigError`, naming the key path, whenever it comes. Equal when the compiled rules are; the cache is this object's own (two threads
     compiling at once both get equal rules)."""
 
     __slots__ = ("_actions", "_compiled", "_data", "_path")

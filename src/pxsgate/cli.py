@@ -224,8 +224,25 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path, skip_dicom_checks=args.command in _STORE_COMMANDS)
 
 
+def _one_shot_process() -> None:
+    """This process runs one short command, then exits: no cyclic garbage collection in
+    it. Its passes over every object of every imported module, during the imports and at
+    exit, are ~20 ms of the ~0.13 s a read-only command takes on 2 cores; what these
+    commands make is freed by reference counting. gc.freeze at exit (an atexit handler runs
+    before the interpreter's last collections) leaves those collections nothing to walk."""
+    import atexit
+    import gc
+
+    gc.disable()
+    atexit.register(gc.freeze)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program (``pxsgate`` and ``python -m pxsgate`` call it without ``argv``), or a
+    command run from Python with ``argv``: then the caller's process is left as it was."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in _STORE_COMMANDS:
+        _one_shot_process()
     try:
         config = _config(args)
         handler = _COMMANDS[args.command]

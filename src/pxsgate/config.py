@@ -307,7 +307,8 @@ class RuleList(Sequence["Rule"]):
     config with ``skip_dicom_checks`` and never pay it. Every other load compiles the rules
     a file gives as it reads them, so a mistake is reported with its key path before
     anything starts (the built-in defaults, which tests hold valid, compile on first use).
-    A compile error raises :class:`ConfigError`, naming the key path, whenever it comes. Equal when the compiled rules are; the cache is this object's own (two threads
+    A compile error raises :class:`ConfigError`, naming the key path, whenever it comes.
+    Equal when the compiled rules are; the cache is this object's own (two threads
     compiling at once both get equal rules)."""
 
     __slots__ = ("_actions", "_compiled", "_data", "_path")

@@ -26,7 +26,7 @@ from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, Config, load_config, resolve_config_path
 from pxsgate.errors import ConfigError, PxsgateError
 from pxsgate.records import ROLES, DeliveryState, Status, now_iso, parse_since
-from pxsgate.ui.passwords import MIN_PASSWORD_LENGTH  # the standard library's only
+from pxsgate.ui.passwords import MIN_PASSWORD_LENGTH  # it imports the standard library only
 
 if TYPE_CHECKING:
     from pxsgate.store import Store

@@ -4,8 +4,9 @@ Exit codes: 0 success, 1 a runtime failure (the demo's outcomes differ, a file c
 scored), 2 a usage or configuration error (the message names the key path).
 
 Each command imports what it needs when it runs: the commands that read the store
-(``results``, ``status``, ``trace``, ``outbox list``) answer in ~0.1 s, without pydicom,
-numpy, torch, aiohttp, structlog or the web UI (issue 24; tests/test_cli_imports.py).
+(``results``, ``status``, ``trace``, ``outbox list``) answer in ~0.13 s on 2 cores, without
+pydicom, numpy, torch, aiohttp, structlog or the web UI (issue 24; benchmarks/cli.py times
+them, tests/test_cli_imports.py holds what they import).
 """
 
 from __future__ import annotations

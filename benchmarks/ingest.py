@@ -1,11 +1,16 @@
 """Ingest: instances/s and MB/s received into the spool from DCMTK storescu over loopback,
-side by side with DCMTK's own storescp on the same files in the same run.
+side by side with DCMTK's own storescp and with Orthanc on the same files in the same run.
 
     python -m benchmarks.ingest [--files 20] [--rows 3000 --cols 2500] [--repeats 5]
-                                [--pdu-sizes 16384,65536]
+                                [--pdu-sizes 16384,65536] [--no-orthanc]
 
 Receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
   storescp   DCMTK's storescp +B (bit-preserving writes, no fsync: its best case)
+  orthanc    Debian's Orthanc (/usr/sbin/Orthanc, a process of its own, never the system
+             service): storage and SQLite index in a fresh temporary folder, SyncStorageArea
+             on (each file fsynced before its Success), any calling AE accepted, no plugins,
+             its largest PDU (131072 bytes, storescp's here too; its default is 16384);
+             left out, and said so, where it is not installed
   pxsgate    pxsgate serve's receiver (fsync + rename + SQLite index before each Success),
              with its default maximum PDU (262144 bytes)
   pxsgate+j2k  the same, while a second storescu feeds JPEG 2000 AP chests that the service
@@ -15,19 +20,22 @@ Receivers, each fed the same files by ``/usr/bin/storescu`` in one association:
   pxsgate stow-rs  the same files by STOW-RS (POST /dicomweb/studies) in one
              multipart/related request streamed from a file by a separate client process
              (http.client), to the same checks, fsync and index (pxsgate.stow)
-Writes benchmarks/results/ingest-<date>.json and prints a table with the ratios.
+Writes benchmarks/results/ingest-<date>.json and prints a table with the ratios
+(pxsgate / storescp, pxsgate / Orthanc).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +120,87 @@ def storescp_once(files: list[Path], out: Path) -> float:
         proc.wait()
 
 
+ORTHANC = Path("/usr/sbin/Orthanc")
+
+
+def orthanc_version() -> str | None:
+    """Orthanc's version, or None where it is not installed."""
+    if not ORTHANC.exists():
+        return None
+    out = subprocess.run([str(ORTHANC), "--version"], capture_output=True, text=True)
+    words = (out.stdout.splitlines() or [""])[0].split()
+    return words[-1] if words else "unknown"
+
+
+def orthanc_config(root: Path, dicom_port: int, http_port: int) -> Path:
+    """A configuration of Orthanc's own for one run: everything under ``root``."""
+    config = {
+        "Name": "pxsgate-ingest-benchmark",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "DicomServerEnabled": True,
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": False,  # storescu calls PxsScore, as it does pxsgate
+        "DicomAlwaysAllowStore": True,  # any calling AE title, from any host
+        "DicomCheckModalityHost": False,
+        "DicomModalities": {},
+        "SyncStorageArea": True,  # fsync() of each stored file (Orthanc >= 1.7.4's default)
+        "StorageCompression": False,
+        "MaximumPduLength": 131072,  # the most Orthanc allows; storescp -pdu 131072 here
+        # HTTP only to see that it is up: loopback, nothing else reachable.
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "WebDavEnabled": False,
+        "Plugins": [],
+        "LuaScripts": [],
+        "SaveJobs": False,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def orthanc_once(files: list[Path], root: Path, start_timeout: float = 60) -> float:
+    """Start Orthanc, wait until it answers, time storescu into it, stop it."""
+    dicom_port, http_port = free_port(), free_port()
+    config = orthanc_config(root, dicom_port, http_port)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    with (root / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen([str(ORTHANC), str(config)], cwd=root, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"Orthanc exited ({proc.returncode}) at start-up; "
+                                     f"see {root / 'orthanc.log'}")
+                try:
+                    with opener.open(f"http://127.0.0.1:{http_port}/system", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"Orthanc did not answer in {start_timeout:g} s; "
+                                         f"see {root / 'orthanc.log'}") from None
+                    time.sleep(0.1)
+            elapsed = send(dicom_port, files)
+            with opener.open(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as answer:
+                stored = json.load(answer)["CountInstances"]
+            if stored != len(files):
+                raise SystemExit(f"Orthanc stored {stored} of {len(files)} instances")
+            return elapsed
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
                        pdu: int | None = None,
                        stow: tuple[Path, str] | None = None) -> float:
@@ -150,7 +239,10 @@ async def pxsgate_once(files: list[Path], data: Path, j2k: list[Path] | None,
 
 
 def run(count: int, rows: int, cols: int, repeats: int,
-        pdu_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+        pdu_sizes: tuple[int, ...] = (), orthanc: bool = True) -> dict[str, Any]:
+    """Every receiver ``repeats`` times, in turns. ``orthanc``: include Orthanc where it is
+    installed."""
+    version = orthanc_version() if orthanc else None
     with tempfile.TemporaryDirectory(prefix="pxsgate-ingest-") as tmp:
         root = Path(tmp)
         files = make_files(root / "raw", count, rows, cols)
@@ -159,9 +251,13 @@ def run(count: int, rows: int, cols: int, repeats: int,
         stow = stow_body(files, root / "stow-body")
         times: dict[str, list[float]] = {"storescp": [], "pxsgate": [], "pxsgate+j2k": [],
                                          "pxsgate stow-rs": []}
+        if version is not None:
+            times["orthanc"] = []
         times.update({f"pxsgate pdu={n}": [] for n in pdu_sizes})
         for r in range(repeats):  # interleaved, so drift in the machine hits all alike
             times["storescp"].append(storescp_once(files, root / f"scp{r}"))
+            if version is not None:
+                times["orthanc"].append(orthanc_once(files, root / f"orthanc{r}"))
             times["pxsgate"].append(asyncio.run(pxsgate_once(files, root / f"gw{r}", None)))
             times["pxsgate+j2k"].append(asyncio.run(pxsgate_once(files, root / f"gj{r}", j2k)))
             times["pxsgate stow-rs"].append(
@@ -175,6 +271,7 @@ def run(count: int, rows: int, cols: int, repeats: int,
         "files": count, "image": f"{cols}x{rows} 12-bit CR, explicit VR LE",
         "total_mb": round(total_mb, 1), "repeats": repeats,
         "cpu_cores": os.cpu_count(), "decode_workers": auto_workers(os.cpu_count() or 1),
+        "orthanc": version or ("not installed" if orthanc else "left out (--no-orthanc)"),
         "receivers": {},
     }
     for name, values in times.items():
@@ -187,6 +284,9 @@ def run(count: int, rows: int, cols: int, repeats: int,
     rec = figures["receivers"]
     figures["ratio_pxsgate_vs_storescp"] = round(
         rec["pxsgate"]["mb_per_s"] / rec["storescp"]["mb_per_s"], 3)
+    if "orthanc" in rec:
+        figures["ratio_pxsgate_vs_orthanc"] = round(
+            rec["pxsgate"]["mb_per_s"] / rec["orthanc"]["mb_per_s"], 3)
     figures["ratio_stow_vs_cstore"] = round(
         rec["pxsgate stow-rs"]["mb_per_s"] / rec["pxsgate"]["mb_per_s"], 3)
     figures["drop_while_decoding"] = round(
@@ -199,6 +299,16 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = figures["ratio_pxsgate_vs_storescp"]
     scp = rec["storescp"]
     stow, cstore = rec["pxsgate stow-rs"], rec["pxsgate"]
+    versus_orthanc = []
+    if "orthanc" in rec:
+        orthanc = rec["orthanc"]
+        versus_orthanc = [common.headline(
+            f"ingest: pxsgate beside Orthanc {figures['orthanc']} on the same files "
+            "(fsync per file + SQLite index per instance, both)", cstore["mb_per_s"], "MB/s",
+            spread_text=f"{cstore['instances_per_s']} inst/s",
+            reference=f"Orthanc, SyncStorageArea on: {orthanc['mb_per_s']} MB/s "
+                      f"(spread {orthanc['spread_s']} s of {orthanc['median_s']} s)",
+            ratio=figures["ratio_pxsgate_vs_orthanc"])]
     return [
         common.headline(
             f"ingest: pxsgate receiving {figures['files']} x {figures['image']} over loopback "
@@ -208,6 +318,7 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
             reference=f"DCMTK storescp +B, no fsync: {scp['mb_per_s']} MB/s "
                       f"(spread {scp['spread_s']} s)",
             ratio=ratio, goal=">= storescp's rate", met=ratio >= 1.0),
+        *versus_orthanc,
         common.headline(
             "ingest: pxsgate receiving the same files by STOW-RS (one multipart/related "
             "request; fsync + SQLite index per instance)", stow["mb_per_s"], "MB/s",
@@ -233,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pdu-sizes", default="16384,65536",
                    help="comma-separated maximum PDU sizes to compare with the default")
+    p.add_argument("--no-orthanc", action="store_true",
+                   help="leave Orthanc out (it is left out anyway where not installed)")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     return p
 
@@ -240,7 +353,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     pdu_sizes = tuple(int(n) for n in args.pdu_sizes.split(",") if n)
-    figures = run(args.files, args.rows, args.cols, args.repeats, pdu_sizes)
+    figures = run(args.files, args.rows, args.cols, args.repeats, pdu_sizes,
+                  orthanc=not args.no_orthanc)
     figures["headline"] = headlines(figures)
     figures["ok"] = True
     out = common.save("ingest", figures, args.out)
@@ -249,9 +363,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, f in figures["receivers"].items():
         print(f"  {name:<18} {f['instances_per_s']:7.2f} inst/s  {f['mb_per_s']:7.1f} MB/s  "
               f"(median {f['median_s']} s, spread {f['spread_s']} s)")
-    print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; STOW-RS / "
-          f"C-STORE: {figures['ratio_stow_vs_cstore']:.2f}; drop while decoding JPEG 2000: "
-          f"{figures['drop_while_decoding']:.1%}")
+    versus = figures.get("ratio_pxsgate_vs_orthanc")
+    print(f"  pxsgate / storescp: {figures['ratio_pxsgate_vs_storescp']:.2f}; pxsgate / "
+          f"Orthanc: {f'{versus:.2f}' if versus is not None else figures['orthanc']}; "
+          f"STOW-RS / C-STORE: {figures['ratio_stow_vs_cstore']:.2f}; drop while decoding "
+          f"JPEG 2000: {figures['drop_while_decoding']:.1%}")
     print(f"  figures: {out}")
     return figures
 

@@ -5,9 +5,9 @@
     python -m benchmarks.run --summary        # only rebuild the table from saved figures
     python -m benchmarks.run --list
 
-NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages, store_backends, triton
-(default: all of them, in that order). Each benchmark repeats its measurement and saves its
-figures, with the machine, commit, date and device, as
+NAME is any of: ingest, inference, e2e, soak, store_json, ui_pages, store_backends, triton,
+gpu_jpeg2000, cli (default: all of them, in that order). Each benchmark repeats its
+measurement and saves its figures, with the machine, commit, date and device, as
 ``<results>/<name>-<machine>-<date>.json`` (the machine label is ``cpu`` or the GPU's
 model, e.g. ``h100``). Then ``<results>/SUMMARY.md`` is rebuilt from the latest figures of
 every benchmark on every machine found there, one table: each headline metric with its
@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
     "gpu_jpeg2000": ([], ["--images", "1", "--rows", "512", "--cols", "512", "--repeats", "1"],
                      True),
     "triton": ([], ["--sizes", "1", "--images", "1"], True),
+    "cli": ([], ["--results", "5", "--repeats", "2"], False),
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import ingest as ingest_bench
 from benchmarks import run as bench_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,9 +52,18 @@ def test_quick_run_of_every_benchmark_writes_figures_and_a_summary(tmp_path: Pat
         assert lat["release_to_stored"]["p50"] >= e2e["settle_seconds"] - 0.05
         assert lat["ready_to_stored"]["p99"] >= lat["ready_to_stored"]["p50"]
     ingest = json.loads(next(tmp_path.glob("ingest-cpu-*.json")).read_text())
+    orthanc = ["orthanc"] if ingest_bench.ORTHANC.exists() else []
     assert set(ingest["receivers"]) == {"storescp", "pxsgate", "pxsgate+j2k",
-                                        "pxsgate stow-rs"}
+                                        "pxsgate stow-rs", *orthanc}
     assert all(len(r["runs_s"]) == 2 for r in ingest["receivers"].values())
+    if orthanc:  # the same files, into Orthanc too, and the ratio beside storescp's
+        assert ingest["ratio_pxsgate_vs_orthanc"] > 0
+        assert any("Orthanc" in row["reference"] for row in ingest["headline"])
+    cli = json.loads(next(tmp_path.glob("cli-cpu-*.json")).read_text())
+    assert set(cli["wall_time_s"]) == {"results", "status", "trace", "outbox list",
+                                       "python -c pass"}
+    assert cli["heavy_packages_imported"] == []
+    assert all(row["goal"] == "<= 0.15 s" for row in cli["headline"])
 
 
 def _figures(benchmark: str, label: str, date: str, value: float, met: bool | None

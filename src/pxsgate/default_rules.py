@@ -15,13 +15,14 @@ Image rules, first match decides:
   6. otherwise ViewPosition AP -> model input.
 No rule excludes on BurnedInAnnotation or on DERIVED: real portable films carry burned-in
 markers and ImageType DERIVED\\PRIMARY.
+
+Data only: pxsgate.config compiles them (pxsgate.matchers, which imports pydicom) when
+they are first used.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from pxsgate.matchers import Rule, parse_rules
 
 CHEST_WORDS = ["CHEST", "THORAX", "CXR", "LUNG", "LUNGS"]
 OTHER_VIEWS = ["PA", "LAT", "LATERAL", "LL", "RL", "LLD", "RLD", "OBL", "OBLIQUE"]
@@ -69,10 +70,3 @@ IMAGE_RULES_DATA: list[dict[str, Any]] = [
     {"name": "ap-view-position", "select": {"tag": "ViewPosition", "equals": "AP"}},
 ]
 
-
-def study_rules() -> tuple[Rule, ...]:
-    return parse_rules(STUDY_RULES_DATA, "selection.study-rules", ("accept", "reject"))
-
-
-def image_rules() -> tuple[Rule, ...]:
-    return parse_rules(IMAGE_RULES_DATA, "selection.image-rules", ("select", "exclude"))

@@ -86,6 +86,23 @@ def now_iso() -> str:
     return datetime.now(UTC).astimezone().isoformat(timespec="milliseconds")
 
 
+def parse_since(value: str) -> str:
+    """An ISO 8601 date or date-time; without an offset it is local time. Returns it with
+    its offset, as the store compares it (``?since=`` of the API, ``--since`` of the
+    command line)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"since: not an ISO 8601 date or date-time: {value!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.isoformat()
+
+
+# The web UI's roles (the store keeps each user's): each may do what the ones before it may.
+ROLES = ("viewer", "reviewer", "operator")
+
+
 @dataclass(frozen=True)
 class ReceivedInstance:
     """receive -> store: one instance, durable in the spool, with who sent it."""

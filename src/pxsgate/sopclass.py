@@ -51,3 +51,35 @@ def is_image(sop_class_uid: str) -> bool:
         return True
     return not any(uid == family or uid.startswith(family + ".")
                    for family in _NON_IMAGE_FAMILIES)
+
+
+# The names (as in the DICOM dictionary, PS3.6 Annex A) of the SOP classes a chest study
+# usually holds, so that `pxsgate trace` names them without importing pydicom (~0.2 s);
+# names() looks any other up in pydicom's dictionary. tests/test_cli_imports.py holds this
+# table equal to pydicom's.
+COMMON_NAMES = {
+    _STORAGE + "1": "Computed Radiography Image Storage",
+    _STORAGE + "1.1": "Digital X-Ray Image Storage - For Presentation",
+    _STORAGE + "1.1.1": "Digital X-Ray Image Storage - For Processing",
+    _STORAGE + "7": "Secondary Capture Image Storage",
+    _STORAGE + "7.1": "Multi-frame Single Bit Secondary Capture Image Storage",
+    _STORAGE + "7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    _STORAGE + "7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    _STORAGE + "7.4": "Multi-frame True Color Secondary Capture Image Storage",
+    _STORAGE + "11.1": "Grayscale Softcopy Presentation State Storage",
+    _STORAGE + "88.11": "Basic Text SR Storage",
+    _STORAGE + "88.22": "Enhanced SR Storage",
+    _STORAGE + "88.33": "Comprehensive SR Storage",
+    _STORAGE + "88.59": "Key Object Selection Document Storage",
+    _STORAGE + "104.1": "Encapsulated PDF Storage",
+}
+
+
+def name(sop_class_uid: str) -> str:
+    """The SOP class's name from the DICOM dictionary, else the UID itself."""
+    known = COMMON_NAMES.get(sop_class_uid)
+    if known is not None:
+        return known
+    from pydicom.uid import UID  # the whole dictionary: only for a rarer class
+
+    return str(UID(sop_class_uid).name)

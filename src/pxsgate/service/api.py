@@ -26,7 +26,6 @@ import hmac
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -35,6 +34,7 @@ from aiohttp.typedefs import Middleware
 
 from pxsgate import __version__
 from pxsgate.config import RESULT_STATUSES, HttpConfig
+from pxsgate.records import parse_since
 from pxsgate.service.metrics import CONTENT_TYPE, Metrics
 from pxsgate.store import ResultFilter, Store
 from pxsgate.stow import Stow, https_context, verified_certificate
@@ -48,18 +48,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STORE_KEY = web.AppKey("store", Store)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 HEALTH_KEY: web.AppKey[Health] = web.AppKey("health")
-
-
-def parse_since(value: str) -> str:
-    """An ISO 8601 date or date-time; without an offset it is local time. Returns it with
-    its offset, as the store compares it."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"since: not an ISO 8601 date or date-time: {value!r}") from exc
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.isoformat()
 
 
 def result_filter(query: Any, default_limit: int = 100) -> ResultFilter:

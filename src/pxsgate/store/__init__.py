@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pxsgate.errors import StoreError
-from pxsgate.records import DONE_STATES, UNFINISHED_STATES, DeliveryState
+from pxsgate.records import DONE_STATES, ROLES, UNFINISHED_STATES, DeliveryState
 from pxsgate.store.access import (
     AUDIT_OUTCOMES,
-    ROLES,
     VERDICTS,
     AccessMixin,
     AuditEntry,

@@ -19,7 +19,6 @@ from pxsgate.store.jsonpaths import (
     doc,
 )
 
-ROLES = ("viewer", "reviewer", "operator")  # each may do what the ones before it may
 VERDICTS = ("confirmed", "wrong-image-used", "wrong-patient", "not-a-valid-exam")
 AUDIT_OUTCOMES = (0, 4, 8, 12)  # PS3.15 EventOutcomeIndicator
 # Verdicts that reject a result: `evaluate` and `export-dataset --exclude-rejected` leave

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pxsgate import sopclass
 from pxsgate.records import DeliveryState, Status
 from pxsgate.results import CHANGE_CODE, pxs_entries
 from pxsgate.store import Store
@@ -84,12 +85,8 @@ def truncate(text: str, limit: int = 100) -> str:
 
 
 def sop_class_name(uid: str) -> str:
-    """The SOP class's name from the DICOM dictionary, else the UID itself."""
-    try:
-        from pydicom.uid import UID
-    except ImportError:  # pragma: no cover (pydicom is a dependency)
-        return uid
-    name = str(UID(uid).name)
+    """The SOP class's name from the DICOM dictionary, else "SOP class <UID>"."""
+    name = sopclass.name(uid)
     return name if name != uid else f"SOP class {uid}"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -131,13 +132,17 @@ class Intake:
                 raise Refusal(STATUS_CANNOT_UNDERSTAND, f"missing or invalid {name}")
         # Retention leaves a study alone from its file's write until it is indexed.
         with self._spool.writing(study_uid):
+            # The SHA-256 runs beside the write and its fsync (both release the GIL): a
+            # 15 MB image's hash costs ~10 ms of the ~25 ms its durable write takes.
+            digest = _Sha256((header, stream))
+            digest.start()
             try:
                 path = self._spool.write(study_uid, sop_uid, (header, stream))
             except SpoolError as exc:
                 raise Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+            finally:
+                digest.join()
             self._failpoints.hit("after-spool-write")
-            digest = hashlib.sha256(header)
-            digest.update(stream)
             instance = ReceivedInstance(
                 sop_instance_uid=sop_uid,
                 sop_class_uid=sop_class,
@@ -146,7 +151,7 @@ class Intake:
                 transfer_syntax_uid=str(arrival.transfer_syntax),
                 path=path,
                 size=size,
-                sha256=digest.hexdigest(),
+                sha256=digest.hexdigest,
                 calling_ae=arrival.calling_ae,
                 called_ae=arrival.called_ae,
                 peer_address=arrival.peer_address,
@@ -202,6 +207,22 @@ class Intake:
     async def _await(awaitable: Awaitable[Indexed]) -> Indexed:
         return await awaitable
 
+
+
+class _Sha256(threading.Thread):
+    """The SHA-256 of a data set's parts, on a thread of its own (hashlib releases the GIL
+    while it hashes a large buffer)."""
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        super().__init__(name="pxsgate-sha256", daemon=True)
+        self._parts = parts
+        self.hexdigest = ""
+
+    def run(self) -> None:
+        digest = hashlib.sha256()
+        for part in self._parts:
+            digest.update(part)
+        self.hexdigest = digest.hexdigest()
 
 
 PIXEL_DATA = 0x7FE00010

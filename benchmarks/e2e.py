@@ -4,7 +4,7 @@ service sustains before latency grows.
 
     python -m benchmarks.e2e [--rates auto] [--studies 30] [--syntaxes raw,j2k]
                              [--rows 3000 --cols 2500] [--device auto] [--settle S]
-                             [--pictures on|off]
+                             [--pictures on|off] [--off-reference j2k]
 
 Starts the real command line (``python -m pxsgate serve``, default settings apart from the
 loopback ports and a temporary data directory; demo weights) and, for each transfer syntax
@@ -30,6 +30,12 @@ most 1.25 x the first third's + 0.25 s), and its p50 not above 1.5 x the p50 at 
 lowest rate + 0.5 s (a latency that is higher but steady is a queue the service only just
 holds). The sweep of a syntax stops at the first step that does not keep up; the sustained
 rate is the highest that did (studies/hour and /day).
+
+The reference for decode on arrival (``preprocess.decode-on-arrival``, on by default: an
+image is decoded while its study settles), in the same run: once the sweep is done, a second
+service with it off (every image decoded once its study is ready, as before issue 24) is
+fed the lowest rate of each --off-reference syntax (default j2k), and the table sets its
+latencies beside the sweep's at that rate.
 
 Writes benchmarks/results/e2e-<machine>-<date>.json; prints a table per step.
 """
@@ -251,8 +257,7 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 for send in warm:
                     storescu(service.port, send, SYNTAXES[syntax][1])
                 wait_results(db, [s.accession for s in warm], limit_s=120.0)
-                rates = [float(r) for r in (args.rates if args.rates != "auto"
-                                            else DEFAULT_RATES[kind, syntax]).split(",")]
+                rates = rates_of(args, kind, syntax)
                 best = None
                 for rate in rates:
                     step = run_step(service, db, pools[syntax], syntax, rate, number,
@@ -261,13 +266,7 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     judge(step, baseline=next(
                         (s for s in steps if s["syntax"] == syntax), None))
                     steps.append(step)
-                    lat = step["latency_s"]
-                    print(f"  {syntax:<4} {rate:6.2f}/s  {step['results']}/{args.studies} "
-                          f"stored  release->stored p50 {lat['release_to_stored']['p50']} s "
-                          f"p95 {lat['release_to_stored']['p95']} s  ready->stored p50 "
-                          f"{lat['ready_to_stored']['p50']} s p99 "
-                          f"{lat['ready_to_stored']['p99']} s  trend {step['trend']}  "
-                          f"{'keeps up' if step['kept_up'] else 'latency grows'}", flush=True)
+                    print_step(step, args.studies)
                     if not step["kept_up"]:
                         break
                     best = rate
@@ -281,11 +280,88 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 }
         finally:
             exit_code = common.stop_service(service)
+        reference, reference_exit = off_reference(args, root, pools, kind)
     model = service.events.get("model.loaded", {})
     return {"steps": steps, "sustained": sustained, "service_exit_code": exit_code,
+            "reference_steps": reference, "reference_exit_code": reference_exit,
             "model": {k: model.get(k) for k in ("device", "precision", "weights_sha256")},
             "goal_kind": kind, "log_levels": dict(service.levels),
             "log_tail": list(service.tail)[-10:] if exit_code != 0 else []}
+
+
+def rates_of(args: argparse.Namespace, kind: str, syntax: str) -> list[float]:
+    return [float(r) for r in (args.rates if args.rates != "auto"
+                               else DEFAULT_RATES[kind, syntax]).split(",")]
+
+
+def print_step(step: dict[str, Any], studies: int, label: str = "") -> None:
+    lat = step["latency_s"]
+    print(f"  {step['syntax']:<4} {step['rate_per_s']:6.2f}/s{label}  {step['results']}/"
+          f"{studies} stored  release->stored p50 {lat['release_to_stored']['p50']} s "
+          f"p95 {lat['release_to_stored']['p95']} s  ready->stored p50 "
+          f"{lat['ready_to_stored']['p50']} s p99 "
+          f"{lat['ready_to_stored']['p99']} s  trend {step['trend']}  "
+          f"{'keeps up' if step['kept_up'] else 'latency grows'}", flush=True)
+
+
+def off_reference(args: argparse.Namespace, root: Path, pools: dict[str, list[Dataset]],
+                  kind: str) -> tuple[list[dict[str, Any]], int | None]:
+    """The reference for decode on arrival: the lowest rate of each --off-reference syntax
+    again, into a service of its own with preprocess.decode-on-arrival off (every image
+    decoded once its study is ready). Its steps, and the service's exit code (None: no
+    reference was asked for)."""
+    syntaxes = [s for s in args.off_reference if s in pools]
+    if not syntaxes:
+        return [], None
+    config = common.write_config(root / "reference.yaml", root / "reference-data",
+                                 http_port=common.free_port(), weights=args.weights,
+                                 device=args.device, settle=args.settle,
+                                 pictures=args.pictures == "on", decode_on_arrival=False)
+    service = common.start_service(config)
+    db = root / "reference-data" / "pxsgate.sqlite3"
+    steps: list[dict[str, Any]] = []
+    number = 500_000
+    try:
+        for syntax in syntaxes:
+            warm = write_studies(pools[syntax], root / "warm", 950_000 + number, 2)
+            for send in warm:
+                storescu(service.port, send, SYNTAXES[syntax][1])
+            wait_results(db, [s.accession for s in warm], limit_s=120.0)
+            step = run_step(service, db, pools[syntax], syntax, rates_of(args, kind, syntax)[0],
+                            number, args.studies, root / "studies")
+            number += args.studies
+            judge(step, baseline=None)
+            step["decode_on_arrival"] = False
+            steps.append(step)
+            print_step(step, args.studies, " (decode-on-arrival off: the reference)")
+            if service.process.poll() is not None:
+                break
+    finally:
+        exit_code = common.stop_service(service)
+    return steps, exit_code
+
+
+def on_arrival_row(figures: dict[str, Any], syntax: str, name: str,
+                   low: dict[str, Any]) -> dict[str, Any] | None:
+    """Release -> stored with decode on arrival (the sweep's lowest rate) beside the same
+    with it off (the reference service, same run, same rate); None without a reference."""
+    ref = next((s for s in figures.get("reference_steps") or ()
+                if s["syntax"] == syntax and s["rate_per_s"] == low["rate_per_s"]), None)
+    if ref is None:
+        return None
+    on, off = low["latency_s"], ref["latency_s"]
+    on_p50, off_p50 = on["release_to_stored"]["p50"], off["release_to_stored"]["p50"]
+    settle = figures["settle_seconds"]
+    goal = syntax == "j2k" and on_p50 is not None
+    return common.headline(
+        f"e2e {name}: association release -> result stored, p50 at "
+        f"{low['rate_per_s']:g}/s, decode on arrival (default) vs when ready", on_p50, "s",
+        spread_text=f"ready -> stored p50 {on['ready_to_stored']['p50']} s vs "
+                    f"{off['ready_to_stored']['p50']} s when ready",
+        reference=f"preprocess.decode-on-arrival off, same run: {off_p50} s",
+        ratio=off_p50 / on_p50 if on_p50 and off_p50 else None,
+        goal=f"<= settle + 0.4 s ({settle + 0.4:g} s)" if syntax == "j2k" else "",
+        met=bool(on_p50 <= settle + 0.4) if goal else None)
 
 
 def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
@@ -315,6 +391,8 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 spread_text=f"p95 {release['p95']}, p99 {release['p99']}",
                 reference=f"paper: ~{PAPER_STUDY_S:g} s per study",
                 ratio=PAPER_STUDY_S / release["p50"] if release["p50"] else None))
+        if (row := on_arrival_row(figures, syntax, name, low)) is not None:
+            rows.append(row)
         inferred = lat["ready_to_inferred"]
         if inferred["p50"] is not None:
             rows.append(common.headline(
@@ -354,13 +432,18 @@ def parser() -> argparse.ArgumentParser:
                         "inputs cost, by comparison)")
     p.add_argument("--settle", type=float, default=None,
                    help="assembly.settle-seconds (default: the service's default, 2 s)")
+    p.add_argument("--off-reference", type=lambda s: [x for x in s.split(",") if x],
+                   default=["j2k"],
+                   help="comma-separated syntaxes whose lowest rate is run again by a service "
+                        "with preprocess.decode-on-arrival off, the reference (default j2k; "
+                        "empty: none)")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    unknown = set(args.syntaxes) - set(SYNTAXES)
+    unknown = (set(args.syntaxes) | set(args.off_reference)) - set(SYNTAXES)
     if unknown:
         parser().error(f"unknown syntax {sorted(unknown)}; choose from {sorted(SYNTAXES)}")
     device = common.resolve_device(args.device)
@@ -377,8 +460,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     figures.update(sweep(args, device))
     figures["wall_s"] = round(time.perf_counter() - started, 1)
-    figures["ok"] = figures["service_exit_code"] == 0 and all(
-        s["results"] == s["studies"] for s in figures["steps"] if s["kept_up"])
+    figures["ok"] = (figures["service_exit_code"] == 0
+                     and figures["reference_exit_code"] in (0, None)
+                     and all(s["results"] == s["studies"] for s in figures["steps"]
+                             if s["kept_up"])
+                     and all(s["results"] == s["studies"]
+                             for s in figures["reference_steps"]))
     figures["headline"] = headlines(figures)
     out = common.save("e2e", figures, args.out)
     for row in figures["headline"]:

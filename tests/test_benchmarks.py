@@ -50,6 +50,14 @@ def test_quick_run_of_every_benchmark_writes_figures_and_a_summary(tmp_path: Pat
         assert lat["ready_to_stored"]["p50"] < lat["release_to_stored"]["p50"]
         assert lat["release_to_stored"]["p50"] >= e2e["settle_seconds"] - 0.05
         assert lat["ready_to_stored"]["p99"] >= lat["ready_to_stored"]["p50"]
+    # The reference for decode on arrival, in the same run: JPEG 2000 at the lowest rate
+    # by a service with it off, set beside the sweep's in the table.
+    [reference] = e2e["reference_steps"]
+    assert (reference["syntax"], reference["decode_on_arrival"]) == ("j2k", False)
+    assert reference["statuses"] == {"SUCCEEDED": 4}
+    assert any("decode on arrival (default) vs when ready" in row["metric"]
+               and "decode-on-arrival off, same run" in row["reference"]
+               for row in e2e["headline"])
     ingest = json.loads(next(tmp_path.glob("ingest-cpu-*.json")).read_text())
     assert set(ingest["receivers"]) == {"storescp", "pxsgate", "pxsgate+j2k",
                                         "pxsgate stow-rs"}

@@ -102,10 +102,11 @@ async def test_only_what_could_be_selected_is_decoded_on_arrival(tmp_path: Path)
         assert gw._early.held_bytes == 0, "nothing kept"
 
 
-def kill_decode_processes() -> int:
-    """Kill the gateway's decode processes, as a codec crashing would (the in-process
-    gateway's are this test process's only children before the first thumbnail)."""
-    children = multiprocessing.active_children()
+def kill_decode_processes(before: set[Any]) -> int:
+    """Kill the gateway's decode processes, as a codec crashing would: the children this
+    test process has that it did not have ``before`` the gateway started (its thumbnail
+    process starts with the first thumbnail, after a result)."""
+    children = [c for c in multiprocessing.active_children() if c not in before]
     for child in children:
         assert child.pid is not None
         os.kill(child.pid, signal.SIGKILL)
@@ -124,8 +125,9 @@ async def test_an_early_decode_that_failed_leaves_the_study_scored_as_today(
     for folder in ("on", "off"):
         (tmp_path / folder).mkdir()
     off, seen_off, _ = await scored(tmp_path / "off", study, OFF)
+    before = set(multiprocessing.active_children())
     async with gateway(tmp_path / "on", settle=SETTLE) as (gw, model):
-        assert kill_decode_processes() == 1
+        assert kill_decode_processes(before) == 1, "preprocess.workers: 1"
         await send(gw, study)
         doc = await result_of(gw, str(study[0].StudyInstanceUID))
         assert decodes(gw) == {"arrival": 1, "failed": 1, "ready": 1}

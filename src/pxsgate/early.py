@@ -144,6 +144,17 @@ class EarlyDecodes:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, entry: Early) -> U8Array | None:
+        """The check, the wait for an idle decode process, the decode: the model input, or
+        None (not a possible model input, or it failed: decoded again when ready)."""
+        try:
+            return await self._check_and_decode(entry)
+        except Exception as exc:  # the image's, the decoder's, or ours: decoded when ready
+            log.info("decode.on_arrival_failed", error=type(exc).__name__)
+            self._settle(entry, "failed")
+            self._forget(entry)
+            return None
+
+    async def _check_and_decode(self, entry: Early) -> U8Array | None:
         loop = asyncio.get_running_loop()
         identity = await loop.run_in_executor(self._thread, candidate_file, entry.path,
                                               self._selection())
@@ -161,13 +172,7 @@ class EarlyDecodes:
                     self._waiters.remove(waiter)
         entry.decoding = True
         self._metrics.model_input_decodes.labels(stage="arrival").inc()
-        try:
-            image = await self._decoder.preprocess(entry.path)
-        except Exception as exc:  # the image's or the decoder's: decoded again when ready
-            log.info("decode.on_arrival_failed", error=type(exc).__name__)
-            self._settle(entry, "failed")
-            self._forget(entry)
-            return None
+        image = await self._decoder.preprocess(entry.path)
         if self._entries.get((entry.study_uid, entry.sop_uid)) is entry:
             entry.image, entry.kept = image, True
             self._held += image.nbytes
@@ -221,6 +226,8 @@ class EarlyDecodes:
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise  # the study's own cancellation
+            image = None
+        except Exception:  # _run returns its failures as None: never the study's problem
             image = None
         if image is None:
             self._settle(entry, "failed")

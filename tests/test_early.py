@@ -19,6 +19,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
+from pxsgate.errors import ModelError
 from pxsgate.preprocess import preprocess_file
 from pxsgate.service.gateway import Gateway
 
@@ -176,3 +177,28 @@ async def test_the_decode_on_arrival_cache_is_bounded(tmp_path: Path) -> None:
         assert doc["status"] == "SUCCEEDED"
         assert decodes(gw) == {"arrival": 1, "evicted": 1, "ready": 1}
         assert model.seen == [preprocess_file(tmp_path / "image.dcm").tobytes()]
+
+
+async def test_a_second_try_decodes_when_ready_and_gets_the_same_bytes(tmp_path: Path) -> None:
+    """The model fails the first try, which had the image decoded on arrival; the second
+    try decodes the file when ready, as without decode on arrival, and the model is given
+    the same bytes both times."""
+    study = syntax("j2k", 2406, "RETRY")
+    async with gateway(tmp_path, settle=SETTLE) as (gw, model):
+        tries: list[bytes] = []
+        score_and_embed = model.score_and_embed
+
+        def fails_once(batch: Any) -> Any:
+            tries.append(batch[0].tobytes())
+            if len(tries) == 1:
+                raise ModelError("inference failed: the first try, on purpose")
+            return score_and_embed(batch)
+
+        model.score_and_embed = fails_once  # type: ignore[method-assign]
+        await send(gw, study)
+        doc = await result_of(gw, str(study[0].StudyInstanceUID))
+        assert doc["status"] == "SUCCEEDED"
+        assert doc["pxsgate"]["inference"]["attempts"] == 2
+        assert decodes(gw) == {"arrival": 1, "used": 1, "ready": 1}
+        assert len(tries) == 2
+        assert tries[0] == tries[1], "decoded on arrival, then when ready: the same bytes"

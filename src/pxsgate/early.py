@@ -33,7 +33,7 @@ import asyncio
 import collections
 import concurrent.futures
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -238,9 +238,10 @@ class EarlyDecodes:
         self._settle(entry, "used")
         return image
 
-    def release(self, claimed: Mapping[str, Early]) -> None:
-        """A round's claimed decodes it did not use (its try failed first): dropped."""
-        for entry in claimed.values():
+    def release(self, claimed: Iterable[Early]) -> None:
+        """A round is over: what it claimed and did not use (a try failed or was cancelled
+        first) is counted unused."""
+        for entry in claimed:
             self._settle(entry, "unused")
 
     # --- bookkeeping -----------------------------------------------------------------------

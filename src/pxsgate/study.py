@@ -224,11 +224,12 @@ class StudyProcessor:
         # The selected images decoded on arrival, for this round's first try to use.
         early = ({} if self._early is None
                  else self._early.claim(study_uid, instances, decision))
+        claimed = list(early.values())
         try:
             await self._decided(study_uid, row, stages, instances, headers, decision, early)
         finally:
             if self._early is not None:
-                self._early.release(early)
+                self._early.release(claimed)
 
     async def _decided(self, study_uid: str, row: StudyRow, stages: Stages,
                        instances: Sequence[StoredInstance], headers: Sequence[Header],

@@ -48,10 +48,12 @@ import argparse
 import concurrent.futures
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -140,6 +142,22 @@ def send_on_schedule(port: int, sends: list[Send], rate: float, options: list[st
             futures.append(pool.submit(storescu, port, send, options))
         for future in futures:
             future.result()
+
+
+def decode_counts(http_port: int) -> dict[str, float]:
+    """A service's model-input decodes by stage and decodes on arrival by outcome
+    (``/metrics``): e.g. ``{"early_decodes.used": 12.0, "model_input_decodes.ready": 0.0}``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics",
+                                    timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    counts = {}
+    for match in re.finditer(r'^pxsgate_(model_input_decodes|early_decodes)_total'
+                             r'\{\w+="([\w-]+)"\} (\S+)$', text, re.MULTILINE):
+        counts[f"{match[1]}.{match[2]}"] = float(match[3])
+    return counts
 
 
 def wait_results(db: Path, accessions: list[str], limit_s: float) -> dict[str, dict[str, Any]]:
@@ -309,10 +327,11 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
         reference_steps: list[dict[str, Any]] = []
         number = 0
         try:
+            reference_port = common.free_port()
             if compared:
                 reference = common.start_service(common.write_config(
                     root / "reference.yaml", root / "reference-data",
-                    http_port=common.free_port(), weights=args.weights, device=args.device,
+                    http_port=reference_port, weights=args.weights, device=args.device,
                     settle=args.settle, pictures=args.pictures == "on",
                     decode_on_arrival=False))
             services = {True: (service, db)}
@@ -352,12 +371,17 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     "highest_rate_tried": rate,
                     "bounded_above": not steps[-1]["kept_up"],
                 }
+            # What decoding on arrival did, in each service (the reference's: none).
+            decodes = {"service": decode_counts(http_port)}
+            if reference is not None:
+                decodes["reference"] = decode_counts(reference_port)
         finally:
             exit_code = common.stop_service(service)
             reference_exit = None if reference is None else common.stop_service(reference)
     model = service.events.get("model.loaded", {})
     return {"steps": steps, "sustained": sustained, "service_exit_code": exit_code,
             "on_arrival_steps": reference_steps, "reference_exit_code": reference_exit,
+            "decodes": decodes,
             "model": {k: model.get(k) for k in ("device", "precision", "weights_sha256")},
             "goal_kind": kind, "log_levels": dict(service.levels),
             "log_tail": list(service.tail)[-10:] if exit_code != 0 else []}

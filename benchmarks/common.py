@@ -235,13 +235,16 @@ def reuid(datasets: list[Dataset], number: int, prefix: str = "BENCH") -> str:
 
 def write_config(path: Path, data_dir: Path, *, http_port: int, weights: str = "demo",
                  device: str = "cpu", settle: float | None = None,
-                 pictures: bool = True) -> Path:
+                 pictures: bool = True, decode_on_arrival: bool = True) -> Path:
     """A serve config: loopback DICOM on a free port, the data directory, JSON logs. Every
     other setting keeps the service's default (``settle`` None: the default settle time;
-    ``pictures`` False: pictures.enabled off, to measure what they cost)."""
+    ``pictures`` False: pictures.enabled off, to measure what they cost;
+    ``decode_on_arrival`` False: preprocess.decode-on-arrival off, the reference for it)."""
     model = f"model:\n  weights: {json.dumps(weights)}\n  device: {json.dumps(device)}\n"
     if not pictures:
         model += "pictures:\n  enabled: false\n"
+    if not decode_on_arrival:
+        model += "preprocess:\n  decode-on-arrival: false\n"
     return harness.write_config(path, data_dir, http_port=http_port, settle=settle,
                                 min_free_mb=64, ae_titles=(AE_TITLE,), extra=model)
 

@@ -4,7 +4,7 @@ service sustains before latency grows.
 
     python -m benchmarks.e2e [--rates auto] [--studies 30] [--syntaxes raw,j2k]
                              [--rows 3000 --cols 2500] [--device auto] [--settle S]
-                             [--pictures on|off]
+                             [--pictures on|off] [--off-reference j2k]
 
 Starts the real command line (``python -m pxsgate serve``, default settings apart from the
 loopback ports and a temporary data directory; demo weights) and, for each transfer syntax
@@ -31,6 +31,14 @@ lowest rate + 0.5 s (a latency that is higher but steady is a queue the service 
 holds). The sweep of a syntax stops at the first step that does not keep up; the sustained
 rate is the highest that did (studies/hour and /day).
 
+The reference for decode on arrival (``preprocess.decode-on-arrival``, on by default: an
+image is decoded while its study settles), in the same run: a second service with it off
+(every image decoded once its study is ready, as before issue 24) runs beside the first,
+idle but for its share of a comparison made before each --off-reference syntax's sweep
+(default j2k): --studies studies each at the syntax's lowest rate, sent in blocks to one
+service then the other (on, off, off, on), so that a load that drifts during the run (a
+shared machine) weighs on both alike. The table sets the two side by side.
+
 Writes benchmarks/results/e2e-<machine>-<date>.json; prints a table per step.
 """
 
@@ -40,10 +48,12 @@ import argparse
 import concurrent.futures
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -134,6 +144,22 @@ def send_on_schedule(port: int, sends: list[Send], rate: float, options: list[st
             future.result()
 
 
+def decode_counts(http_port: int) -> dict[str, float]:
+    """A service's model-input decodes by stage and decodes on arrival by outcome
+    (``/metrics``): e.g. ``{"early_decodes.used": 12.0, "model_input_decodes.ready": 0.0}``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics",
+                                    timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    counts = {}
+    for match in re.finditer(r'^pxsgate_(model_input_decodes|early_decodes)_total'
+                             r'\{\w+="([\w-]+)"\} (\S+)$', text, re.MULTILINE):
+        counts[f"{match[1]}.{match[2]}"] = float(match[3])
+    return counts
+
+
 def wait_results(db: Path, accessions: list[str], limit_s: float) -> dict[str, dict[str, Any]]:
     """The current result document of each accession, once all are stored (or at the
     limit: those stored by then)."""
@@ -194,16 +220,24 @@ def judge(step: dict[str, Any], baseline: dict[str, Any] | None) -> None:
                            and not step["trend"]["grows"] and not step["above_baseline"])
 
 
-def run_step(service: common.Service, db: Path, pool: list[Dataset], syntax: str,
-             rate: float, first: int, count: int, directory: Path) -> dict[str, Any]:
+def feed(service: common.Service, db: Path, pool: list[Dataset], syntax: str,
+         rate: float, first: int, count: int, directory: Path
+         ) -> tuple[list[Send], dict[str, dict[str, Any]], float]:
+    """``count`` new studies sent at ``rate``: the sends, their result documents, and the
+    seconds the sends took."""
     sends = write_studies(pool, directory, first, count)
-    options = SYNTAXES[syntax][1]
     began = time.monotonic()
-    send_on_schedule(service.port, sends, rate, options)
+    send_on_schedule(service.port, sends, rate, SYNTAXES[syntax][1])
     send_window = time.monotonic() - began
     docs = wait_results(db, [s.accession for s in sends], limit_s=60.0 + count / rate)
     for send in sends:
         send.path.unlink(missing_ok=True)
+    return sends, docs, send_window
+
+
+def summarize(service: common.Service, syntax: str, rate: float, sends: list[Send],
+              docs: dict[str, dict[str, Any]], send_window: float) -> dict[str, Any]:
+    count = len(sends)
     lat = latencies(sends, docs)
     failures = [s.error for s in sends if s.returncode != 0]
     statuses: dict[str, int] = {}
@@ -225,6 +259,49 @@ def run_step(service: common.Service, db: Path, pool: list[Dataset], syntax: str
     }
 
 
+def run_step(service: common.Service, db: Path, pool: list[Dataset], syntax: str,
+             rate: float, first: int, count: int, directory: Path) -> dict[str, Any]:
+    return summarize(service, syntax, rate,
+                     *feed(service, db, pool, syntax, rate, first, count, directory))
+
+
+# Decode on arrival against the reference, in blocks of studies sent to one service then
+# the other, ABBA: a machine whose load drifts during the run weighs on both alike.
+COMPARE_ORDER = (True, False, False, True)
+
+
+def compare_on_arrival(services: dict[bool, tuple[common.Service, Path]],
+                       pool: list[Dataset], syntax: str, rate: float, first: int,
+                       count: int, directory: Path) -> list[dict[str, Any]]:
+    """``count`` studies at ``rate`` into each service (decode on arrival on: True, off:
+    False), interleaved in blocks; a step of each, the reference marked
+    ``decode_on_arrival`` False."""
+    block = max(1, -(-count // 2))  # two blocks each
+    fed: dict[bool, tuple[list[Send], dict[str, dict[str, Any]], float]] = {
+        True: ([], {}, 0.0), False: ([], {}, 0.0)}
+    sent = {True: 0, False: 0}
+    for on in COMPARE_ORDER:
+        size = min(block, count - sent[on])
+        if size <= 0:
+            continue
+        service, db = services[on]
+        sends, docs, window = feed(service, db, pool, syntax, rate, first, size, directory)
+        first += size
+        sent[on] += size
+        all_sends, all_docs, all_window = fed[on]
+        fed[on] = (all_sends + sends, all_docs | docs, all_window + window)
+    steps = []
+    for on in (True, False):
+        step = summarize(services[on][0], syntax, rate, *fed[on])
+        judge(step, baseline=None)
+        step["decode_on_arrival"] = on
+        step["interleaved_with"] = "decode-on-arrival off" if on else "decode-on-arrival on"
+        steps.append(step)
+        print_step(step, count, " (decode on arrival, interleaved)" if on
+                   else " (decode-on-arrival off: the reference, interleaved)")
+    return steps
+
+
 def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
     kind = "gpu" if device.startswith("cuda") else "cpu"
     steps: list[dict[str, Any]] = []
@@ -243,16 +320,37 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                                      settle=args.settle, pictures=args.pictures == "on")
         service = common.start_service(config)
         db = root / "data" / "pxsgate.sqlite3"
+        compared = [s for s in args.syntaxes if s in args.off_reference]
+        # The reference for decode on arrival: a service with it off, idle beside the
+        # other except while its blocks of the comparison are sent.
+        reference: common.Service | None = None
+        reference_steps: list[dict[str, Any]] = []
         number = 0
         try:
+            reference_port = common.free_port()
+            if compared:
+                reference = common.start_service(common.write_config(
+                    root / "reference.yaml", root / "reference-data",
+                    http_port=reference_port, weights=args.weights, device=args.device,
+                    settle=args.settle, pictures=args.pictures == "on",
+                    decode_on_arrival=False))
+            services = {True: (service, db)}
+            if reference is not None:
+                services[False] = (reference, root / "reference-data" / "pxsgate.sqlite3")
             for syntax in args.syntaxes:
                 # Warm-up (not measured): the first decode of this syntax, the first batch.
-                warm = write_studies(pools[syntax], root / "warm", 900_000 + number, 2)
-                for send in warm:
-                    storescu(service.port, send, SYNTAXES[syntax][1])
-                wait_results(db, [s.accession for s in warm], limit_s=120.0)
-                rates = [float(r) for r in (args.rates if args.rates != "auto"
-                                            else DEFAULT_RATES[kind, syntax]).split(",")]
+                for warmed, warm_db in services.values():
+                    warm = write_studies(pools[syntax], root / "warm", 900_000 + number, 2)
+                    number += 2
+                    for send in warm:
+                        storescu(warmed.port, send, SYNTAXES[syntax][1])
+                    wait_results(warm_db, [s.accession for s in warm], limit_s=120.0)
+                rates = rates_of(args, kind, syntax)
+                if syntax in compared:
+                    reference_steps += compare_on_arrival(
+                        services, pools[syntax], syntax, rates[0], number, args.studies,
+                        root / "studies")
+                    number += 2 * args.studies
                 best = None
                 for rate in rates:
                     step = run_step(service, db, pools[syntax], syntax, rate, number,
@@ -261,13 +359,7 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     judge(step, baseline=next(
                         (s for s in steps if s["syntax"] == syntax), None))
                     steps.append(step)
-                    lat = step["latency_s"]
-                    print(f"  {syntax:<4} {rate:6.2f}/s  {step['results']}/{args.studies} "
-                          f"stored  release->stored p50 {lat['release_to_stored']['p50']} s "
-                          f"p95 {lat['release_to_stored']['p95']} s  ready->stored p50 "
-                          f"{lat['ready_to_stored']['p50']} s p99 "
-                          f"{lat['ready_to_stored']['p99']} s  trend {step['trend']}  "
-                          f"{'keeps up' if step['kept_up'] else 'latency grows'}", flush=True)
+                    print_step(step, args.studies)
                     if not step["kept_up"]:
                         break
                     best = rate
@@ -279,13 +371,58 @@ def sweep(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     "highest_rate_tried": rate,
                     "bounded_above": not steps[-1]["kept_up"],
                 }
+            # What decoding on arrival did, in each service (the reference's: none).
+            decodes = {"service": decode_counts(http_port)}
+            if reference is not None:
+                decodes["reference"] = decode_counts(reference_port)
         finally:
             exit_code = common.stop_service(service)
+            reference_exit = None if reference is None else common.stop_service(reference)
     model = service.events.get("model.loaded", {})
     return {"steps": steps, "sustained": sustained, "service_exit_code": exit_code,
+            "on_arrival_steps": reference_steps, "reference_exit_code": reference_exit,
+            "decodes": decodes,
             "model": {k: model.get(k) for k in ("device", "precision", "weights_sha256")},
             "goal_kind": kind, "log_levels": dict(service.levels),
             "log_tail": list(service.tail)[-10:] if exit_code != 0 else []}
+
+
+def rates_of(args: argparse.Namespace, kind: str, syntax: str) -> list[float]:
+    return [float(r) for r in (args.rates if args.rates != "auto"
+                               else DEFAULT_RATES[kind, syntax]).split(",")]
+
+
+def print_step(step: dict[str, Any], studies: int, label: str = "") -> None:
+    lat = step["latency_s"]
+    print(f"  {step['syntax']:<4} {step['rate_per_s']:6.2f}/s{label}  {step['results']}/"
+          f"{studies} stored  release->stored p50 {lat['release_to_stored']['p50']} s "
+          f"p95 {lat['release_to_stored']['p95']} s  ready->stored p50 "
+          f"{lat['ready_to_stored']['p50']} s p99 "
+          f"{lat['ready_to_stored']['p99']} s  trend {step['trend']}  "
+          f"{'keeps up' if step['kept_up'] else 'latency grows'}", flush=True)
+
+
+def on_arrival_row(figures: dict[str, Any], syntax: str, name: str) -> dict[str, Any] | None:
+    """Release -> stored with decode on arrival (the default) beside the same with it off,
+    from the interleaved comparison of the same run; None without one."""
+    pair = {s["decode_on_arrival"]: s for s in figures.get("on_arrival_steps") or ()
+            if s["syntax"] == syntax}
+    if set(pair) != {True, False}:
+        return None
+    on, off = pair[True]["latency_s"], pair[False]["latency_s"]
+    on_p50, off_p50 = on["release_to_stored"]["p50"], off["release_to_stored"]["p50"]
+    settle = figures["settle_seconds"]
+    goal = syntax == "j2k" and on_p50 is not None
+    return common.headline(
+        f"e2e {name}: association release -> result stored, p50 at "
+        f"{pair[True]['rate_per_s']:g}/s, decode on arrival (default) vs when ready",
+        on_p50, "s",
+        spread_text=f"ready -> stored p50 {on['ready_to_stored']['p50']} s vs "
+                    f"{off['ready_to_stored']['p50']} s when ready",
+        reference=f"preprocess.decode-on-arrival off, same run, interleaved: {off_p50} s",
+        ratio=off_p50 / on_p50 if on_p50 and off_p50 else None,
+        goal=f"<= settle + 0.4 s ({settle + 0.4:g} s)" if syntax == "j2k" else "",
+        met=bool(on_p50 <= settle + 0.4) if goal else None)
 
 
 def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
@@ -315,6 +452,8 @@ def headlines(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 spread_text=f"p95 {release['p95']}, p99 {release['p99']}",
                 reference=f"paper: ~{PAPER_STUDY_S:g} s per study",
                 ratio=PAPER_STUDY_S / release["p50"] if release["p50"] else None))
+        if (row := on_arrival_row(figures, syntax, name)) is not None:
+            rows.append(row)
         inferred = lat["ready_to_inferred"]
         if inferred["p50"] is not None:
             rows.append(common.headline(
@@ -354,13 +493,18 @@ def parser() -> argparse.ArgumentParser:
                         "inputs cost, by comparison)")
     p.add_argument("--settle", type=float, default=None,
                    help="assembly.settle-seconds (default: the service's default, 2 s)")
+    p.add_argument("--off-reference", type=lambda s: [x for x in s.split(",") if x],
+                   default=["j2k"],
+                   help="comma-separated syntaxes whose lowest rate is run again by a service "
+                        "with preprocess.decode-on-arrival off, the reference (default j2k; "
+                        "empty: none)")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    unknown = set(args.syntaxes) - set(SYNTAXES)
+    unknown = (set(args.syntaxes) | set(args.off_reference)) - set(SYNTAXES)
     if unknown:
         parser().error(f"unknown syntax {sorted(unknown)}; choose from {sorted(SYNTAXES)}")
     device = common.resolve_device(args.device)
@@ -377,8 +521,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     figures.update(sweep(args, device))
     figures["wall_s"] = round(time.perf_counter() - started, 1)
-    figures["ok"] = figures["service_exit_code"] == 0 and all(
-        s["results"] == s["studies"] for s in figures["steps"] if s["kept_up"])
+    figures["ok"] = (figures["service_exit_code"] == 0
+                     and figures["reference_exit_code"] in (0, None)
+                     and all(s["results"] == s["studies"] for s in figures["steps"]
+                             if s["kept_up"])
+                     and all(s["results"] == s["studies"]
+                             for s in figures["on_arrival_steps"]))
     figures["headline"] = headlines(figures)
     out = common.save("e2e", figures, args.out)
     for row in figures["headline"]:

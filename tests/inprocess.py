@@ -30,6 +30,7 @@ class FastModel:
 
     def __init__(self) -> None:
         self.fail = False
+        self.seen: list[bytes] = []  # every image scored, its model input's bytes
 
     def score_batch(self, batch: np.ndarray) -> list[float]:
         return self.score_and_embed(batch)[0]
@@ -40,6 +41,7 @@ class FastModel:
         embedding a different vector for a different image."""
         if self.fail:
             raise ModelError("inference failed: the stand-in model was told to fail")
+        self.seen.extend(img.tobytes() for img in batch)
         return [float(img.mean()) / 255 for img in batch], np.stack(
             [stand_in_embedding(img) for img in batch])
 
@@ -57,15 +59,18 @@ def stand_in_embedding(image: np.ndarray) -> np.ndarray:
 @asynccontextmanager
 async def gateway(tmp: Path, extra: str = "", http_port: int = 0,
                   http_token_file: Path | None = None, *, extra_scp: str = "",
-                  http_extra: str = "", min_free_mb: float = 16, storage: str = ""
+                  http_extra: str = "", min_free_mb: float = 16, settle: float = 0.2,
+                  preprocess: str = "", storage: str = ""
                   ) -> AsyncIterator[tuple[Gateway, FastModel]]:
-    """``http_extra``: more keys of the http section (indented two spaces); ``storage``:
+    """``http_extra``: more keys of the http section (indented two spaces);
+    ``preprocess``: more keys of the preprocess section (indented two spaces); ``storage``:
     more of the storage section (the ``storage`` fixture: SQLite, or PostgreSQL)."""
-    path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=0.2, http_port=http_port,
+    path = write_config(tmp / "pxsgate.yaml", tmp / "data", settle=settle,
+                        http_port=http_port,
                         http_token_file=http_token_file, extra=extra, extra_scp=extra_scp,
                         min_free_mb=min_free_mb, storage=storage)
     text = path.read_text().replace("\nhttp:\n", "\nhttp:\n" + http_extra, 1)
-    text += "preprocess:\n  workers: 1\nmodel:\n  device: cpu\n"
+    text += "preprocess:\n  workers: 1\n" + preprocess + "model:\n  device: cpu\n"
     if "\njobs:" not in text:  # a failing model's retries, quickly
         text += "jobs:\n  retry-backoff-seconds: 0.05\n"
     path.write_text(text, encoding="utf-8")

@@ -51,6 +51,15 @@ def test_quick_run_of_every_benchmark_writes_figures_and_a_summary(tmp_path: Pat
         assert lat["ready_to_stored"]["p50"] < lat["release_to_stored"]["p50"]
         assert lat["release_to_stored"]["p50"] >= e2e["settle_seconds"] - 0.05
         assert lat["ready_to_stored"]["p99"] >= lat["ready_to_stored"]["p50"]
+    # Decode on arrival against its reference in the same run: JPEG 2000 at the lowest
+    # rate, interleaved with a service that has it off, side by side in the table.
+    pair = {s["decode_on_arrival"]: s for s in e2e["on_arrival_steps"]}
+    assert set(pair) == {True, False}
+    for step in pair.values():
+        assert (step["syntax"], step["statuses"]) == ("j2k", {"SUCCEEDED": 4})
+    assert any("decode on arrival (default) vs when ready" in row["metric"]
+               and "decode-on-arrival off, same run" in row["reference"]
+               for row in e2e["headline"])
     ingest = json.loads(next(tmp_path.glob("ingest-cpu-*.json")).read_text())
     orthanc = ["orthanc"] if ingest_bench.ORTHANC.exists() else []
     assert set(ingest["receivers"]) == {"storescp", "pxsgate", "pxsgate+j2k",

@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pxsgate.config import Config, SelectionConfig, config_from_mapping
 from pxsgate.records import StoredInstance
-from pxsgate.rules import Header, dry_run, select
+from pxsgate.rules import Header, could_be_selected, dry_run, select
 
 from .conftest import SAMPLES
 
@@ -221,3 +221,31 @@ def test_dry_run_counts_a_copied_file_once_and_survives_corrupt_files(tmp_path: 
     (_, decision), = run.studies.values()
     assert len(decision.inputs) == 1
     assert decision.flags == (), "one image, twice on disk: not multiple-ap-images"
+
+
+def test_could_be_selected_is_judged_from_one_header_and_never_misses_a_selection() -> None:
+    """Decode on arrival decodes what could_be_selected says: every instance select()
+    chooses must be one (else an image would wait for its decode at ready time), and
+    the images rules or study rules certainly exclude are not (else a decode is wasted).
+    Wrong patient and the cap need the whole study: those are decoded and not used."""
+    study = [
+        header(1, SeriesDescription="CHEST AP", AcquisitionTime="080000"),
+        header(2, SeriesDescription="CHEST AP", PatientID="OTHER"),  # wrong patient
+        header(3, SeriesDescription="CHEST PA"),  # another view
+        header(4, ViewPosition="AP"),  # AP by its view position
+        header(5, SC, SeriesDescription="CHEST AP"),  # a screenshot
+        header(6, SeriesDescription="CHEST AP", BodyPartExamined="KNEE"),  # study rules
+        header(7, SeriesDescription="CHEST AP", DerivationDescription="CATH enhanced"),
+    ]
+    cfg = SelectionConfig(max_images_per_study=1)
+    decision = select(study, cfg)
+    chosen = {i.sop_instance_uid for i in decision.inputs}
+    possible = {h.instance.sop_instance_uid for h in study
+                if h.dataset is not None and could_be_selected(h.dataset, cfg)}
+    assert chosen == {"1.2.4"}, "the cap leaves one of the two AP images"
+    assert possible == {"1.2.1", "1.2.2", "1.2.4"}
+    assert chosen <= possible
+    for h in study:  # alone, as it arrives: the same answer
+        assert h.dataset is not None
+        alone = select([h], cfg)
+        assert could_be_selected(h.dataset, cfg) == bool(alone.inputs)

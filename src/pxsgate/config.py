@@ -440,6 +440,13 @@ class PreprocessConfig:
     # Reproduce the training pipeline's JPEG quality-95 round trip (PXS_preprocessing.py)
     # for sites whose model was trained on such files.
     jpeg_roundtrip: bool = False
+    # Decode on arrival: an instance the selection rules could choose (its header alone
+    # says so) is decoded and preprocessed as soon as it is stored, in a decode process left
+    # idle by studies that are ready, while its study settles; its 8-bit model input is kept
+    # in memory until the study is ready (at most on-arrival-cache-mb; what does not fit,
+    # fails or is not started in time is decoded when the study is ready, as with false).
+    decode_on_arrival: bool = True
+    on_arrival_cache_mb: float = field(default=64.0, metadata=_check(_check_positive))
 
 
 @dataclass(frozen=True)

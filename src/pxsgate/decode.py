@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,15 @@ class DecodePool:
         self._time_limit = time_limit
         self._pool = self._new()
         self._idle_pool: concurrent.futures.ProcessPoolExecutor | None = None
+        # Model inputs being decoded now (or waiting for a process): read on the loop by
+        # decode on arrival (pxsgate.early), which starts one only while this is below
+        # ``workers``, and told by ``_freed`` each time one ends.
+        self.in_flight = 0
+        self._freed: list[Callable[[], None]] = []
+
+    def when_freed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) each time a model input's decode ends."""
+        self._freed.append(callback)
 
     def _new(self, idle: bool = False) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
@@ -117,6 +127,15 @@ class DecodePool:
                                for _ in range(self.workers)))
 
     async def preprocess(self, path: Path) -> U8Array:
+        self.in_flight += 1
+        try:
+            return await self._preprocess(path)
+        finally:
+            self.in_flight -= 1
+            for callback in self._freed:
+                callback()
+
+    async def _preprocess(self, path: Path) -> U8Array:
         pool = self._pool
         call = functools.partial(preprocess_file, path, jpeg_roundtrip=self._jpeg)
         try:

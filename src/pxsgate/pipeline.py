@@ -25,6 +25,7 @@ import structlog
 
 from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool, decoded_image_bound
+from pxsgate.early import EarlyDecodes
 from pxsgate.errors import StoreError
 from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
 from pxsgate.pictures import PictureStore, Thumbnailer
@@ -105,7 +106,8 @@ class Pipeline:
                  metrics: Metrics | None = None,
                  prior_source: PriorSource | None = None,
                  pictures: PictureStore | None = None,
-                 thumbnails: Thumbnailer | None = None) -> None:
+                 thumbnails: Thumbnailer | None = None,
+                 early: EarlyDecodes | None = None) -> None:
         self._config = config
         self._store = store
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -141,7 +143,7 @@ class Pipeline:
             config, store, worker, model, executor=executor, decoder=decoder,
             gate=gate, decoded_slot=self._decoded.slot, on_deliveries=on_deliveries,
             metrics=metrics or Metrics(), priors=self.priors, pictures=pictures,
-            thumbnails=thumbnails)
+            thumbnails=thumbnails, early=early)
 
     @property
     def selection(self) -> SelectionConfig:

@@ -147,6 +147,19 @@ def _decide_instance(h: Header, cfg: SelectionConfig, patient: str,
     return decision(rule.action == "select", rule.name, why)
 
 
+def could_be_selected(ds: Dataset, cfg: SelectionConfig) -> bool:
+    """Whether an instance with this header could be model input, judged from its header
+    alone, as it arrives (decode on arrival, pxsgate.early): the study rules accept it and
+    the image rules select it, as in ``_decide_instance``. What needs the rest of the study
+    (its patient, the cap on images) can only turn a True into not selected, never the
+    reverse: an instance selected at ready time was always True here."""
+    rule, _ = first_match(cfg.study_rules, ds)
+    if rule is None or rule.action == "reject":
+        return False
+    rule, _ = first_match(cfg.image_rules, ds)
+    return rule is not None and rule.action == "select"
+
+
 def _rule_counts(counts: Counter[str]) -> str:
     return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
 

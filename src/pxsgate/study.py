@@ -32,6 +32,7 @@ from pxsgate import change, rules
 from pxsgate.config import Config, SelectionConfig
 from pxsgate.decode import DecodePool
 from pxsgate.document import PriorLookup
+from pxsgate.early import Early, EarlyDecodes
 from pxsgate.errors import DecodeFailed, ModelError, PreprocessError, PxsgateError
 from pxsgate.infer import ImageResult, InferenceWorker, ModelGate
 from pxsgate.pictures import PictureStore, Thumbnailer
@@ -193,7 +194,8 @@ class StudyProcessor:
                  decoded_slot: Callable[[str], AbstractAsyncContextManager[None]],
                  on_deliveries: Callable[[], None], metrics: Metrics,
                  priors: PriorLookups | None = None, pictures: PictureStore | None = None,
-                 thumbnails: Thumbnailer | None = None) -> None:
+                 thumbnails: Thumbnailer | None = None,
+                 early: EarlyDecodes | None = None) -> None:
         self._config = config
         self._store = store
         self._worker = worker
@@ -207,6 +209,7 @@ class StudyProcessor:
         self._priors = priors  # None: priors from PACS are off
         self._pictures = pictures  # None: pictures.enabled is off
         self._thumbnails = thumbnails
+        self._early = early  # None: preprocess.decode-on-arrival is off
         self._saving: set[asyncio.Future[object]] = set()  # model inputs being written
         self.selection: SelectionConfig = config.selection  # replaced on reload (SIGHUP)
 
@@ -218,6 +221,21 @@ class StudyProcessor:
             return  # finished already (a retry that came late): nothing to do
         stages = Stages.of(row, ready_at)
         instances, headers, decision = await self._select(study_uid)
+        # The selected images decoded on arrival, for this round's first try to use.
+        early = ({} if self._early is None
+                 else self._early.claim(study_uid, instances, decision))
+        claimed = list(early.values())
+        try:
+            await self._decided(study_uid, row, stages, instances, headers, decision, early)
+        finally:
+            if self._early is not None:
+                self._early.release(claimed)
+
+    async def _decided(self, study_uid: str, row: StudyRow, stages: Stages,
+                       instances: Sequence[StoredInstance], headers: Sequence[Header],
+                       decision: StudyDecision, early: dict[str, Early]) -> None:
+        """select -> score -> document -> store, once the study is decided."""
+        ready_at = stages.ready
         identity = identity_of(study_uid, headers)
         if not decision.candidate:
             await self._skip(Outcome(Status.SKIPPED, identity, decision, stages, ready_at,
@@ -228,7 +246,7 @@ class StudyProcessor:
                                      only_from=(StudyState.READY,))
         created_at = now_iso()
         scored, attempts = await self._score_with_retries(study_uid, instances, decision,
-                                                          row.attempts)
+                                                          row.attempts, early)
         if isinstance(scored, PxsgateError):
             code = EXIT_MODEL if isinstance(scored, ModelError) else EXIT_PREPROCESS
             await self._fail(Outcome(Status.FAILED, identity, decision, stages, created_at,
@@ -317,7 +335,8 @@ class StudyProcessor:
     # --- score ----------------------------------------------------------------------------
 
     async def _score_with_retries(self, study_uid: str, instances: Sequence[StoredInstance],
-                                  decision: StudyDecision, attempts: int
+                                  decision: StudyDecision, attempts: int,
+                                  early: dict[str, Early]
                                   ) -> tuple[Scored | PxsgateError, int]:
         """Score the study, trying again with backoff after a failure; after
         jobs.max-attempts tries (``attempts`` were made before, interrupted by a stop or a
@@ -341,7 +360,8 @@ class StudyProcessor:
                 attempts = await self._store.begin_attempt(study_uid, now_iso())
                 tries += 1
                 try:
-                    return await self._score(study_uid, instances, decision), attempts
+                    return await self._score(study_uid, instances, decision,
+                                             early), attempts
                 except PxsgateError as exc:
                     error = exc
             if isinstance(error, PreprocessError) and not isinstance(error, DecodeFailed):
@@ -352,8 +372,9 @@ class StudyProcessor:
             f"while this study was on the model)"), attempts
 
     async def _score(self, study_uid: str, instances: Sequence[StoredInstance],
-                     decision: StudyDecision) -> Scored:
-        """One try: every model-input image decoded and scored."""
+                     decision: StudyDecision, early: dict[str, Early]) -> Scored:
+        """One try: every model-input image decoded and scored (those decoded on arrival
+        taken from ``early``: used by one try only)."""
         paths = {inst.sop_instance_uid: inst.path for inst in instances}
         chosen = decision.inputs
         tag = self._store.study_label(study_uid)
@@ -363,7 +384,9 @@ class StudyProcessor:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self._score_image(study_uid, tag,
                                                              d.sop_instance_uid,
-                                                             paths[d.sop_instance_uid]))
+                                                             paths[d.sop_instance_uid],
+                                                             early.pop(d.sop_instance_uid,
+                                                                       None)))
                          for d in chosen]
         except* PxsgateError as failed:
             raise failed.exceptions[0] from None
@@ -378,18 +401,24 @@ class StudyProcessor:
              for d, a in zip(chosen, answers, strict=True) if not isinstance(a, PxsgateError)],
             [(d, str(error)) for d, error in unscorable])
 
-    async def _score_image(self, study_uid: str, tag: str, sop_uid: str, path: Path
-                           ) -> ImageResult | PreprocessError:
+    async def _score_image(self, study_uid: str, tag: str, sop_uid: str, path: Path,
+                           early: Early | None = None) -> ImageResult | PreprocessError:
         """One image decoded (holding one of the decoded-image slots) and scored; the
         image's own failure is returned, for the others to be scored still. Its model
-        input is saved as a picture while the model scores it."""
+        input is saved as a picture while the model scores it. ``early``: its decode on
+        arrival, used when it gave an image; else the file is decoded now."""
         async with self._decoded_slot(study_uid):
-            try:
-                image = await self._decoder.preprocess(path)
-            except PreprocessError as exc:
-                if isinstance(exc, DecodeFailed):
-                    raise  # the decoder's failure, not the image's: the try again
-                return exc  # this image's own bytes: the others are still scored
+            image = None
+            if early is not None and self._early is not None:
+                image = await self._early.use(early)
+            if image is None:
+                self._metrics.model_input_decodes.labels(stage="ready").inc()
+                try:
+                    image = await self._decoder.preprocess(path)
+                except PreprocessError as exc:
+                    if isinstance(exc, DecodeFailed):
+                        raise  # the decoder's failure, not the image's: the try again
+                    return exc  # this image's own bytes: the others are still scored
             saving = self._save_model_input(sop_uid, image)
             try:
                 result = await self._worker.score_image(image, tag)

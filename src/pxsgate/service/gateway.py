@@ -36,6 +36,7 @@ from pxsgate.decode import DecodePool
 from pxsgate.delivery import build_exporters
 from pxsgate.delivery.http import read_secret
 from pxsgate.delivery.outbox import Outbox
+from pxsgate.early import EarlyDecodes
 from pxsgate.errors import ConfigError, StoreError
 from pxsgate.infer import InferenceWorker, Scorer, load_scorer, runs_on_cpu
 from pxsgate.intake import Intake
@@ -139,6 +140,7 @@ class Gateway:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="pxsgate-io")
         self._decoder: DecodePool | None = None
+        self._early: EarlyDecodes | None = None  # decode on arrival (preprocess section)
         self.model: ModelInfo | None = None
         self._pipeline: Pipeline | None = None
         self._assembler: Assembler | None = None
@@ -236,10 +238,16 @@ class Gateway:
     def _build_stages(self, loop: asyncio.AbstractEventLoop,
                       model: ModelInfo) -> tuple[Pipeline, Assembler]:
         assert self._decoder is not None
+        preprocess = self.config.preprocess
+        # Decode on arrival (issue 24); None: every image is decoded once its study is ready.
+        self._early = None if not preprocess.decode_on_arrival else EarlyDecodes(
+            self._decoder, lambda: self._pipeline.selection if self._pipeline
+            else self.config.selection, self.metrics,
+            max_bytes=int(preprocess.on_arrival_cache_mb * 2**20))
         pipeline = self._pipeline = Pipeline(
             self.config, self.store, self.worker, model, self._executor, self._decoder,
             self.outbox.wake, metrics=self.metrics, prior_source=self._prior_source(),
-            pictures=self.pictures, thumbnails=self.thumbnails)
+            pictures=self.pictures, thumbnails=self.thumbnails, early=self._early)
         self._watch_metrics(model)
         assembler = self._assembler = Assembler(loop, self._study_ready)
         return pipeline, assembler
@@ -372,6 +380,8 @@ class Gateway:
                 await self._pipeline.cancel()
             if self._pipeline.priors is not None:
                 await self._pipeline.priors.close()
+        if self._early is not None:
+            await self._early.close()  # before the decode processes stop
         if self.thumbnails is not None:
             await self.thumbnails.close()  # what is waiting is not made
         if self._tasks:
@@ -509,6 +519,11 @@ class Gateway:
         assert self._assembler is not None
         self._assembler.instance_arrived(instance.study_instance_uid, instance.association_id,
                                          settle, quiet)
+        if self._early is not None:
+            try:
+                self._early.arrived(instance)  # starts a task: the answer does not wait
+            except Exception as exc:  # indexed and durable: this must not refuse it
+                log.error("decode.on_arrival_error", error=type(exc).__name__)
         return indexed
 
     async def _instance_moved(self, instance: ReceivedInstance, indexed: Indexed) -> None:

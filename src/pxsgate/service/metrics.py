@@ -64,6 +64,16 @@ class Metrics:
         self.priors_fetched = Counter(
             "pxsgate_priors_fetched", "prior studies fetched from the PACS and embedded",
             registry=r)
+        self.model_input_decodes = Counter(
+            "pxsgate_model_input_decodes", "model inputs decoded and preprocessed, by when: "
+            "arrival (decode on arrival, while the study settles), ready (once the study is "
+            "ready)", ["stage"], registry=r)
+        self.early_decodes = Counter(
+            "pxsgate_early_decodes", "instances meant for decode on arrival, by outcome: used "
+            "(its model input was scored), unused (not selected, or its file changed), "
+            "failed (decoded again when ready), skipped (not started before the study was "
+            "ready, or too many waiting), evicted (the cache was full)", ["outcome"],
+            registry=r)
         self.studies_in_progress = Gauge(
             "pxsgate_studies_in_progress", "studies being processed", registry=r)
         self.studies_waiting = Gauge(

@@ -52,6 +52,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], bool]] = {
     "cli": ([], ["--results", "5", "--repeats", "2"], False),
 }
 
+# Measured only on a CUDA device: elsewhere they say why and record nothing.
+GPU_ONLY = ("gpu_jpeg2000",)
+
 
 def run(names: list[str], *, quick: bool, device: str, results: Path,
         extra: list[str]) -> list[dict[str, Any]]:

@@ -161,6 +161,20 @@ def save_anchor_file(anchors: AnchorSet, path: Path) -> None:
         raise ModelError(f"cannot write {path}: {exc}") from exc
 
 
+def load_or_embed(spec: str, embed: Embedder, weights_sha256: str, *, chunk: int = 16,
+                  jpeg_roundtrip: bool = False
+                  ) -> tuple[AnchorSet, list[tuple[str, U8Array]] | None]:
+    """The anchor pool of ``model.anchors``: an embeddings file read as it is, else the
+    images of ``demo`` or a folder embedded with ``embed``; and those images (None for a
+    file), which a scorer may reuse as its probe set. Whatever backend embeds (torch here,
+    or Triton), the pool is made the same way."""
+    if spec != "demo" and Path(spec).is_file():
+        return load_anchor_file(Path(spec), weights_sha256, jpeg_roundtrip=jpeg_roundtrip), None
+    images = anchor_images(spec, jpeg_roundtrip=jpeg_roundtrip)
+    return embed_anchors(images, embed, weights_sha256, chunk=chunk,
+                         jpeg_roundtrip=jpeg_roundtrip), images
+
+
 def load_anchor_file(path: Path, weights_sha256: str, *, jpeg_roundtrip: bool = False
                      ) -> AnchorSet:
     """Read a pool written by :func:`save_anchor_file`; refuse one made with other weights

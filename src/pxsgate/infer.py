@@ -285,15 +285,9 @@ class PxsScorer:
                          description=config.description, created_at=created,
                          weights_sha256=sha)
         scorer = cls(net, anchor_pool.AnchorSet(torch.empty(0, 1000), (), sha), runtime, info)
-        images = None
-        if config.anchors != "demo" and Path(config.anchors).is_file():
-            pool = anchor_pool.load_anchor_file(Path(config.anchors), sha,
-                                                jpeg_roundtrip=jpeg_roundtrip)
-        else:
-            images = anchor_pool.anchor_images(config.anchors, jpeg_roundtrip=jpeg_roundtrip)
-            pool = anchor_pool.embed_anchors(images, scorer.embed, sha,
-                                             chunk=config.batch.max_size,
-                                             jpeg_roundtrip=jpeg_roundtrip)
+        pool, images = anchor_pool.load_or_embed(config.anchors, scorer.embed, sha,
+                                                 chunk=config.batch.max_size,
+                                                 jpeg_roundtrip=jpeg_roundtrip)
         scorer.anchors = pool
         probe = images or pool.probe_images() or anchor_pool.anchor_images("demo")
         scorer.runtime = replace(runtime, precision=scorer._checked_precision(config, probe))

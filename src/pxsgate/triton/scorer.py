@@ -21,7 +21,6 @@ import concurrent.futures
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -244,14 +243,9 @@ class TritonScorer:
                              precision="fp32")
             scorer = cls(transport, config, anchor_pool.AnchorSet(torch.empty(0, 1000), (), sha),
                          info, input_shape, input_name, output_name, connect)
-            if config.anchors != "demo" and Path(config.anchors).is_file():
-                pool = anchor_pool.load_anchor_file(Path(config.anchors), sha,
-                                                    jpeg_roundtrip=jpeg_roundtrip)
-            else:
-                images = anchor_pool.anchor_images(config.anchors, jpeg_roundtrip=jpeg_roundtrip)
-                pool = anchor_pool.embed_anchors(images, scorer.embed, sha,
-                                                 chunk=config.batch.max_size,
-                                                 jpeg_roundtrip=jpeg_roundtrip)
+            pool, _ = anchor_pool.load_or_embed(config.anchors, scorer.embed, sha,
+                                                chunk=config.batch.max_size,
+                                                jpeg_roundtrip=jpeg_roundtrip)
         except BaseException:
             transport.close()
             raise

@@ -104,6 +104,10 @@ async def _measure(store: Store, n: int, seed: int) -> dict[str, float]:
             "prior_ms": prior_s / len(lookups) * 1000, "researcher_ms": research_s * 1000}
 
 
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=int, default=2000)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ratio = s["median"] / ref if higher_better else ref / s["median"]
             headline.append(common.headline(
                 f"store {backend}: {label}", s["median"], unit,
-                spread_text=f"{s['min']}-{s['max']}",
+                spread_text=f"{_num(s['min'])}-{_num(s['max'])} {unit}",
                 reference=f"sqlite {ref:,.3f} {unit}" if backend == "postgresql" else "",
                 ratio=ratio))
     figures = {"benchmark": "store_backends", "environment": common.environment("cpu"),

@@ -182,9 +182,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str |
     return tmp_path / "pxsgate.sqlite3", url
 
 
-async def _fill(store: Store, tmp: Path) -> list[str]:
-    """Two studies of one patient scored (the second with change), one FAILED."""
+async def _fill(store: Store, tmp: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Two studies of one patient scored, one FAILED: their UIDs, and the documents stored
+    (as built, in their own field order)."""
     uids = []
+    built = []
     for i, (date, score) in enumerate((("20240101", 1.25), ("20240301", 2.5), ("", None))):
         uid = f"1.2.826.0.1.3680043.10.543.9{i}"
         uids.append(uid)
@@ -203,6 +205,7 @@ async def _fill(store: Store, tmp: Path) -> list[str]:
             site_id="Hospital", model=MODEL, created_at=now_iso(), updated_at=now_iso(),
             scores=images, exit_code=0 if images else 2,
             error_message="" if images else "decoding failed")
+        built.append(document.to_json())
         embeddings = None if score is None else StudyEmbeddings(
             (ImageEmbedding(f"{uid}.1.1", f"{uid}.1", score, 4,
                             np.arange(4, dtype="<f2").tobytes()),),
@@ -212,7 +215,7 @@ async def _fill(store: Store, tmp: Path) -> list[str]:
             await tx.prior_image(document, embeddings)
             await tx.add_result(document, StudyState.STORED, exporters=("x",),
                                 embeddings=embeddings)
-    return uids
+    return uids, built
 
 
 async def test_the_store_answers_the_same_on_both_backends(
@@ -221,10 +224,12 @@ async def test_the_store_answers_the_same_on_both_backends(
     store = Store(path, url=url, node="n1")
     await store.open()
     try:
-        uids = await _fill(store, tmp_path)
+        uids, built = await _fill(store, tmp_path)
         docs = await store.results(ResultFilter())
         assert [d["studyInstanceUid"] for d in docs] == uids
-        assert list(docs[0]) == list((await store.result(docs[0]["id"])) or {})
+        # Read back as stored, fields in the document's order too (JSONB keeps its own).
+        assert [json.dumps(d) for d in docs] == [json.dumps(b) for b in built]
+        assert await store.result(docs[0]["id"]) == docs[0]
         prior = await store.prior_image(store.patient_key("PAT-1"), "ab" * 32,
                                         before="2024-03-01T08:00:00")
         assert prior is not None

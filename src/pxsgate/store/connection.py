@@ -27,6 +27,8 @@ from pxsgate.store.db import (
 )
 from pxsgate.store.schema import MIGRATIONS
 
+# The migration that gave instances and studies their node.
+NODE_COLUMNS_VERSION = 10
 # Serialises the migrations of nodes starting together on one PostgreSQL database.
 _MIGRATION_LOCK = 0x70787367  # "pxsg"
 
@@ -123,9 +125,15 @@ class StoreBase:
         through its model (which writes the fields in order, as stored on SQLite)."""
         data: dict[str, Any] = json.loads(text)
         if self.shared:
+            import dataclasses
+
             from pxsgate.document import ResultDocument
 
-            data = ResultDocument.from_json(data).to_json()
+            document = ResultDocument.from_json(data)
+            # The model block is kept as stored (model_json), in JSONB's order here: its
+            # fields go in the order this release writes them, any others after.
+            order = dataclasses.replace(document, model_json=None).to_json()
+            data = _in_order(document.to_json(), order)
         return data
 
     @property
@@ -140,10 +148,11 @@ class StoreBase:
                 self._db = await SqliteDatabase.open(self.path)
             else:
                 self._db = await PostgresDatabase.open(self.url, self._password)
-            await self._migrate()
+            found = await self._migrate()
             self._patient_secret = await self._secret()
             await self._backfill_patient_keys()
-            await self._adopt_rows()
+            if 0 < found < NODE_COLUMNS_VERSION:
+                await self._adopt_rows()
         except (OSError, DatabaseError) as exc:
             await self.close()
             raise StoreError(f"cannot open the store {self.where}: {exc}") from exc
@@ -154,11 +163,11 @@ class StoreBase:
                 await self._db.close()
             self._db = None
 
-    async def _migrate(self) -> None:
+    async def _migrate(self) -> int:
+        """Bring the schema up to date; the version it was at (0: a new store)."""
         db = self.db
         if isinstance(db, PostgresDatabase):
-            await self._migrate_postgres(db)
-            return
+            return await self._migrate_postgres(db)
         assert isinstance(db, SqliteDatabase)
         async with db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
@@ -168,6 +177,7 @@ class StoreBase:
             await db.executescript(
                 f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;"
             )
+        return version
 
     def _check_version(self, version: int) -> None:
         if version > len(MIGRATIONS):
@@ -176,7 +186,7 @@ class StoreBase:
                 f"({len(MIGRATIONS)}): upgrade pxsgate"
             )
 
-    async def _migrate_postgres(self, db: PostgresDatabase) -> None:
+    async def _migrate_postgres(self, db: PostgresDatabase) -> int:
         """The same numbered steps as SQLite's, from the baseline (schema_pg.py), in one
         transaction under an advisory lock: nodes starting together take turns."""
         from pxsgate.store.schema_pg import (
@@ -198,6 +208,7 @@ class StoreBase:
                     found = await cur.fetchone()
                 version = int(found[0]) if found else 0
             self._check_version(version)
+            before = version
             if version < len(MIGRATIONS):
                 await db.executescript(PG_FUNCTIONS)
             if version == 0:
@@ -213,6 +224,7 @@ class StoreBase:
         except BaseException:
             await db.rollback()
             raise
+        return before
 
     async def schema_version(self) -> int:
         """The store's schema version (as SQLite's ``PRAGMA user_version`` counts it)."""
@@ -225,8 +237,8 @@ class StoreBase:
         return int(row[0]) if row else 0
 
     async def _adopt_rows(self) -> None:
-        """Instances and studies from before nodes were named (or copied without one)
-        become this node's."""
+        """Instances and studies from before nodes were named (a store migrated past
+        NODE_COLUMNS_VERSION just now) become this node's: once, not at every open."""
         if not self.node:
             return
         for table in ("instances", "studies"):
@@ -313,3 +325,12 @@ class StoreBase:
             await self.db.executemany("UPDATE results SET patient_key = ? WHERE id = ?",
                                       [(self.patient_key(r[1]), r[0]) for r in rows])
             await self.db.commit()
+
+
+def _in_order(value: Any, template: Any) -> Any:
+    """``value`` with the keys of its objects in ``template``'s order (recursively), keys
+    the template lacks after them."""
+    if not isinstance(value, dict) or not isinstance(template, dict):
+        return value
+    keys = [k for k in template if k in value] + [k for k in value if k not in template]
+    return {k: _in_order(value[k], template.get(k)) for k in keys}

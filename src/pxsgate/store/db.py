@@ -80,17 +80,16 @@ class Statement:
 
     def __init__(self, run: Any) -> None:
         self._run = run
-        self._cursor: Cursor | None = None
 
     def __await__(self) -> Generator[Any, None, Cursor]:
         return self._run().__await__()  # type: ignore[no-any-return]
 
     async def __aenter__(self) -> Cursor:
-        self._cursor = await self._run()
-        return self._cursor
+        cursor: Cursor = await self._run()
+        return cursor
 
     async def __aexit__(self, *exc: object) -> None:
-        self._cursor = None
+        """Nothing to release: the cursor's rows are already fetched or let go."""
 
 
 # --- SQLite -----------------------------------------------------------------------------
